@@ -1,0 +1,14 @@
+//! Everything both sides of kha must agree on: map names, capacities, the `#[repr(C)]` key and
+//! value layouts, and the pure helpers the kernel runs (so the host tests the same code).
+//!
+//! Layout rules: explicit padding, no `bool`/enum/`Option`, byte order in the field name
+//! (`_be` = network order), and a compile-time size assert per type. Changing a layout means a
+//! new map name (`_V2`), because pinned maps outlive the agent that created them.
+#![no_std]
+
+pub mod addr;
+pub mod maps;
+pub mod select;
+
+pub use addr::*;
+pub use maps::*;

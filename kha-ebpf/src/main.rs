@@ -1,0 +1,44 @@
+//! kha's kernel side. Entry points are thin: they call a `try_*` body and turn any error into
+//! "proceed untouched", so a bug or a map miss never rejects a connect by accident. Rejections
+//! happen only on purpose, in the body, with an errno set through `bpf_set_retval`.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod maps;
+mod peername;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+/// Return value of a cgroup sock_addr program that lets the syscall proceed.
+const PROCEED: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn kha_connect4(ctx: SockAddrContext) -> i32 {
+    connect::try_connect4(&ctx).unwrap_or(PROCEED)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kha_connect6(ctx: SockAddrContext) -> i32 {
+    connect::try_connect6(&ctx).unwrap_or(PROCEED)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn kha_peername4(ctx: SockAddrContext) -> i32 {
+    peername::try_getpeername4(&ctx).unwrap_or(PROCEED)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn kha_peername6(ctx: SockAddrContext) -> i32 {
+    peername::try_getpeername6(&ctx).unwrap_or(PROCEED)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,362 @@
+//! Frontends and backends from flags or a config file, validated before anything touches the
+//! kernel. Pure: no I/O besides reading the file the operator named.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use kha_common::{MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS};
+use serde::Deserialize;
+
+/// The frontends a node serves when `--frontend` is not given: what kubelet and kube-proxy
+/// reach as `https://localhost:6443`. `localhost` resolves to both.
+pub const DEFAULT_FRONTENDS: [&str; 2] = ["127.0.0.1:6443", "[::1]:6443"];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub frontends: Vec<Frontend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub address: SocketAddr,
+    /// In configured order; slot `i + 1` holds `backends[i]`.
+    pub backends: Vec<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{field}: `{value}` is not an IP:PORT address (IPv6 goes in brackets: [2001:db8::1]:6443; names are not resolved)")]
+    Address {
+        field: String,
+        value: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("{field}: `{value}` has port 0; give the port the apiserver listens on (kubespray: kube_apiserver_port, 6443)")]
+    PortZero { field: String, value: String },
+    #[error("{field}: `{value}` is not a unicast address a connection can go to")]
+    NotUnicast { field: String, value: String },
+    #[error("{field}: backend `{value}` is also a frontend; a connect to it would be rewritten again. Use the master's own address")]
+    BackendIsFrontend { field: String, value: String },
+    #[error("{field}: `{value}` is listed twice")]
+    Duplicate { field: String, value: String },
+    #[error("{field}: backend `{backend}` is IPv6 but frontend `{frontend}` is IPv4; an IPv4 socket cannot reach it. Give this frontend IPv4 backends, or serve IPv6 backends on an IPv6 frontend such as [::1]:6443")]
+    V6BackendForV4Frontend { field: String, frontend: String, backend: String },
+    #[error("{field}: {count} backends, at most {max} are supported per frontend")]
+    TooManyBackends { field: String, count: usize, max: usize },
+    #[error("{count} distinct backends in all, at most {max} are supported")]
+    TooManyDistinctBackends { count: usize, max: usize },
+    #[error("{count} frontends, at most {max} are supported")]
+    TooManyFrontends { count: usize, max: usize },
+    #[error("no frontend configured; add a [[frontend]] table to the config file")]
+    NoFrontends,
+    #[error("no backend given: pass --backend IP:PORT once per master, or --config FILE")]
+    NoBackends,
+}
+
+/// The config file: a list of frontends, each with its own backends.
+///
+/// ```toml
+/// [[frontend]]
+/// address = "127.0.0.1:6443"
+/// backends = ["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443"]
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    frontend: Vec<FileFrontend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFrontend {
+    address: String,
+    #[serde(default)]
+    backends: Vec<String>,
+}
+
+impl Config {
+    /// From `--frontend` (default: [`DEFAULT_FRONTENDS`]) and `--backend` flags: every backend
+    /// serves every frontend.
+    pub fn from_flags(frontends: &[String], backends: &[String]) -> Result<Self, ConfigError> {
+        if backends.is_empty() {
+            return Err(ConfigError::NoBackends);
+        }
+        let frontends: Vec<String> = if frontends.is_empty() {
+            DEFAULT_FRONTENDS.iter().map(|s| s.to_string()).collect()
+        } else {
+            frontends.to_vec()
+        };
+        let backends = parse_all("--backend", backends)?;
+        let frontends = frontends
+            .iter()
+            .map(|f| Ok(Frontend { address: parse("--frontend", f)?, backends: backends.clone() }))
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let config = Config { frontends };
+        config.validate(|i, _| format!("--frontend {}", config.frontends[i].address), |_, j| {
+            format!("--backend[{j}]")
+        })?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: PathBuf::new(), source })?;
+        let frontends = file
+            .frontend
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                Ok(Frontend {
+                    address: parse(&format!("frontend[{i}].address"), &f.address)?,
+                    backends: f
+                        .backends
+                        .iter()
+                        .enumerate()
+                        .map(|(j, b)| parse(&format!("frontend[{i}].backends[{j}]"), b))
+                        .collect::<Result<_, _>>()?,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let config = Config { frontends };
+        config.validate(|i, _| format!("frontend[{i}]"), |i, j| format!("frontend[{i}].backends[{j}]"))?;
+        Ok(config)
+    }
+
+    /// `fe(i, _)` and `be(i, j)` name the field an error is about, in the operator's terms.
+    fn validate(
+        &self,
+        fe: impl Fn(usize, usize) -> String,
+        be: impl Fn(usize, usize) -> String,
+    ) -> Result<(), ConfigError> {
+        if self.frontends.is_empty() {
+            return Err(ConfigError::NoFrontends);
+        }
+        if self.frontends.len() > MAX_FRONTENDS {
+            return Err(ConfigError::TooManyFrontends { count: self.frontends.len(), max: MAX_FRONTENDS });
+        }
+        let mut seen_frontends = BTreeSet::new();
+        let mut distinct_backends = BTreeSet::new();
+        for (i, f) in self.frontends.iter().enumerate() {
+            check_unicast(&fe(i, 0), &f.address)?;
+            if !seen_frontends.insert(f.address) {
+                return Err(ConfigError::Duplicate { field: fe(i, 0), value: f.address.to_string() });
+            }
+            if f.backends.len() > MAX_BACKENDS_PER_FRONTEND {
+                return Err(ConfigError::TooManyBackends {
+                    field: fe(i, 0),
+                    count: f.backends.len(),
+                    max: MAX_BACKENDS_PER_FRONTEND,
+                });
+            }
+            let mut seen = BTreeSet::new();
+            for (j, b) in f.backends.iter().enumerate() {
+                check_unicast(&be(i, j), b)?;
+                if !seen.insert(*b) {
+                    return Err(ConfigError::Duplicate { field: be(i, j), value: b.to_string() });
+                }
+                if f.address.is_ipv4() && b.is_ipv6() {
+                    return Err(ConfigError::V6BackendForV4Frontend {
+                        field: be(i, j),
+                        frontend: f.address.to_string(),
+                        backend: b.to_string(),
+                    });
+                }
+                distinct_backends.insert(*b);
+            }
+        }
+        for (i, f) in self.frontends.iter().enumerate() {
+            for (j, b) in f.backends.iter().enumerate() {
+                if seen_frontends.contains(b) {
+                    return Err(ConfigError::BackendIsFrontend { field: be(i, j), value: b.to_string() });
+                }
+            }
+        }
+        if distinct_backends.len() > MAX_BACKENDS {
+            return Err(ConfigError::TooManyDistinctBackends { count: distinct_backends.len(), max: MAX_BACKENDS });
+        }
+        Ok(())
+    }
+}
+
+fn parse_all(field: &str, values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+    values.iter().map(|v| parse(field, v)).collect()
+}
+
+/// Parses IP:PORT; a v4-mapped IPv6 address becomes the IPv4 address it stands for, because
+/// the kernel sees both as one endpoint.
+fn parse(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    let addr: SocketAddr = value.trim().parse().map_err(|source| ConfigError::Address {
+        field: field.to_owned(),
+        value: value.to_owned(),
+        source,
+    })?;
+    if addr.port() == 0 {
+        return Err(ConfigError::PortZero { field: field.to_owned(), value: value.to_owned() });
+    }
+    Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+}
+
+fn check_unicast(field: &str, addr: &SocketAddr) -> Result<(), ConfigError> {
+    let ip = addr.ip();
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast {
+        return Err(ConfigError::NotUnicast { field: field.to_owned(), value: addr.to_string() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn sa(v: &str) -> SocketAddr {
+        v.parse().unwrap()
+    }
+
+    #[test]
+    fn flags_default_to_both_localhost_frontends() {
+        let c = Config::from_flags(&[], &s(&["192.0.2.11:6443", "192.0.2.12:6443"])).unwrap();
+        assert_eq!(c.frontends.len(), 2);
+        assert_eq!(c.frontends[0].address, sa("127.0.0.1:6443"));
+        assert_eq!(c.frontends[1].address, sa("[::1]:6443"));
+        assert_eq!(c.frontends[1].backends, vec![sa("192.0.2.11:6443"), sa("192.0.2.12:6443")]);
+    }
+
+    #[test]
+    fn flags_without_backends_are_refused() {
+        assert!(matches!(Config::from_flags(&[], &[]), Err(ConfigError::NoBackends)));
+    }
+
+    #[test]
+    fn file_with_several_frontends_each_with_its_own_set() {
+        let c = Config::from_toml(
+            r#"
+            [[frontend]]
+            address = "127.0.0.1:6443"
+            backends = ["192.0.2.11:6443", "192.0.2.12:6443"]
+            [[frontend]]
+            address = "[::1]:2379"
+            backends = ["[2001:db8::11]:2379", "192.0.2.11:2379"]
+            [[frontend]]
+            address = "127.0.0.1:7443"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.frontends.len(), 3);
+        assert_eq!(c.frontends[1].backends[0], sa("[2001:db8::11]:2379"));
+        assert!(c.frontends[2].backends.is_empty(), "an empty set is allowed: connects fail fast");
+    }
+
+    #[test]
+    fn unparsable_address_names_the_field() {
+        let e = Config::from_toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [\"192.0.2.300:6443\"]\n")
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Address { .. }));
+        assert!(msg.contains("frontend[0].backends[0]") && msg.contains("192.0.2.300:6443"), "{msg}");
+    }
+
+    #[test]
+    fn names_are_not_addresses() {
+        let e = Config::from_flags(&[], &s(&["master-1:6443"])).unwrap_err();
+        assert!(matches!(e, ConfigError::Address { .. }), "{e}");
+    }
+
+    #[test]
+    fn port_zero_is_refused() {
+        let e = Config::from_flags(&s(&["127.0.0.1:0"]), &s(&["192.0.2.11:6443"])).unwrap_err();
+        assert!(matches!(e, ConfigError::PortZero { .. }), "{e}");
+        let e = Config::from_flags(&[], &s(&["192.0.2.11:0"])).unwrap_err();
+        assert!(matches!(e, ConfigError::PortZero { ref field, .. } if field == "--backend"), "{e}");
+    }
+
+    #[test]
+    fn backend_equal_to_a_frontend_is_refused() {
+        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &s(&["127.0.0.1:6443"])).unwrap_err();
+        assert!(matches!(e, ConfigError::BackendIsFrontend { .. }), "{e}");
+    }
+
+    #[test]
+    fn v4_mapped_backend_equal_to_a_v4_frontend_is_refused() {
+        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &s(&["[::ffff:127.0.0.1]:6443"]))
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::BackendIsFrontend { .. }), "{e}");
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let e = Config::from_flags(&[], &s(&["192.0.2.11:6443", "192.0.2.11:6443"])).unwrap_err();
+        assert!(matches!(e, ConfigError::Duplicate { .. }), "{e}");
+        let e = Config::from_flags(&s(&["127.0.0.1:6443", "[::ffff:127.0.0.1]:6443"]), &s(&["192.0.2.11:6443"]))
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Duplicate { .. }), "{e}");
+    }
+
+    #[test]
+    fn v6_backend_for_v4_frontend_is_refused() {
+        let e = Config::from_flags(&[], &s(&["[2001:db8::11]:6443"])).unwrap_err();
+        assert!(matches!(e, ConfigError::V6BackendForV4Frontend { .. }), "{e}");
+        // An IPv6 frontend takes both families: IPv4 through v4-mapped addresses.
+        Config::from_flags(&s(&["[::1]:6443"]), &s(&["[2001:db8::11]:6443", "192.0.2.11:6443"])).unwrap();
+    }
+
+    #[test]
+    fn unspecified_and_multicast_are_refused() {
+        for bad in ["0.0.0.0:6443", "[::]:6443", "224.0.0.1:6443", "255.255.255.255:6443"] {
+            let e = Config::from_flags(&[], &s(&[bad])).unwrap_err();
+            assert!(matches!(e, ConfigError::NotUnicast { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_toml_are_refused() {
+        let e = Config::from_toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackend = []\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        assert!(matches!(Config::from_toml("[[frontend]\n"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(Config::from_toml(""), Err(ConfigError::NoFrontends)));
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let many: Vec<String> = (0..=MAX_BACKENDS_PER_FRONTEND).map(|i| format!("192.0.2.1:{}", i + 1)).collect();
+        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &many).unwrap_err();
+        assert!(matches!(e, ConfigError::TooManyBackends { .. }), "{e}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = Config::from_file(Path::new("/nonexistent/kha.toml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/kha.toml"), "{e}");
+    }
+}

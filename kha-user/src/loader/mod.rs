@@ -1,0 +1,274 @@
+//! Loading, pinning and attaching kha's programs: one of the two modules that touch the
+//! kernel (the other is `maps`).
+//!
+//! Pins live under one directory (default `/sys/fs/bpf/kha`): `maps/KHA_*` and
+//! `links/{connect4,connect6,getpeername4,getpeername6}`. Links are bpf_links, pinned, so the
+//! programs stay attached while no agent runs; a new agent swaps its programs in under the
+//! same links with `BPF_LINK_UPDATE`, which no connect can observe half-done.
+
+mod checks;
+mod sys;
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{Ebpf, EbpfLoader, programs::CgroupSockAddr};
+pub use checks::{cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie, PinLock};
+pub use sys::LinkInfo;
+
+/// The eBPF object built from kha-ebpf by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kha"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kha";
+
+/// A program, the hook it attaches to, and the name its link is pinned under.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    pub program: &'static str,
+    pub link: &'static str,
+    pub attach_type: u32,
+}
+
+/// In attach order: getpeername first, so no rewritten socket ever answers getpeername with
+/// its backend; in detach order the reverse.
+pub const HOOKS: [Hook; 4] = [
+    Hook { program: "kha_peername4", link: "getpeername4", attach_type: 29 },
+    Hook { program: "kha_peername6", link: "getpeername6", attach_type: 30 },
+    Hook { program: "kha_connect4", link: "connect4", attach_type: 10 },
+    Hook { program: "kha_connect6", link: "connect6", attach_type: 11 },
+];
+
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    pub root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    pub fn link(&self, hook: &Hook) -> PathBuf {
+        self.links().join(hook.link)
+    }
+    pub fn create(&self) -> Result<(), LoaderError> {
+        for dir in [self.root.clone(), self.maps(), self.links()] {
+            std::fs::create_dir_all(&dir).map_err(setup_err(&dir, "cannot create pin directory"))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("{path}: {what}")]
+    Setup { path: PathBuf, what: &'static str, #[source] source: io::Error },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot load kha's eBPF object (maps under {maps}): {source}. If a pinned map has another layout, an older kha made it: run `kha detach` first")]
+    Object { maps: PathBuf, #[source] source: aya::EbpfError },
+    #[error("the kernel refused program {program}: {source}. kha needs Linux >= 5.18 with CONFIG_CGROUP_BPF=y and BTF; the verifier log is in the error above")]
+    Program { program: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("{path} is a kha link, but attached to cgroup id {found}, not {wanted} ({cgroup}). Run `kha detach --pin-dir {pin_dir}` first, or use another --pin-dir")]
+    ForeignLink { path: PathBuf, found: u64, wanted: u64, cgroup: PathBuf, pin_dir: PathBuf },
+    #[error("{path} is not a cgroup link for {hook}; remove it or use another --pin-dir")]
+    NotOurLink { path: PathBuf, hook: &'static str },
+    #[error("{hook}: {what}")]
+    Link { hook: &'static str, what: &'static str, #[source] source: io::Error },
+}
+
+pub(crate) fn setup_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> LoaderError + 'a {
+    move |source| LoaderError::Setup { path: path.to_owned(), what, source }
+}
+
+/// The object with every program verified and loaded, not yet attached. Maps are created or
+/// reused from `pins.maps()`.
+pub struct Loaded {
+    ebpf: Ebpf,
+}
+
+pub fn load(pins: &PinDir) -> Result<Loaded, LoaderError> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins.maps())
+        .load(OBJECT)
+        .map_err(|source| LoaderError::Object { maps: pins.maps(), source })?;
+    for hook in HOOKS {
+        program(&mut ebpf, hook)?.load().map_err(|source| LoaderError::Program { program: hook.program, source })?;
+    }
+    Ok(Loaded { ebpf })
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, hook: Hook) -> Result<&'a mut CgroupSockAddr, LoaderError> {
+    let missing = || LoaderError::Unsupported(format!("program {} missing from the object; the build is broken", hook.program));
+    ebpf.program_mut(hook.program).ok_or_else(missing)?.try_into().map_err(|_| missing())
+}
+
+/// A pinned link found on disk, checked to be ours and on the right cgroup.
+struct Existing {
+    fd: OwnedFd,
+    info: LinkInfo,
+}
+
+/// Reads the pinned links and refuses any that are not kha's links on `cgroup_id`, before
+/// anything is written.
+fn existing_links(pins: &PinDir, cgroup: &Path, cgroup_id: u64) -> Result<Vec<Option<Existing>>, LoaderError> {
+    HOOKS
+        .iter()
+        .map(|hook| {
+            let path = pins.link(hook);
+            if !path.exists() {
+                return Ok(None);
+            }
+            let fd = sys::obj_get(&path).map_err(setup_err(&path, "cannot open pinned link"))?;
+            let info = sys::link_info(fd.as_fd()).map_err(setup_err(&path, "cannot read pinned link"))?;
+            if info.link_type != sys::BPF_LINK_TYPE_CGROUP || info.attach_type != hook.attach_type {
+                return Err(LoaderError::NotOurLink { path, hook: hook.link });
+            }
+            if info.cgroup_id != cgroup_id {
+                return Err(LoaderError::ForeignLink {
+                    path,
+                    found: info.cgroup_id,
+                    wanted: cgroup_id,
+                    cgroup: cgroup.to_owned(),
+                    pin_dir: pins.root.clone(),
+                });
+            }
+            Ok(Some(Existing { fd, info }))
+        })
+        .collect()
+}
+
+/// What `attach` did per hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Created { hook: &'static str },
+    Replaced { hook: &'static str, old_prog_id: u32 },
+}
+
+impl Loaded {
+    /// Checks the pinned links before anything is written (see `existing_links`).
+    pub fn preflight(&self, pins: &PinDir, cgroup: &Path, cgroup_id: u64) -> Result<(), LoaderError> {
+        existing_links(pins, cgroup, cgroup_id).map(drop)
+    }
+
+    /// Attaches every program to `cgroup`: pinned links get the new program swapped in, hooks
+    /// without a link get a new pinned one. All or nothing: on failure, swapped links get
+    /// their old program back and new links are dropped before they are pinned.
+    pub fn attach(&mut self, pins: &PinDir, cgroup: &Path, cgroup_id: u64) -> Result<Vec<Attached>, LoaderError> {
+        let existing = existing_links(pins, cgroup, cgroup_id)?;
+        let cg = File::open(cgroup).map_err(setup_err(cgroup, "cannot open cgroup"))?;
+        let mut swapped: Vec<(OwnedFd, OwnedFd, OwnedFd)> = Vec::new(); // (link, old prog, new prog)
+        let mut created: Vec<(Hook, OwnedFd)> = Vec::new();
+        let mut done = Vec::new();
+        let result = (|| {
+            for (hook, found) in HOOKS.into_iter().zip(existing) {
+                let prog = program(&mut self.ebpf, hook)?;
+                let prog_fd = prog.fd().map_err(|source| LoaderError::Program { program: hook.program, source })?;
+                let new = prog_fd.as_fd().try_clone_to_owned().map_err(setup_err(cgroup, "cannot dup program fd"))?;
+                match found {
+                    Some(Existing { fd, info }) => {
+                        let old = sys::prog_fd_by_id(info.prog_id)
+                            .map_err(|source| LoaderError::Link { hook: hook.link, what: "cannot open the running program", source })?;
+                        sys::link_update(fd.as_fd(), new.as_fd(), old.as_fd())
+                            .map_err(|source| LoaderError::Link { hook: hook.link, what: "cannot swap the program under the pinned link", source })?;
+                        done.push(Attached::Replaced { hook: hook.link, old_prog_id: info.prog_id });
+                        swapped.push((fd, old, new));
+                    }
+                    None => {
+                        let link = sys::link_create(new.as_fd(), cg.as_fd(), hook.attach_type)
+                            .map_err(|source| LoaderError::Link { hook: hook.link, what: "cannot attach to the cgroup", source })?;
+                        created.push((hook, link));
+                        done.push(Attached::Created { hook: hook.link });
+                    }
+                }
+            }
+            for (hook, link) in &created {
+                let path = pins.link(hook);
+                sys::obj_pin(link.as_fd(), &path).map_err(setup_err(&path, "cannot pin link"))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (link, old, new) in swapped.iter().rev() {
+                if let Err(err) = sys::link_update(link.as_fd(), old.as_fd(), new.as_fd()) {
+                    log::error!("rolling back a program swap failed: {err}");
+                }
+            }
+            for (hook, link) in created {
+                let _ = std::fs::remove_file(pins.link(&hook));
+                let _ = sys::link_detach(link.as_fd());
+            }
+            return Err(e);
+        }
+        Ok(done)
+    }
+}
+
+/// A pinned link as `kha status` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LinkStatus {
+    pub hook: &'static str,
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub cgroup_id: u64,
+}
+
+pub fn link_status(pins: &PinDir) -> Vec<LinkStatus> {
+    HOOKS
+        .iter()
+        .filter_map(|hook| {
+            let fd = sys::obj_get(&pins.link(hook)).ok()?;
+            let info = sys::link_info(fd.as_fd()).ok()?;
+            Some(LinkStatus { hook: hook.link, link_id: info.id, prog_id: info.prog_id, cgroup_id: info.cgroup_id })
+        })
+        .collect()
+}
+
+/// What `detach` removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Detached {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Detaches every kha link and removes every pin under `pins`, then the directories.
+/// Programs and maps are freed by the kernel once nothing refers to them.
+pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
+    let mut report = Detached::default();
+    for hook in HOOKS.iter().rev() {
+        let path = pins.link(hook);
+        if !path.exists() {
+            continue;
+        }
+        if let Ok(fd) = sys::obj_get(&path) {
+            sys::link_detach(fd.as_fd())
+                .map_err(|source| LoaderError::Link { hook: hook.link, what: "cannot detach", source })?;
+        }
+        std::fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
+        report.links += 1;
+    }
+    for name in kha_common::ALL_MAPS {
+        let path = pins.maps().join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
+            report.maps += 1;
+        }
+    }
+    for dir in [pins.links(), pins.maps(), pins.root.clone()] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LoaderError::Setup { path: dir, what: "cannot remove directory (something else is pinned in it?)", source }),
+        }
+    }
+    Ok(report)
+}
