@@ -1,1 +1,74 @@
-fn main() {}
+//! `cargo xtask`: everything a checkout needs, from a fresh machine to a running lab.
+
+mod cmd;
+mod demo;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Set up, build, run, demo and test kha")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build needs and is missing (Debian packages, toolchain, bpf-linker).
+    Setup,
+    /// Set up, then build the agent and the lab tools.
+    Build,
+    /// Set up, build (release) and run `kha run ARGS` as root: kha on this node.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build and run the demo lab; with --config, run kha on this node instead.
+    Demo(demo::DemoArgs),
+    /// Set up, build and run every test: unit tests, then the root end-to-end tests.
+    Test {
+        /// Only end-to-end tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::setup(),
+        Command::Build => setup::setup().and_then(|()| cmd::build_debug()),
+        Command::Run { args } => run(args),
+        Command::Demo(args) => demo::demo(args),
+        Command::Test { filter } => test(filter),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Vec<String>) -> Result<()> {
+    setup::setup()?;
+    cmd::require_root("kha attaches eBPF programs")?;
+    cmd::cargo(&["build", "--release", "-p", "kha-user"])?;
+    let mut full = vec!["run".to_string()];
+    full.extend(args);
+    cmd::exec(&cmd::target_dir().join("release/kha"), &full)
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    setup::setup()?;
+    cmd::build_debug()?;
+    // Unit tests: the default members, no root needed.
+    cmd::cargo(&["test", "--quiet"])?;
+    // End-to-end tests on the real kernel: one at a time, each in its own netns and cgroup.
+    let mut args = vec!["test", "-p", "kha-e2e", "--"];
+    if let Some(f) = filter.as_deref() {
+        args.push(f);
+    }
+    args.push("--test-threads=1");
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    cmd::cargo_env(&args, &[("KHA_REQUIRE_BPF", if ci { "1" } else { "" })])
+}

@@ -1,0 +1,75 @@
+//! Running child processes with the environment the build needs.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// PATH with cargo's bin directory first: bpf-linker lives there and rustc must find it.
+pub fn path_with_cargo_bin() -> String {
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_else(|_| "/root".into())));
+    format!("{home}/bin:{}", std::env::var("PATH").unwrap_or_default())
+}
+
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    c.current_dir(workspace_root()).env("PATH", path_with_cargo_bin());
+    c
+}
+
+pub fn status(mut c: Command) -> Result<()> {
+    let what = format!("{c:?}");
+    let st = c.status().with_context(|| format!("cannot start {what}"))?;
+    if !st.success() {
+        bail!("{what} failed: {st}");
+    }
+    Ok(())
+}
+
+pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_env(args, &[])
+}
+
+pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let mut c = command(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    status(c)
+}
+
+/// The debug build the demo and the tests use.
+pub fn build_debug() -> Result<()> {
+    cargo(&["build", "--quiet", "-p", "kha-user", "-p", "kha-lab"])
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn require_root(why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{why} and needs root: run it as root (sudo -E cargo xtask ...)");
+    }
+    Ok(())
+}
+
+/// Runs `program args` in the foreground and returns its failure as an error.
+pub fn exec(program: &Path, args: &[String]) -> Result<()> {
+    let mut c = command(program);
+    c.args(args);
+    status(c)
+}
