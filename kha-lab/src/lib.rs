@@ -1,0 +1,30 @@
+//! kha-lab: a simulated Kubernetes control plane for kha's demo, end-to-end
+//! tests and benchmarks.
+//!
+//! - [`pki`], [`tls`]: a run-time CA and per-master server certificates; rustls configs.
+//! - [`master`]: a fake kube-apiserver (TLS HTTP/1.1 health and version
+//!   endpoints, failure modes from [`mode`]) usable in-process or as
+//!   `kha-lab master`.
+//! - [`client`], [`connect`]: the node-side HTTPS client and raw TCP
+//!   connector behind `kha-lab client` / `kha-lab connect`, with JSON output
+//!   documented in their module docs.
+//! - [`netns`], [`topology`]: namespaces, processes inside them, and [`Lab`],
+//!   the node + N masters topology (root only).
+//!
+//! Everything but `netns`/`topology` works unprivileged, which is how the
+//! unit tests run.
+
+pub mod client;
+pub mod connect;
+pub mod errno;
+pub mod http;
+pub mod master;
+pub mod mode;
+pub mod netns;
+pub mod pki;
+pub mod tls;
+pub mod topology;
+
+pub use mode::FailureMode;
+pub use pki::{MasterIdentity, Pki, PkiPaths};
+pub use topology::{Lab, LabSpec};
