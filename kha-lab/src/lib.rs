@@ -14,6 +14,7 @@
 //! Everything but `netns`/`topology` works unprivileged, which is how the
 //! unit tests run.
 
+pub mod bed;
 pub mod client;
 pub mod connect;
 pub mod errno;

@@ -1,1 +1,8 @@
+//! End-to-end tests of kha on the real kernel. Each test builds its own bed (network
+//! namespaces for a node and three masters, a child cgroup, a pin dir) and attaches only
+//! there. Run through `cargo xtask test`, one test at a time.
 
+mod datapath;
+mod harness;
+mod lifecycle;
+mod refusals;

@@ -1,0 +1,137 @@
+//! The one harness every root test goes through: skip (or, under CI, fail) when the machine
+//! cannot run them, and small helpers over the bed.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kha_lab::{
+    bed::{Bed, ToolRun},
+    netns::{self, KillOnDrop},
+};
+
+/// A bed with `masters` masters, or `None` (test skipped) when not root. With
+/// `KHA_REQUIRE_BPF=1` (set in CI) a skip is a failure.
+pub fn bed(masters: usize) -> Option<Bed> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let why = "end-to-end tests need root (cgroup BPF programs, network namespaces)";
+        if std::env::var("KHA_REQUIRE_BPF").is_ok_and(|v| v == "1") {
+            panic!("{why}, and KHA_REQUIRE_BPF=1 forbids skipping");
+        }
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    Some(Bed::create(masters).unwrap_or_else(|e| panic!("cannot build the test bed: {e}")))
+}
+
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// `--backend` flags for every master's address as chosen by `pick`.
+pub fn backends(bed: &Bed, pick: impl Fn(&kha_lab::topology::LabMaster) -> SocketAddr) -> Vec<String> {
+    bed.lab.masters().iter().flat_map(|m| ["--backend".to_string(), pick(m).to_string()]).collect()
+}
+
+pub fn start(bed: &mut Bed, extra: &[String]) {
+    bed.start_agent(extra).unwrap_or_else(|e| panic!("agent did not start: {e}"));
+}
+
+/// `kha-lab connect` to `addr`, reading the identity line each listener sends.
+pub fn connect(bed: &Bed, in_cgroup: bool, addr: &str, count: u32) -> ToolRun {
+    let run = bed
+        .run_lab_tool(in_cgroup, &args(&["connect", "--addr", addr, "--count", &count.to_string(), "--read-ident", "--timeout-ms", "3000"]))
+        .unwrap_or_else(|e| panic!("connect tool: {e}"));
+    assert_eq!(run.summary["count"].as_u64(), Some(count as u64), "tool did not finish: {}", run.stderr);
+    run
+}
+
+/// `kha-lab client` over TLS to `https://localhost:6443/version`, dialing `connect_addr`.
+pub fn https(bed: &Bed, connect_addr: &str, count: u32) -> ToolRun {
+    let ca = bed.pki.ca_cert.display().to_string();
+    let run = bed
+        .run_lab_tool(
+            true,
+            &args(&["client", "--url", "https://localhost:6443/version", "--connect-addr", connect_addr, "--ca", &ca, "--count", &count.to_string(), "--new-connection-each"]),
+        )
+        .unwrap_or_else(|e| panic!("client tool: {e}"));
+    assert_eq!(run.summary["count"].as_u64(), Some(count as u64), "tool did not finish: {}", run.stderr);
+    run
+}
+
+/// Every record's getpeername result.
+pub fn peers(run: &ToolRun) -> Vec<String> {
+    run.records.iter().map(|r| r["peer"].as_str().unwrap_or("none").to_string()).collect()
+}
+
+/// A plain TCP listener on `addr` inside `netns` that answers every connection with `name`,
+/// standing for whatever else listens on a frontend address (an old nginx-proxy, a pod's own
+/// service).
+pub fn local_listener(bed: &Bed, netns: &str, name: &str, addr: &str) -> KillOnDrop {
+    let m1 = &bed.pki.masters[0];
+    let ready = bed.lab.workdir().join(format!("{name}.ready"));
+    let mut c = Command::new(&bed.lab_bin);
+    c.args(["master", "--name", name, "--listen", "127.0.0.1:0", "--ident-listen", addr])
+        .arg("--cert")
+        .arg(&m1.cert)
+        .arg("--key")
+        .arg(&m1.key)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = KillOnDrop(netns::spawn_in(netns, None, c).expect("spawn local listener"));
+    wait_for(&format!("{name} ready"), Duration::from_secs(10), || {
+        std::fs::read_to_string(&ready).is_ok_and(|s| s.starts_with("ready"))
+    });
+    child
+}
+
+/// A network namespace of the test's own (a stand-in for a pod), with loopback up.
+pub struct ExtraNetns(pub String);
+
+impl ExtraNetns {
+    pub fn create(bed: &Bed, suffix: &str) -> Self {
+        let name = format!("{}-{suffix}", bed.lab.prefix());
+        netns::add(&name).expect("add netns");
+        let ns = ExtraNetns(name);
+        netns::ip(&["-n", &ns.0, "link", "set", "lo", "up"]).expect("lo up");
+        ns
+    }
+}
+
+impl Drop for ExtraNetns {
+    fn drop(&mut self) {
+        let _ = netns::del(&self.0);
+    }
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What bpftool says is attached to `cgroup` (empty when nothing is).
+pub fn cgroup_programs(cgroup: &Path) -> String {
+    let out = Command::new("bpftool").arg("cgroup").arg("show").arg(cgroup).output().expect("bpftool");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether a BPF object with this id still exists (`kind` is `prog`, `map` or `link`).
+pub fn bpf_object_exists(kind: &str, id: u64) -> bool {
+    Command::new("bpftool").args([kind, "show", "id", &id.to_string()]).output().is_ok_and(|o| o.status.success())
+}
+
+pub fn config_file(bed: &Bed, name: &str, toml: &str) -> PathBuf {
+    let path = bed.lab.workdir().join(name);
+    std::fs::write(&path, toml).expect("write config");
+    path
+}

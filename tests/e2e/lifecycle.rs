@@ -1,0 +1,107 @@
+//! The datapath outliving the agent, restarts, program replacement, and detach.
+
+use std::time::Duration;
+
+use kha_lab::{bed::Bed, topology::IDENT_PORT};
+
+use crate::harness::{self, args, backends, bpf_object_exists, cgroup_programs, connect, start, wait_for};
+
+fn ident_frontend() -> String {
+    format!("127.0.0.1:{IDENT_PORT}")
+}
+
+fn start_ident(bed: &mut Bed) {
+    let mut a = args(&["--frontend", &ident_frontend()]);
+    a.extend(backends(bed, |m| m.ident_v4()));
+    start(bed, &a);
+}
+
+#[test]
+fn sigkilled_agent_leaves_a_working_datapath_and_a_restart_takes_control() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_ident(&mut bed);
+    let before = bed.prog_ids();
+    bed.stop_agent(libc::SIGKILL).unwrap();
+
+    let run = connect(&bed, true, &ident_frontend(), 30);
+    assert_eq!(run.failed(), 0, "{:?}", run.summary);
+    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
+
+    // A new agent with another backend set reuses the pins and takes over.
+    let m2 = bed.lab.master("m2").unwrap().ident_v4().to_string();
+    start(&mut bed, &args(&["--frontend", &ident_frontend(), "--backend", &m2]));
+    let after = bed.prog_ids();
+    assert!(after.iter().all(|id| !before.contains(id)), "programs were not replaced: {before:?} {after:?}");
+    let run = connect(&bed, true, &ident_frontend(), 20);
+    assert_eq!(run.by_master("m2"), 20, "{:?}", run.summary);
+    assert!(bed.agent_log_text().contains("Replaced"), "{}", bed.agent_log_text());
+}
+
+#[test]
+fn program_replacement_under_a_connect_loop_fails_no_connect() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_ident(&mut bed);
+    let count = 20_000;
+    let client = bed
+        .spawn_lab_tool(true, &args(&["connect", "--addr", &ident_frontend(), "--count", &count.to_string(), "--read-ident", "--json"]))
+        .unwrap();
+    let mut client = kha_lab::netns::KillOnDrop(client);
+    let mut swaps = 0;
+    for _ in 0..3 {
+        bed.stop_agent(libc::SIGTERM).unwrap();
+        start_ident(&mut bed);
+        swaps += 1;
+    }
+    assert!(client.try_wait().unwrap().is_none(), "the client finished before {swaps} swaps; raise its count");
+    let out = std::mem::replace(&mut client.0, std::process::Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|v| v.get("summary").cloned()).expect("summary");
+    assert_eq!(summary["count"], count, "{summary}");
+    assert_eq!(summary["failed"], 0, "connects failed during program replacement: {summary}");
+    assert_eq!(summary["by_master"]["m1"].as_u64().unwrap() + summary["by_master"]["m2"].as_u64().unwrap() + summary["by_master"]["m3"].as_u64().unwrap(), count);
+}
+
+#[test]
+fn sigterm_keeps_the_datapath_and_detach_removes_everything() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_ident(&mut bed);
+    let status = bed.stop_agent(libc::SIGTERM).unwrap();
+    assert!(status.success(), "SIGTERM must be a clean exit: {status}");
+    assert_eq!(connect(&bed, true, &ident_frontend(), 10).failed(), 0);
+
+    let prog_ids = bed.prog_ids();
+    let st = bed.status().unwrap();
+    let link_ids: Vec<u64> = st["links"].as_array().unwrap().iter().map(|l| l["link_id"].as_u64().unwrap()).collect();
+    let map_ids: Vec<u64> = kha_common_maps(&bed);
+    assert_eq!(prog_ids.len(), 4);
+    assert_eq!(map_ids.len(), 5, "every map is pinned");
+    assert!(!cgroup_programs(&bed.cgroup.path).trim().is_empty());
+
+    let out = bed.kha(&["detach"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!bed.pin_dir.exists(), "pin dir left behind");
+    assert_eq!(cgroup_programs(&bed.cgroup.path).trim(), "", "programs still attached to the cgroup");
+    // The kernel frees programs, maps and links once nothing refers to them (after an RCU
+    // grace period).
+    wait_for("kha's programs, links and maps freed", Duration::from_secs(10), || {
+        prog_ids.iter().all(|id| !bpf_object_exists("prog", *id))
+            && link_ids.iter().all(|id| !bpf_object_exists("link", *id))
+            && map_ids.iter().all(|id| !bpf_object_exists("map", *id))
+    });
+    // Connects now go where they went before kha: nothing listens, so refused.
+    let run = connect(&bed, true, &ident_frontend(), 3);
+    assert_eq!(run.summary["errors"]["connect:ECONNREFUSED"], 3, "{:?}", run.summary);
+}
+
+/// Ids of the maps pinned under the bed's pin dir.
+fn kha_common_maps(bed: &Bed) -> Vec<u64> {
+    let dir = bed.pin_dir.join("maps");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let out = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(e.path()).output().ok()?;
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["id"].as_u64()
+        })
+        .collect()
+}
