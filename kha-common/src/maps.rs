@@ -44,8 +44,13 @@ pub const STAT_PEERNAME: u32 = 3;
 /// Connects to a frontend address from another network namespace, left untouched.
 pub const STAT_FOREIGN_NETNS: u32 = 4;
 pub const STATS_LEN: usize = 8;
-pub const STAT_NAMES: [&str; 5] =
-    ["rewritten", "no_backend", "inconsistent", "peername", "foreign_netns"];
+pub const STAT_NAMES: [&str; 5] = [
+    "rewritten",
+    "no_backend",
+    "inconsistent",
+    "peername",
+    "foreign_netns",
+];
 
 /// Key of `KHA_SVC`.
 #[repr(C, align(4))]
@@ -61,12 +66,20 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 impl ServiceKey {
     #[inline(always)]
     pub const fn new(addr_be: AddrBe, port_be: u16, slot: u16) -> Self {
-        Self { addr_be, port_be, slot }
+        Self {
+            addr_be,
+            port_be,
+            slot,
+        }
     }
 
     #[inline(always)]
     pub const fn with_slot(&self, slot: u16) -> Self {
-        Self { addr_be: self.addr_be, port_be: self.port_be, slot }
+        Self {
+            addr_be: self.addr_be,
+            port_be: self.port_be,
+            slot,
+        }
     }
 }
 
@@ -89,11 +102,23 @@ pub const POLICY_RANDOM: u8 = 0;
 
 impl ServiceValue {
     pub const fn frontend(count: u16, base: u16, policy: u8) -> Self {
-        Self { backend_id: 0, count, base, policy, _pad: [0; 3] }
+        Self {
+            backend_id: 0,
+            count,
+            base,
+            policy,
+            _pad: [0; 3],
+        }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self { backend_id, count: 0, base: 0, policy: 0, _pad: [0; 3] }
+        Self {
+            backend_id,
+            count: 0,
+            base: 0,
+            policy: 0,
+            _pad: [0; 3],
+        }
     }
 }
 
@@ -109,7 +134,11 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 
 impl Backend {
     pub const fn new(addr_be: AddrBe, port_be: u16) -> Self {
-        Self { addr_be, port_be, _pad: 0 }
+        Self {
+            addr_be,
+            port_be,
+            _pad: 0,
+        }
     }
 }
 

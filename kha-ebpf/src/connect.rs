@@ -7,9 +7,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use kha_common::{
-    AddrBe, Backend, STAT_FOREIGN_NETNS, STAT_INCONSISTENT, STAT_NO_BACKEND, STAT_REWRITTEN,
-    ServiceKey, ServiceValue, SockState, addr_from_words, is_v4_mapped, select::random_slot,
-    v4_mapped, v4_of_mapped, words_from_addr,
+    AddrBe, Backend, STAT_FOREIGN_NETNS, STAT_INCONSISTENT, STAT_NO_BACKEND, STAT_REWRITTEN, ServiceKey,
+    ServiceValue, SockState, addr_from_words, is_v4_mapped, select::random_slot, v4_mapped, v4_of_mapped,
+    words_from_addr,
 };
 
 use crate::{
@@ -85,8 +85,7 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Skip> {
     let frontend: ServiceValue = *unsafe { KHA_SVC.get(key) }.ok_or(Skip::NotAFrontend)?;
     let netns_ok = match KHA_CONFIG.get(0) {
         Some(cfg) => {
-            cfg.netns_cookie != 0
-                && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
+            cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
         }
         None => false,
     };
@@ -98,7 +97,9 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Skip> {
     if frontend.count == 0 {
         return Ok(Verdict::Refuse(STAT_NO_BACKEND));
     }
-    let slot = frontend.base.wrapping_add(random_slot(unsafe { bpf_get_prandom_u32() }, frontend.count));
+    let slot = frontend
+        .base
+        .wrapping_add(random_slot(unsafe { bpf_get_prandom_u32() }, frontend.count));
     let Some(slot) = (unsafe { KHA_SVC.get(&key.with_slot(slot)) }) else {
         return Ok(Verdict::Refuse(STAT_INCONSISTENT));
     };

@@ -6,8 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kha_common::{
-    Backend, DatapathConfig, MAX_BACKENDS, SERVICES_CAPACITY, STATS_LEN, ServiceKey,
-    ServiceValue, SockState,
+    Backend, DatapathConfig, MAX_BACKENDS, SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue, SockState,
 };
 
 #[btf_map(pin_by_name)]

@@ -3,8 +3,7 @@
 
 use aya_ebpf::programs::SockAddrContext;
 use kha_common::{
-    STAT_PEERNAME, SockState, addr_from_words, is_v4_mapped, v4_mapped, v4_of_mapped,
-    words_from_addr,
+    STAT_PEERNAME, SockState, addr_from_words, is_v4_mapped, v4_mapped, v4_of_mapped, words_from_addr,
 };
 
 use crate::{

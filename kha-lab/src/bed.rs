@@ -40,7 +40,11 @@ pub enum BedError {
     #[error("generating certificates")]
     Pki(#[from] crate::pki::PkiError),
     #[error("{what} did not happen within {timeout:?}; agent log:\n{log}")]
-    Timeout { what: String, timeout: Duration, log: String },
+    Timeout {
+        what: String,
+        timeout: Duration,
+        log: String,
+    },
     #[error("kha agent exited ({status}); its log:\n{log}")]
     AgentExited { status: ExitStatus, log: String },
 }
@@ -54,7 +58,11 @@ impl ChildCgroup {
     pub fn create(name: &str) -> Result<Self, BedError> {
         let root = kha::loader::default_cgroup().map_err(BedError::NoCgroup)?;
         let path = root.join(name);
-        fs::create_dir(&path).map_err(|source| BedError::Io { what: "creating cgroup", path: path.clone(), source })?;
+        fs::create_dir(&path).map_err(|source| BedError::Io {
+            what: "creating cgroup",
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self { path })
     }
 }
@@ -86,7 +94,9 @@ pub struct Bed {
 
 /// Where `kha` is: `$KHA_BIN`, else next to `kha-lab`.
 pub fn find_kha_bin(lab_bin: &Path) -> PathBuf {
-    std::env::var_os("KHA_BIN").map(PathBuf::from).unwrap_or_else(|| lab_bin.with_file_name("kha"))
+    std::env::var_os("KHA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| lab_bin.with_file_name("kha"))
 }
 
 impl Bed {
@@ -106,7 +116,16 @@ impl Bed {
         let cgroup = ChildCgroup::create(lab.prefix())?;
         let pin_dir = Path::new("/sys/fs/bpf").join(lab.prefix());
         let agent_log = lab.workdir().join("agent.log");
-        Ok(Bed { agent: None, kha_bin, lab_bin, pin_dir, agent_log, pki, cgroup, lab })
+        Ok(Bed {
+            agent: None,
+            kha_bin,
+            lab_bin,
+            pin_dir,
+            agent_log,
+            pki,
+            cgroup,
+            lab,
+        })
     }
 
     /// `kha run` for this bed's namespace, cgroup and pin dir, plus `args` (backends, ...).
@@ -131,24 +150,43 @@ impl Bed {
             .create(true)
             .append(true)
             .open(&self.agent_log)
-            .map_err(|source| BedError::Io { what: "opening", path: self.agent_log.clone(), source })?;
-        let err_log = log.try_clone().map_err(|source| BedError::Io { what: "opening", path: self.agent_log.clone(), source })?;
+            .map_err(|source| BedError::Io {
+                what: "opening",
+                path: self.agent_log.clone(),
+                source,
+            })?;
+        let err_log = log.try_clone().map_err(|source| BedError::Io {
+            what: "opening",
+            path: self.agent_log.clone(),
+            source,
+        })?;
         let mut cmd = self.agent_command(args);
         cmd.stdout(log).stderr(err_log).stdin(Stdio::null());
-        let child = cmd.spawn().map_err(|source| BedError::Io { what: "starting", path: self.kha_bin.clone(), source })?;
+        let child = cmd.spawn().map_err(|source| BedError::Io {
+            what: "starting",
+            path: self.kha_bin.clone(),
+            source,
+        })?;
         self.agent = Some(KillOnDrop(child));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.agent.as_mut().and_then(|a| a.try_wait().ok().flatten()) {
                 self.agent = None;
-                return Err(BedError::AgentExited { status, log: self.agent_log_text() });
+                return Err(BedError::AgentExited {
+                    status,
+                    log: self.agent_log_text(),
+                });
             }
             let now = self.prog_ids();
             if now.len() == 4 && now.iter().all(|id| !before.contains(id)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(BedError::Timeout { what: "agent attach".into(), timeout: Duration::from_secs(20), log: self.agent_log_text() });
+                return Err(BedError::Timeout {
+                    what: "agent attach".into(),
+                    timeout: Duration::from_secs(20),
+                    log: self.agent_log_text(),
+                });
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -157,7 +195,11 @@ impl Bed {
     /// Sends `signal` to the agent and waits (bounded) for it to exit.
     pub fn stop_agent(&mut self, signal: i32) -> Result<ExitStatus, BedError> {
         let Some(mut agent) = self.agent.take() else {
-            return Err(BedError::Timeout { what: "stop of an agent that is not running".into(), timeout: Duration::ZERO, log: String::new() });
+            return Err(BedError::Timeout {
+                what: "stop of an agent that is not running".into(),
+                timeout: Duration::ZERO,
+                log: String::new(),
+            });
         };
         // SAFETY: our own child's pid.
         unsafe { libc::kill(agent.id() as i32, signal) };
@@ -168,7 +210,11 @@ impl Bed {
             }
             thread::sleep(Duration::from_millis(10));
         }
-        Err(BedError::Timeout { what: format!("agent exit after signal {signal}"), timeout: Duration::from_secs(10), log: self.agent_log_text() })
+        Err(BedError::Timeout {
+            what: format!("agent exit after signal {signal}"),
+            timeout: Duration::from_secs(10),
+            log: self.agent_log_text(),
+        })
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
@@ -193,20 +239,30 @@ impl Bed {
     /// `kha status -o json`, or `None` while nothing is pinned.
     pub fn status(&self) -> Option<Value> {
         let out = self.kha(&["status", "-o", "json"]);
-        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
     }
 
     /// Program ids of the pinned links, in hook order.
     pub fn prog_ids(&self) -> Vec<u64> {
         self.status()
-            .and_then(|s| s["links"].as_array().map(|l| l.iter().filter_map(|l| l["prog_id"].as_u64()).collect()))
+            .and_then(|s| {
+                s["links"]
+                    .as_array()
+                    .map(|l| l.iter().filter_map(|l| l["prog_id"].as_u64()).collect())
+            })
             .unwrap_or_default()
     }
 
     /// `kha-lab ARGS` in the node namespace, inside kha's cgroup when `in_cgroup`.
     pub fn spawn_lab_tool(&self, in_cgroup: bool, args: &[String]) -> Result<Child, BedError> {
         let mut c = Command::new(&self.lab_bin);
-        c.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let cg = in_cgroup.then_some(self.cgroup.path.as_path());
         Ok(self.lab.spawn_in_node(cg, c)?)
     }
@@ -217,7 +273,11 @@ impl Bed {
         let mut args = args.to_vec();
         args.push("--json".into());
         let child = self.spawn_lab_tool(in_cgroup, &args)?;
-        let out = child.wait_with_output().map_err(|source| BedError::Io { what: "waiting for", path: self.lab_bin.clone(), source })?;
+        let out = child.wait_with_output().map_err(|source| BedError::Io {
+            what: "waiting for",
+            path: self.lab_bin.clone(),
+            source,
+        })?;
         Ok(ToolRun::parse(&out))
     }
 
@@ -226,13 +286,20 @@ impl Bed {
     pub fn cleanup_orphans() {
         let _ = Lab::cleanup_orphans();
         let orphan = |name: &str| {
-            let Some(rest) = name.strip_prefix("kha-t") else { return false };
+            let Some(rest) = name.strip_prefix("kha-t") else {
+                return false;
+            };
             let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
             !pid.is_empty() && !Path::new("/proc").join(&pid).exists()
         };
         let dirs = |root: &Path| -> Vec<PathBuf> {
             fs::read_dir(root)
-                .map(|d| d.flatten().filter(|e| orphan(&e.file_name().to_string_lossy())).map(|e| e.path()).collect())
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| orphan(&e.file_name().to_string_lossy()))
+                        .map(|e| e.path())
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         for pins in dirs(Path::new("/sys/fs/bpf")) {
@@ -277,7 +344,12 @@ impl ToolRun {
                 Err(_) => {}
             }
         }
-        ToolRun { records, summary, exit: out.status, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+        ToolRun {
+            records,
+            summary,
+            exit: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 
     pub fn ok(&self) -> u64 {

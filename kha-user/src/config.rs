@@ -40,23 +40,35 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
-    #[error("{field}: `{value}` is not an IP:PORT address (IPv6 goes in brackets: [2001:db8::1]:6443; names are not resolved)")]
+    #[error(
+        "{field}: `{value}` is not an IP:PORT address (IPv6 goes in brackets: [2001:db8::1]:6443; names are not resolved)"
+    )]
     Address {
         field: String,
         value: String,
         #[source]
         source: std::net::AddrParseError,
     },
-    #[error("{field}: `{value}` has port 0; give the port the apiserver listens on (kubespray: kube_apiserver_port, 6443)")]
+    #[error(
+        "{field}: `{value}` has port 0; give the port the apiserver listens on (kubespray: kube_apiserver_port, 6443)"
+    )]
     PortZero { field: String, value: String },
     #[error("{field}: `{value}` is not a unicast address a connection can go to")]
     NotUnicast { field: String, value: String },
-    #[error("{field}: backend `{value}` is also a frontend; a connect to it would be rewritten again. Use the master's own address")]
+    #[error(
+        "{field}: backend `{value}` is also a frontend; a connect to it would be rewritten again. Use the master's own address"
+    )]
     BackendIsFrontend { field: String, value: String },
     #[error("{field}: `{value}` is listed twice")]
     Duplicate { field: String, value: String },
-    #[error("{field}: backend `{backend}` is IPv6 but frontend `{frontend}` is IPv4; an IPv4 socket cannot reach it. Give this frontend IPv4 backends, or serve IPv6 backends on an IPv6 frontend such as [::1]:6443")]
-    V6BackendForV4Frontend { field: String, frontend: String, backend: String },
+    #[error(
+        "{field}: backend `{backend}` is IPv6 but frontend `{frontend}` is IPv4; an IPv4 socket cannot reach it. Give this frontend IPv4 backends, or serve IPv6 backends on an IPv6 frontend such as [::1]:6443"
+    )]
+    V6BackendForV4Frontend {
+        field: String,
+        frontend: String,
+        backend: String,
+    },
     #[error("{field}: {count} backends, at most {max} are supported per frontend")]
     TooManyBackends { field: String, count: usize, max: usize },
     #[error("{count} distinct backends in all, at most {max} are supported")]
@@ -106,27 +118,40 @@ impl Config {
         let backends = parse_all("--backend", backends)?;
         let frontends = frontends
             .iter()
-            .map(|f| Ok(Frontend { address: parse("--frontend", f)?, backends: backends.clone() }))
+            .map(|f| {
+                Ok(Frontend {
+                    address: parse("--frontend", f)?,
+                    backends: backends.clone(),
+                })
+            })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let config = Config { frontends };
-        config.validate(|i, _| format!("--frontend {}", config.frontends[i].address), |_, j| {
-            format!("--backend[{j}]")
-        })?;
+        config.validate(
+            |i, _| format!("--frontend {}", config.frontends[i].address),
+            |_, j| format!("--backend[{j}]"),
+        )?;
         Ok(config)
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
             other => other,
         })
     }
 
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let file: FileConfig = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: PathBuf::new(), source })?;
+        let file: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
         let frontends = file
             .frontend
             .iter()
@@ -144,7 +169,10 @@ impl Config {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let config = Config { frontends };
-        config.validate(|i, _| format!("frontend[{i}]"), |i, j| format!("frontend[{i}].backends[{j}]"))?;
+        config.validate(
+            |i, _| format!("frontend[{i}]"),
+            |i, j| format!("frontend[{i}].backends[{j}]"),
+        )?;
         Ok(config)
     }
 
@@ -158,14 +186,20 @@ impl Config {
             return Err(ConfigError::NoFrontends);
         }
         if self.frontends.len() > MAX_FRONTENDS {
-            return Err(ConfigError::TooManyFrontends { count: self.frontends.len(), max: MAX_FRONTENDS });
+            return Err(ConfigError::TooManyFrontends {
+                count: self.frontends.len(),
+                max: MAX_FRONTENDS,
+            });
         }
         let mut seen_frontends = BTreeSet::new();
         let mut distinct_backends = BTreeSet::new();
         for (i, f) in self.frontends.iter().enumerate() {
             check_unicast(&fe(i, 0), &f.address)?;
             if !seen_frontends.insert(f.address) {
-                return Err(ConfigError::Duplicate { field: fe(i, 0), value: f.address.to_string() });
+                return Err(ConfigError::Duplicate {
+                    field: fe(i, 0),
+                    value: f.address.to_string(),
+                });
             }
             if f.backends.len() > MAX_BACKENDS_PER_FRONTEND {
                 return Err(ConfigError::TooManyBackends {
@@ -178,7 +212,10 @@ impl Config {
             for (j, b) in f.backends.iter().enumerate() {
                 check_unicast(&be(i, j), b)?;
                 if !seen.insert(*b) {
-                    return Err(ConfigError::Duplicate { field: be(i, j), value: b.to_string() });
+                    return Err(ConfigError::Duplicate {
+                        field: be(i, j),
+                        value: b.to_string(),
+                    });
                 }
                 if f.address.is_ipv4() && b.is_ipv6() {
                     return Err(ConfigError::V6BackendForV4Frontend {
@@ -193,12 +230,18 @@ impl Config {
         for (i, f) in self.frontends.iter().enumerate() {
             for (j, b) in f.backends.iter().enumerate() {
                 if seen_frontends.contains(b) {
-                    return Err(ConfigError::BackendIsFrontend { field: be(i, j), value: b.to_string() });
+                    return Err(ConfigError::BackendIsFrontend {
+                        field: be(i, j),
+                        value: b.to_string(),
+                    });
                 }
             }
         }
         if distinct_backends.len() > MAX_BACKENDS {
-            return Err(ConfigError::TooManyDistinctBackends { count: distinct_backends.len(), max: MAX_BACKENDS });
+            return Err(ConfigError::TooManyDistinctBackends {
+                count: distinct_backends.len(),
+                max: MAX_BACKENDS,
+            });
         }
         Ok(())
     }
@@ -217,7 +260,10 @@ fn parse(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         source,
     })?;
     if addr.port() == 0 {
-        return Err(ConfigError::PortZero { field: field.to_owned(), value: value.to_owned() });
+        return Err(ConfigError::PortZero {
+            field: field.to_owned(),
+            value: value.to_owned(),
+        });
     }
     Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
@@ -226,7 +272,10 @@ fn check_unicast(field: &str, addr: &SocketAddr) -> Result<(), ConfigError> {
     let ip = addr.ip();
     let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
     if ip.is_unspecified() || ip.is_multicast() || broadcast {
-        return Err(ConfigError::NotUnicast { field: field.to_owned(), value: addr.to_string() });
+        return Err(ConfigError::NotUnicast {
+            field: field.to_owned(),
+            value: addr.to_string(),
+        });
     }
     Ok(())
 }
@@ -249,12 +298,18 @@ mod tests {
         assert_eq!(c.frontends.len(), 2);
         assert_eq!(c.frontends[0].address, sa("127.0.0.1:6443"));
         assert_eq!(c.frontends[1].address, sa("[::1]:6443"));
-        assert_eq!(c.frontends[1].backends, vec![sa("192.0.2.11:6443"), sa("192.0.2.12:6443")]);
+        assert_eq!(
+            c.frontends[1].backends,
+            vec![sa("192.0.2.11:6443"), sa("192.0.2.12:6443")]
+        );
     }
 
     #[test]
     fn flags_without_backends_are_refused() {
-        assert!(matches!(Config::from_flags(&[], &[]), Err(ConfigError::NoBackends)));
+        assert!(matches!(
+            Config::from_flags(&[], &[]),
+            Err(ConfigError::NoBackends)
+        ));
     }
 
     #[test]
@@ -274,16 +329,24 @@ mod tests {
         .unwrap();
         assert_eq!(c.frontends.len(), 3);
         assert_eq!(c.frontends[1].backends[0], sa("[2001:db8::11]:2379"));
-        assert!(c.frontends[2].backends.is_empty(), "an empty set is allowed: connects fail fast");
+        assert!(
+            c.frontends[2].backends.is_empty(),
+            "an empty set is allowed: connects fail fast"
+        );
     }
 
     #[test]
     fn unparsable_address_names_the_field() {
-        let e = Config::from_toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [\"192.0.2.300:6443\"]\n")
-            .unwrap_err();
+        let e = Config::from_toml(
+            "[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [\"192.0.2.300:6443\"]\n",
+        )
+        .unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, ConfigError::Address { .. }));
-        assert!(msg.contains("frontend[0].backends[0]") && msg.contains("192.0.2.300:6443"), "{msg}");
+        assert!(
+            msg.contains("frontend[0].backends[0]") && msg.contains("192.0.2.300:6443"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -297,7 +360,10 @@ mod tests {
         let e = Config::from_flags(&s(&["127.0.0.1:0"]), &s(&["192.0.2.11:6443"])).unwrap_err();
         assert!(matches!(e, ConfigError::PortZero { .. }), "{e}");
         let e = Config::from_flags(&[], &s(&["192.0.2.11:0"])).unwrap_err();
-        assert!(matches!(e, ConfigError::PortZero { ref field, .. } if field == "--backend"), "{e}");
+        assert!(
+            matches!(e, ConfigError::PortZero { ref field, .. } if field == "--backend"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -308,8 +374,7 @@ mod tests {
 
     #[test]
     fn v4_mapped_backend_equal_to_a_v4_frontend_is_refused() {
-        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &s(&["[::ffff:127.0.0.1]:6443"]))
-            .unwrap_err();
+        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &s(&["[::ffff:127.0.0.1]:6443"])).unwrap_err();
         assert!(matches!(e, ConfigError::BackendIsFrontend { .. }), "{e}");
     }
 
@@ -317,8 +382,11 @@ mod tests {
     fn duplicates_are_refused() {
         let e = Config::from_flags(&[], &s(&["192.0.2.11:6443", "192.0.2.11:6443"])).unwrap_err();
         assert!(matches!(e, ConfigError::Duplicate { .. }), "{e}");
-        let e = Config::from_flags(&s(&["127.0.0.1:6443", "[::ffff:127.0.0.1]:6443"]), &s(&["192.0.2.11:6443"]))
-            .unwrap_err();
+        let e = Config::from_flags(
+            &s(&["127.0.0.1:6443", "[::ffff:127.0.0.1]:6443"]),
+            &s(&["192.0.2.11:6443"]),
+        )
+        .unwrap_err();
         assert!(matches!(e, ConfigError::Duplicate { .. }), "{e}");
     }
 
@@ -327,12 +395,21 @@ mod tests {
         let e = Config::from_flags(&[], &s(&["[2001:db8::11]:6443"])).unwrap_err();
         assert!(matches!(e, ConfigError::V6BackendForV4Frontend { .. }), "{e}");
         // An IPv6 frontend takes both families: IPv4 through v4-mapped addresses.
-        Config::from_flags(&s(&["[::1]:6443"]), &s(&["[2001:db8::11]:6443", "192.0.2.11:6443"])).unwrap();
+        Config::from_flags(
+            &s(&["[::1]:6443"]),
+            &s(&["[2001:db8::11]:6443", "192.0.2.11:6443"]),
+        )
+        .unwrap();
     }
 
     #[test]
     fn unspecified_and_multicast_are_refused() {
-        for bad in ["0.0.0.0:6443", "[::]:6443", "224.0.0.1:6443", "255.255.255.255:6443"] {
+        for bad in [
+            "0.0.0.0:6443",
+            "[::]:6443",
+            "224.0.0.1:6443",
+            "255.255.255.255:6443",
+        ] {
             let e = Config::from_flags(&[], &s(&[bad])).unwrap_err();
             assert!(matches!(e, ConfigError::NotUnicast { .. }), "{bad}: {e}");
         }
@@ -343,13 +420,18 @@ mod tests {
         let e = Config::from_toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackend = []\n").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
         assert!(e.to_string().contains("unknown field"), "{e}");
-        assert!(matches!(Config::from_toml("[[frontend]\n"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::from_toml("[[frontend]\n"),
+            Err(ConfigError::Parse { .. })
+        ));
         assert!(matches!(Config::from_toml(""), Err(ConfigError::NoFrontends)));
     }
 
     #[test]
     fn limits_are_enforced() {
-        let many: Vec<String> = (0..=MAX_BACKENDS_PER_FRONTEND).map(|i| format!("192.0.2.1:{}", i + 1)).collect();
+        let many: Vec<String> = (0..=MAX_BACKENDS_PER_FRONTEND)
+            .map(|i| format!("192.0.2.1:{}", i + 1))
+            .collect();
         let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &many).unwrap_err();
         assert!(matches!(e, ConfigError::TooManyBackends { .. }), "{e}");
     }

@@ -13,8 +13,7 @@ use std::{
 };
 
 use kha_common::{
-    Backend, MAX_BACKENDS, POLICY_RANDOM, SLOT_BASES, ServiceKey, ServiceValue, is_v4_mapped,
-    v4_of_mapped,
+    Backend, MAX_BACKENDS, POLICY_RANDOM, SLOT_BASES, ServiceKey, ServiceValue, is_v4_mapped, v4_of_mapped,
 };
 
 use crate::config::Config;
@@ -86,7 +85,13 @@ impl Desired {
             .iter()
             .map(|f| {
                 let backends = f.backends.iter().map(|b| backend_of(*b)).collect();
-                (key_of(f.address, 0), DesiredFrontend { policy: POLICY_RANDOM, backends })
+                (
+                    key_of(f.address, 0),
+                    DesiredFrontend {
+                        policy: POLICY_RANDOM,
+                        backends,
+                    },
+                )
             })
             .collect();
         Desired { frontends }
@@ -100,7 +105,10 @@ impl Snapshot {
         let f = self.services.get(frontend)?;
         (1..=f.count)
             .map(|i| {
-                let id = self.services.get(&frontend.with_slot(f.base.checked_add(i)?))?.backend_id;
+                let id = self
+                    .services
+                    .get(&frontend.with_slot(f.base.checked_add(i)?))?
+                    .backend_id;
                 self.backends.get(&id).copied()
             })
             .collect()
@@ -159,8 +167,8 @@ pub fn plan(current: &Snapshot, desired: &Desired) -> Result<Vec<Op>, PlanError>
 
     for (fkey, f) in &desired.frontends {
         let live = current.services.get(fkey).copied();
-        let unchanged = live.is_some_and(|v| v.policy == f.policy)
-            && current.resolve(fkey).as_ref() == Some(&f.backends);
+        let unchanged =
+            live.is_some_and(|v| v.policy == f.policy) && current.resolve(fkey).as_ref() == Some(&f.backends);
         let base = match live {
             Some(v) if unchanged => v.base,
             // Write the region the kernel is not reading, then flip slot 0 to it.
@@ -169,9 +177,15 @@ pub fn plan(current: &Snapshot, desired: &Desired) -> Result<Vec<Op>, PlanError>
         };
         if !unchanged {
             for (i, b) in f.backends.iter().enumerate() {
-                ops.push(Op::PutSlot(fkey.with_slot(base + i as u16 + 1), ServiceValue::slot(id_of[b])));
+                ops.push(Op::PutSlot(
+                    fkey.with_slot(base + i as u16 + 1),
+                    ServiceValue::slot(id_of[b]),
+                ));
             }
-            ops.push(Op::PutSlot(*fkey, ServiceValue::frontend(f.backends.len() as u16, base, f.policy)));
+            ops.push(Op::PutSlot(
+                *fkey,
+                ServiceValue::frontend(f.backends.len() as u16, base, f.policy),
+            ));
         }
         let live_range = base + 1..=base + f.backends.len() as u16;
         let stale = current
@@ -184,12 +198,34 @@ pub fn plan(current: &Snapshot, desired: &Desired) -> Result<Vec<Op>, PlanError>
     // Frontends no longer wanted: slot 0 first, so the kernel stops matching before the slots
     // it would read go away. Slots without a slot 0 (left by an interrupted run) go too.
     let gone = |k: &ServiceKey| !desired.frontends.contains_key(&k.with_slot(0));
-    ops.extend(current.services.keys().filter(|k| k.slot == 0 && gone(k)).map(|k| Op::DeleteSlot(*k)));
-    ops.extend(current.services.keys().filter(|k| k.slot != 0 && gone(k)).map(|k| Op::DeleteSlot(*k)));
+    ops.extend(
+        current
+            .services
+            .keys()
+            .filter(|k| k.slot == 0 && gone(k))
+            .map(|k| Op::DeleteSlot(*k)),
+    );
+    ops.extend(
+        current
+            .services
+            .keys()
+            .filter(|k| k.slot != 0 && gone(k))
+            .map(|k| Op::DeleteSlot(*k)),
+    );
 
-    let wanted: BTreeSet<u32> =
-        desired.frontends.values().flat_map(|f| &f.backends).map(|b| id_of[b]).collect();
-    ops.extend(current.backends.keys().filter(|id| !wanted.contains(id)).map(|id| Op::DeleteBackend(*id)));
+    let wanted: BTreeSet<u32> = desired
+        .frontends
+        .values()
+        .flat_map(|f| &f.backends)
+        .map(|b| id_of[b])
+        .collect();
+    ops.extend(
+        current
+            .backends
+            .keys()
+            .filter(|id| !wanted.contains(id))
+            .map(|id| Op::DeleteBackend(*id)),
+    );
     Ok(ops)
 }
 
@@ -211,7 +247,13 @@ mod tests {
                 .iter()
                 .map(|(f, bs)| {
                     let backends = bs.iter().map(|b| backend_of(addr(b))).collect();
-                    (key_of(addr(f), 0), DesiredFrontend { policy: POLICY_RANDOM, backends })
+                    (
+                        key_of(addr(f), 0),
+                        DesiredFrontend {
+                            policy: POLICY_RANDOM,
+                            backends,
+                        },
+                    )
                 })
                 .collect(),
         }
@@ -226,7 +268,9 @@ mod tests {
     /// Every frontend of `s` resolves to exactly its set in `old` or exactly its set in `new`.
     fn assert_old_or_new(s: &Snapshot, old: &Snapshot, new: &Desired, step: usize) {
         for (k, _) in s.frontends() {
-            let now = s.resolve(k).unwrap_or_else(|| panic!("step {step}: {k:?} dangles in {s:?}"));
+            let now = s
+                .resolve(k)
+                .unwrap_or_else(|| panic!("step {step}: {k:?} dangles in {s:?}"));
             let before = old.resolve(k);
             let after = new.frontends.get(k).map(|f| f.backends.clone());
             assert!(
@@ -248,7 +292,10 @@ mod tests {
         assert_eq!(end.frontends().count(), want.frontends.len());
         let live: usize = want.frontends.values().map(|f| 1 + f.backends.len()).sum();
         assert_eq!(end.services.len(), live, "only live slots remain");
-        assert!(plan(&end, want).unwrap().is_empty(), "a second plan must be empty");
+        assert!(
+            plan(&end, want).unwrap().is_empty(),
+            "a second plan must be empty"
+        );
         end
     }
 
@@ -273,7 +320,10 @@ mod tests {
     fn change_fills_the_other_region_flips_then_deletes_the_old() {
         let start = check_all_prefixes(
             &Snapshot::default(),
-            &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443"])]),
+            &desired(&[(
+                "127.0.0.1:6443",
+                &["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443"],
+            )]),
         );
         let want = desired(&[("127.0.0.1:6443", &["192.0.2.11:6443", "192.0.2.13:6443"])]);
         let ops = plan(&start, &want).unwrap();
@@ -311,18 +361,31 @@ mod tests {
     fn removed_frontend_loses_slot_zero_first() {
         let start = check_all_prefixes(
             &Snapshot::default(),
-            &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"]), ("[::1]:6443", &["192.0.2.12:6443"])]),
+            &desired(&[
+                ("127.0.0.1:6443", &["192.0.2.11:6443"]),
+                ("[::1]:6443", &["192.0.2.12:6443"]),
+            ]),
         );
         let ops = plan(&start, &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"])])).unwrap();
         let v6 = key_of(addr("[::1]:6443"), 0);
         let gone = start.services[&v6.with_slot(1)].backend_id;
         assert_eq!(start.backends[&gone], backend_of(addr("192.0.2.12:6443")));
-        assert_eq!(ops, vec![Op::DeleteSlot(v6), Op::DeleteSlot(v6.with_slot(1)), Op::DeleteBackend(gone)]);
+        assert_eq!(
+            ops,
+            vec![
+                Op::DeleteSlot(v6),
+                Op::DeleteSlot(v6.with_slot(1)),
+                Op::DeleteBackend(gone)
+            ]
+        );
     }
 
     #[test]
     fn empty_set_keeps_the_frontend_with_count_zero() {
-        let start = check_all_prefixes(&Snapshot::default(), &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"])]));
+        let start = check_all_prefixes(
+            &Snapshot::default(),
+            &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"])]),
+        );
         let end = check_all_prefixes(&start, &desired(&[("127.0.0.1:6443", &[])]));
         let f = key_of(addr("127.0.0.1:6443"), 0);
         assert_eq!(end.services.get(&f).map(|v| v.count), Some(0));
@@ -339,13 +402,19 @@ mod tests {
         current.backends.insert(9, backend_of(addr("198.51.100.1:6443")));
         current.services.insert(f.with_slot(1), ServiceValue::slot(7));
         current.services.insert(f.with_slot(2), ServiceValue::slot(7));
-        current.services.insert(f, ServiceValue::frontend(1, 0, POLICY_RANDOM));
+        current
+            .services
+            .insert(f, ServiceValue::frontend(1, 0, POLICY_RANDOM));
         current.services.insert(orphan, ServiceValue::slot(9));
         let want = desired(&[("127.0.0.1:6443", &["192.0.2.11:6443", "192.0.2.12:6443"])]);
         let end = check_all_prefixes(&current, &want);
         assert!(!end.services.contains_key(&orphan));
         assert!(!end.backends.contains_key(&9));
-        assert_eq!(end.backends[&7], backend_of(addr("192.0.2.11:6443")), "kept backends keep their ids");
+        assert_eq!(
+            end.backends[&7],
+            backend_of(addr("192.0.2.11:6443")),
+            "kept backends keep their ids"
+        );
     }
 
     #[test]
@@ -359,7 +428,13 @@ mod tests {
             seed % n
         };
         let fronts = ["127.0.0.1:6443", "[::1]:6443", "127.0.0.1:2379"];
-        let backs = ["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443", "198.51.100.7:6443", "203.0.113.9:6443"];
+        let backs = [
+            "192.0.2.11:6443",
+            "192.0.2.12:6443",
+            "192.0.2.13:6443",
+            "198.51.100.7:6443",
+            "203.0.113.9:6443",
+        ];
         let mut current = Snapshot::default();
         for _ in 0..300 {
             let mut spec: Vec<(&str, Vec<&str>)> = Vec::new();
@@ -380,7 +455,12 @@ mod tests {
 
     #[test]
     fn socket_addr_round_trips_both_families() {
-        for s in ["127.0.0.1:6443", "[::1]:6443", "[2001:db8::11]:443", "192.0.2.11:1"] {
+        for s in [
+            "127.0.0.1:6443",
+            "[::1]:6443",
+            "[2001:db8::11]:443",
+            "192.0.2.11:1",
+        ] {
             let a = addr(s);
             let k = key_of(a, 0);
             assert_eq!(socket_addr(&k.addr_be, k.port_be), a);

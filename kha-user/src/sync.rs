@@ -17,7 +17,9 @@ pub enum SyncError {
     Plan(#[from] PlanError),
     /// The ops before `index` were applied; every prefix of a plan is a consistent table, so
     /// the datapath serves the old or the new set and the next sync finishes the job.
-    #[error("map write {index} of {total} ({op:?}) failed; the table is consistent and the next sync retries")]
+    #[error(
+        "map write {index} of {total} ({op:?}) failed; the table is consistent and the next sync retries"
+    )]
     Write {
         index: usize,
         total: usize,
@@ -86,10 +88,18 @@ mod tests {
 
     #[test]
     fn sync_reaches_the_desired_state_and_then_writes_nothing() {
-        let mut t = FakeTable { state: Snapshot::default(), fail_at: None, writes: 0 };
+        let mut t = FakeTable {
+            state: Snapshot::default(),
+            fail_at: None,
+            writes: 0,
+        };
         let want = desired(&["192.0.2.11:6443", "192.0.2.12:6443"]);
         let first = sync(&mut t, &want).unwrap();
-        assert_eq!(first.writes, 2 + 2 * 3, "2 backends, 2 frontends x (2 slots + slot 0)");
+        assert_eq!(
+            first.writes,
+            2 + 2 * 3,
+            "2 backends, 2 frontends x (2 slots + slot 0)"
+        );
         for (k, f) in &want.frontends {
             assert_eq!(t.state.resolve(k).as_ref(), Some(&f.backends));
         }
@@ -98,7 +108,11 @@ mod tests {
 
     #[test]
     fn a_failed_write_leaves_the_old_set_and_the_next_sync_finishes() {
-        let mut t = FakeTable { state: Snapshot::default(), fail_at: None, writes: 0 };
+        let mut t = FakeTable {
+            state: Snapshot::default(),
+            fail_at: None,
+            writes: 0,
+        };
         let old = desired(&["192.0.2.11:6443", "192.0.2.12:6443"]);
         sync(&mut t, &old).unwrap();
         let new = desired(&["192.0.2.13:6443"]);

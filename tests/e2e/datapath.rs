@@ -18,13 +18,22 @@ fn v4_frontend_spreads_tls_sessions_over_every_master() {
         assert!(run.by_master(m) >= 10, "{m} got too few of 90: {:?}", run.summary);
     }
     // getpeername reports the frontend the client dialed, not the master.
-    assert!(peers(&run).iter().all(|p| p == "127.0.0.1:6443"), "{:?}", peers(&run));
+    assert!(
+        peers(&run).iter().all(|p| p == "127.0.0.1:6443"),
+        "{:?}",
+        peers(&run)
+    );
 
     let status = bed.status().expect("status");
     assert_eq!(status["attached"], true);
     assert_eq!(status["frontends"][0]["address"], "127.0.0.1:6443");
     assert_eq!(status["frontends"][0]["backends"].as_array().unwrap().len(), 3);
-    let rewritten = status["counters"].as_array().unwrap().iter().find(|c| c["name"] == "rewritten").unwrap();
+    let rewritten = status["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "rewritten")
+        .unwrap();
     assert!(rewritten["value"].as_u64().unwrap() >= 90, "{status}");
 }
 
@@ -37,7 +46,11 @@ fn v6_frontend_reaches_v6_masters() {
 
     let run = https(&bed, "[::1]:6443", 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
+    assert!(
+        ["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2,
+        "{:?}",
+        run.summary
+    );
     assert!(peers(&run).iter().all(|p| p == "[::1]:6443"), "{:?}", peers(&run));
 }
 
@@ -50,7 +63,11 @@ fn v6_frontend_reaches_v4_masters_through_v4_mapped_addresses() {
 
     let run = https(&bed, "[::1]:6443", 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
+    assert!(
+        ["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2,
+        "{:?}",
+        run.summary
+    );
     assert!(peers(&run).iter().all(|p| p == "[::1]:6443"), "{:?}", peers(&run));
 }
 
@@ -64,8 +81,18 @@ fn v6_socket_dialing_a_v4_mapped_frontend_is_balanced_too() {
     // An AF_INET6 socket connecting to ::ffff:127.0.0.1 (Java and others do this).
     let run = connect(&bed, true, &format!("[::ffff:127.0.0.1]:{IDENT_PORT}"), 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
-    assert!(peers(&run).iter().all(|p| p == &format!("[::ffff:127.0.0.1]:{IDENT_PORT}")), "{:?}", peers(&run));
+    assert!(
+        ["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2,
+        "{:?}",
+        run.summary
+    );
+    assert!(
+        peers(&run)
+            .iter()
+            .all(|p| p == &format!("[::ffff:127.0.0.1]:{IDENT_PORT}")),
+        "{:?}",
+        peers(&run)
+    );
 }
 
 #[test]
@@ -89,18 +116,44 @@ fn other_namespaces_and_other_cgroups_are_untouched() {
 
     // Node namespace, another cgroup (the test's own): untouched.
     let other_cgroup = connect(&bed, false, &frontend, 10);
-    assert_eq!(other_cgroup.by_master("node-local"), 10, "{:?}", other_cgroup.summary);
+    assert_eq!(
+        other_cgroup.by_master("node-local"),
+        10,
+        "{:?}",
+        other_cgroup.summary
+    );
 
     // A pod's namespace, even inside kha's cgroup: untouched.
     let mut c = std::process::Command::new(&bed.lab_bin);
-    c.args(["connect", "--addr", &frontend, "--count", "10", "--read-ident", "--json"]).stdout(std::process::Stdio::piped());
-    let out = kha_lab::netns::spawn_in(&pod.0, Some(&bed.cgroup.path), c).unwrap().wait_with_output().unwrap();
+    c.args([
+        "connect",
+        "--addr",
+        &frontend,
+        "--count",
+        "10",
+        "--read-ident",
+        "--json",
+    ])
+    .stdout(std::process::Stdio::piped());
+    let out = kha_lab::netns::spawn_in(&pod.0, Some(&bed.cgroup.path), c)
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let summary: serde_json::Value = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|v| v.get("summary").cloned()).expect("summary");
+    let summary: serde_json::Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("summary").cloned())
+        .expect("summary");
     assert_eq!(summary["by_master"]["pod-local"], 10, "{summary}");
 
     let status = bed.status().unwrap();
-    let foreign = status["counters"].as_array().unwrap().iter().find(|c| c["name"] == "foreign_netns").unwrap();
+    let foreign = status["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "foreign_netns")
+        .unwrap();
     assert!(foreign["value"].as_u64().unwrap() >= 10, "{status}");
 }
 
@@ -108,13 +161,21 @@ fn other_namespaces_and_other_cgroups_are_untouched() {
 fn empty_backend_set_fails_connects_at_once_with_ehostunreach() {
     let Some(mut bed) = harness::bed(1) else { return };
     let frontend = format!("127.0.0.1:{IDENT_PORT}");
-    let config = harness::config_file(&bed, "empty.toml", &format!("[[frontend]]\naddress = \"{frontend}\"\nbackends = []\n"));
+    let config = harness::config_file(
+        &bed,
+        "empty.toml",
+        &format!("[[frontend]]\naddress = \"{frontend}\"\nbackends = []\n"),
+    );
     start(&mut bed, &args(&["--config", &config.display().to_string()]));
     // A listener on the frontend must not be reached by falling through.
     let node_ns = bed.lab.node_netns().to_owned();
     let _local = local_listener(&bed, &node_ns, "node-local", &frontend);
 
     let run = connect(&bed, true, &frontend, 5);
-    assert_eq!(run.summary["errors"]["connect:EHOSTUNREACH"], 5, "{:?}", run.summary);
+    assert_eq!(
+        run.summary["errors"]["connect:EHOSTUNREACH"], 5,
+        "{:?}",
+        run.summary
+    );
     assert_eq!(run.by_master("node-local"), 0);
 }

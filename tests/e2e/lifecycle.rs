@@ -25,16 +25,30 @@ fn sigkilled_agent_leaves_a_working_datapath_and_a_restart_takes_control() {
 
     let run = connect(&bed, true, &ident_frontend(), 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
+    assert!(
+        ["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2,
+        "{:?}",
+        run.summary
+    );
 
     // A new agent with another backend set reuses the pins and takes over.
     let m2 = bed.lab.master("m2").unwrap().ident_v4().to_string();
-    start(&mut bed, &args(&["--frontend", &ident_frontend(), "--backend", &m2]));
+    start(
+        &mut bed,
+        &args(&["--frontend", &ident_frontend(), "--backend", &m2]),
+    );
     let after = bed.prog_ids();
-    assert!(after.iter().all(|id| !before.contains(id)), "programs were not replaced: {before:?} {after:?}");
+    assert!(
+        after.iter().all(|id| !before.contains(id)),
+        "programs were not replaced: {before:?} {after:?}"
+    );
     let run = connect(&bed, true, &ident_frontend(), 20);
     assert_eq!(run.by_master("m2"), 20, "{:?}", run.summary);
-    assert!(bed.agent_log_text().contains("Replaced"), "{}", bed.agent_log_text());
+    assert!(
+        bed.agent_log_text().contains("Replaced"),
+        "{}",
+        bed.agent_log_text()
+    );
 }
 
 #[test]
@@ -43,7 +57,18 @@ fn program_replacement_under_a_connect_loop_fails_no_connect() {
     start_ident(&mut bed);
     let count = 20_000;
     let client = bed
-        .spawn_lab_tool(true, &args(&["connect", "--addr", &ident_frontend(), "--count", &count.to_string(), "--read-ident", "--json"]))
+        .spawn_lab_tool(
+            true,
+            &args(&[
+                "connect",
+                "--addr",
+                &ident_frontend(),
+                "--count",
+                &count.to_string(),
+                "--read-ident",
+                "--json",
+            ]),
+        )
         .unwrap();
     let mut client = kha_lab::netns::KillOnDrop(client);
     let mut swaps = 0;
@@ -52,13 +77,30 @@ fn program_replacement_under_a_connect_loop_fails_no_connect() {
         start_ident(&mut bed);
         swaps += 1;
     }
-    assert!(client.try_wait().unwrap().is_none(), "the client finished before {swaps} swaps; raise its count");
-    let out = std::mem::replace(&mut client.0, std::process::Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+    assert!(
+        client.try_wait().unwrap().is_none(),
+        "the client finished before {swaps} swaps; raise its count"
+    );
+    let out = std::mem::replace(&mut client.0, std::process::Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let summary: serde_json::Value = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|v| v.get("summary").cloned()).expect("summary");
+    let summary: serde_json::Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("summary").cloned())
+        .expect("summary");
     assert_eq!(summary["count"], count, "{summary}");
-    assert_eq!(summary["failed"], 0, "connects failed during program replacement: {summary}");
-    assert_eq!(summary["by_master"]["m1"].as_u64().unwrap() + summary["by_master"]["m2"].as_u64().unwrap() + summary["by_master"]["m3"].as_u64().unwrap(), count);
+    assert_eq!(
+        summary["failed"], 0,
+        "connects failed during program replacement: {summary}"
+    );
+    assert_eq!(
+        summary["by_master"]["m1"].as_u64().unwrap()
+            + summary["by_master"]["m2"].as_u64().unwrap()
+            + summary["by_master"]["m3"].as_u64().unwrap(),
+        count
+    );
 }
 
 #[test]
@@ -71,7 +113,12 @@ fn sigterm_keeps_the_datapath_and_detach_removes_everything() {
 
     let prog_ids = bed.prog_ids();
     let st = bed.status().unwrap();
-    let link_ids: Vec<u64> = st["links"].as_array().unwrap().iter().map(|l| l["link_id"].as_u64().unwrap()).collect();
+    let link_ids: Vec<u64> = st["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["link_id"].as_u64().unwrap())
+        .collect();
     let map_ids: Vec<u64> = kha_common_maps(&bed);
     assert_eq!(prog_ids.len(), 4);
     assert_eq!(map_ids.len(), 5, "every map is pinned");
@@ -80,17 +127,29 @@ fn sigterm_keeps_the_datapath_and_detach_removes_everything() {
     let out = bed.kha(&["detach"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!bed.pin_dir.exists(), "pin dir left behind");
-    assert_eq!(cgroup_programs(&bed.cgroup.path).trim(), "", "programs still attached to the cgroup");
+    assert_eq!(
+        cgroup_programs(&bed.cgroup.path).trim(),
+        "",
+        "programs still attached to the cgroup"
+    );
     // The kernel frees programs, maps and links once nothing refers to them (after an RCU
     // grace period).
-    wait_for("kha's programs, links and maps freed", Duration::from_secs(10), || {
-        prog_ids.iter().all(|id| !bpf_object_exists("prog", *id))
-            && link_ids.iter().all(|id| !bpf_object_exists("link", *id))
-            && map_ids.iter().all(|id| !bpf_object_exists("map", *id))
-    });
+    wait_for(
+        "kha's programs, links and maps freed",
+        Duration::from_secs(10),
+        || {
+            prog_ids.iter().all(|id| !bpf_object_exists("prog", *id))
+                && link_ids.iter().all(|id| !bpf_object_exists("link", *id))
+                && map_ids.iter().all(|id| !bpf_object_exists("map", *id))
+        },
+    );
     // Connects now go where they went before kha: nothing listens, so refused.
     let run = connect(&bed, true, &ident_frontend(), 3);
-    assert_eq!(run.summary["errors"]["connect:ECONNREFUSED"], 3, "{:?}", run.summary);
+    assert_eq!(
+        run.summary["errors"]["connect:ECONNREFUSED"], 3,
+        "{:?}",
+        run.summary
+    );
 }
 
 /// Ids of the maps pinned under the bed's pin dir.
@@ -100,7 +159,11 @@ fn kha_common_maps(bed: &Bed) -> Vec<u64> {
         .unwrap()
         .flatten()
         .filter_map(|e| {
-            let out = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(e.path()).output().ok()?;
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(e.path())
+                .output()
+                .ok()?;
             serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["id"].as_u64()
         })
         .collect()

@@ -54,7 +54,9 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     for m in bed.lab.masters() {
         println!("   {}  {:<16} {}", m.name, m.https_v4(), m.https_v6());
     }
-    let mut agent_args: Vec<String> = ["--frontend", "127.0.0.1:6443", "--frontend", "[::1]:6443"].map(String::from).to_vec();
+    let mut agent_args: Vec<String> = ["--frontend", "127.0.0.1:6443", "--frontend", "[::1]:6443"]
+        .map(String::from)
+        .to_vec();
     for m in bed.lab.masters() {
         agent_args.extend(["--backend".into(), m.https_v4().to_string()]);
     }
@@ -74,7 +76,10 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let total: u32 = spread.values().sum();
     for (master, n) in &spread {
         let pct = 100 * n / total.max(1);
-        println!("   {master:<10} {n:>4}  {:<40} {pct}%", "#".repeat((pct as usize * 40 / 100).max(1)));
+        println!(
+            "   {master:<10} {n:>4}  {:<40} {pct}%",
+            "#".repeat((pct as usize * 40 / 100).max(1))
+        );
     }
     println!("\n{}", String::from_utf8_lossy(&bed.kha(&["status"]).stdout));
     println!("== removing the lab (kha detach, namespaces, cgroup)");
@@ -87,16 +92,28 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 fn calls(bed: &Bed, dial: &str, args: &DemoArgs, spread: &mut BTreeMap<String, u32>) -> Result<()> {
     let ca = bed.pki.ca_cert.display().to_string();
     let tool_args: Vec<String> = [
-        "client", "--url", "https://localhost:6443/version", "--connect-addr", dial, "--ca", &ca,
-        "--count", &args.requests.to_string(), "--interval-ms", &args.interval_ms.to_string(),
-        "--new-connection-each", "--json",
+        "client",
+        "--url",
+        "https://localhost:6443/version",
+        "--connect-addr",
+        dial,
+        "--ca",
+        &ca,
+        "--count",
+        &args.requests.to_string(),
+        "--interval-ms",
+        &args.interval_ms.to_string(),
+        "--new-connection-each",
+        "--json",
     ]
     .map(String::from)
     .to_vec();
     let mut child = bed.spawn_lab_tool(true, &tool_args)?;
     let stdout = child.stdout.take().context("client stdout")?;
     for line in BufReader::new(stdout).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(&line?) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(&line?) else {
+            continue;
+        };
         if v.get("summary").is_some() {
             continue;
         }

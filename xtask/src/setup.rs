@@ -34,14 +34,20 @@ fn packages() -> Result<()> {
         return Ok(());
     }
     if !cmd::is_root() {
-        bail!("missing Debian packages {missing:?}; install them as root: apt-get install {}", missing.join(" "));
+        bail!(
+            "missing Debian packages {missing:?}; install them as root: apt-get install {}",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     let mut update = Command::new("apt-get");
     update.args(["update", "-qq"]);
     cmd::status(update)?;
     let mut install = Command::new("apt-get");
-    install.args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive");
+    install
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
     cmd::status(install)
 }
 
@@ -49,7 +55,8 @@ fn packages() -> Result<()> {
 /// present; needed where rustup does not install toolchains on first use (RUSTUP_AUTO_INSTALL=0).
 fn toolchain() -> Result<()> {
     let mut c = cmd::command("rustup");
-    c.args(["toolchain", "install"]).stdout(std::process::Stdio::null());
+    c.args(["toolchain", "install"])
+        .stdout(std::process::Stdio::null());
     cmd::status(c).context("installing the pinned Rust toolchain")
 }
 
@@ -60,10 +67,17 @@ fn bpf_linker() -> Result<()> {
     }
     eprintln!("xtask: installing bpf-linker {BPF_LINKER} against LLVM 22 (about a minute)");
     let mut c = cmd::command("cargo");
-    c.args(["install", &format!("bpf-linker@{BPF_LINKER}"), "--locked", "--no-default-features", "--features", "llvm-22"])
-        // /usr/bin/llvm-config may be another LLVM; point the build at 22.
-        .env("LLVM_PREFIX", LLVM_PREFIX)
-        .env("RUSTUP_TOOLCHAIN", TOOLCHAIN)
-        .current_dir(std::env::temp_dir());
+    c.args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER}"),
+        "--locked",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ])
+    // /usr/bin/llvm-config may be another LLVM; point the build at 22.
+    .env("LLVM_PREFIX", LLVM_PREFIX)
+    .env("RUSTUP_TOOLCHAIN", TOOLCHAIN)
+    .current_dir(std::env::temp_dir());
     cmd::status(c)
 }

@@ -17,7 +17,9 @@ use std::{
 };
 
 use aya::{Ebpf, EbpfLoader, programs::CgroupSockAddr};
-pub use checks::{cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie, PinLock};
+pub use checks::{
+    PinLock, cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie,
+};
 pub use sys::LinkInfo;
 
 /// The eBPF object built from kha-ebpf by build.rs.
@@ -36,10 +38,26 @@ pub struct Hook {
 /// In attach order: getpeername first, so no rewritten socket ever answers getpeername with
 /// its backend; in detach order the reverse.
 pub const HOOKS: [Hook; 4] = [
-    Hook { program: "kha_peername4", link: "getpeername4", attach_type: 29 },
-    Hook { program: "kha_peername6", link: "getpeername6", attach_type: 30 },
-    Hook { program: "kha_connect4", link: "connect4", attach_type: 10 },
-    Hook { program: "kha_connect6", link: "connect6", attach_type: 11 },
+    Hook {
+        program: "kha_peername4",
+        link: "getpeername4",
+        attach_type: 29,
+    },
+    Hook {
+        program: "kha_peername6",
+        link: "getpeername6",
+        attach_type: 30,
+    },
+    Hook {
+        program: "kha_connect4",
+        link: "connect4",
+        attach_type: 10,
+    },
+    Hook {
+        program: "kha_connect6",
+        link: "connect6",
+        attach_type: 11,
+    },
 ];
 
 #[derive(Clone, Debug)]
@@ -71,23 +89,60 @@ impl PinDir {
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("{path}: {what}")]
-    Setup { path: PathBuf, what: &'static str, #[source] source: io::Error },
+    Setup {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("{0}")]
     Unsupported(String),
-    #[error("cannot load kha's eBPF object (maps under {maps}): {source}. If a pinned map has another layout, an older kha made it: run `kha detach` first")]
-    Object { maps: PathBuf, #[source] source: aya::EbpfError },
-    #[error("the kernel refused program {program}: {source}. kha needs Linux >= 5.18 with CONFIG_CGROUP_BPF=y and BTF; the verifier log is in the error above")]
-    Program { program: &'static str, #[source] source: aya::programs::ProgramError },
-    #[error("{path} is a kha link, but attached to cgroup id {found}, not {wanted} ({cgroup}). Run `kha detach --pin-dir {pin_dir}` first, or use another --pin-dir")]
-    ForeignLink { path: PathBuf, found: u64, wanted: u64, cgroup: PathBuf, pin_dir: PathBuf },
+    #[error(
+        "cannot load kha's eBPF object (maps under {maps}): {source}. If a pinned map has another layout, an older kha made it: run `kha detach` first"
+    )]
+    Object {
+        maps: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error(
+        "the kernel refused program {program}: {source}. kha needs Linux >= 5.18 with CONFIG_CGROUP_BPF=y and BTF; the verifier log is in the error above"
+    )]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "{path} is a kha link, but attached to cgroup id {found}, not {wanted} ({cgroup}). Run `kha detach --pin-dir {pin_dir}` first, or use another --pin-dir"
+    )]
+    ForeignLink {
+        path: PathBuf,
+        found: u64,
+        wanted: u64,
+        cgroup: PathBuf,
+        pin_dir: PathBuf,
+    },
     #[error("{path} is not a cgroup link for {hook}; remove it or use another --pin-dir")]
     NotOurLink { path: PathBuf, hook: &'static str },
     #[error("{hook}: {what}")]
-    Link { hook: &'static str, what: &'static str, #[source] source: io::Error },
+    Link {
+        hook: &'static str,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
-pub(crate) fn setup_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> LoaderError + 'a {
-    move |source| LoaderError::Setup { path: path.to_owned(), what, source }
+pub(crate) fn setup_err<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(io::Error) -> LoaderError + 'a {
+    move |source| LoaderError::Setup {
+        path: path.to_owned(),
+        what,
+        source,
+    }
 }
 
 /// The object with every program verified and loaded, not yet attached. Maps are created or
@@ -100,16 +155,32 @@ pub fn load(pins: &PinDir) -> Result<Loaded, LoaderError> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.maps())
         .load(OBJECT)
-        .map_err(|source| LoaderError::Object { maps: pins.maps(), source })?;
+        .map_err(|source| LoaderError::Object {
+            maps: pins.maps(),
+            source: Box::new(source),
+        })?;
     for hook in HOOKS {
-        program(&mut ebpf, hook)?.load().map_err(|source| LoaderError::Program { program: hook.program, source })?;
+        program(&mut ebpf, hook)?
+            .load()
+            .map_err(|source| LoaderError::Program {
+                program: hook.program,
+                source,
+            })?;
     }
     Ok(Loaded { ebpf })
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, hook: Hook) -> Result<&'a mut CgroupSockAddr, LoaderError> {
-    let missing = || LoaderError::Unsupported(format!("program {} missing from the object; the build is broken", hook.program));
-    ebpf.program_mut(hook.program).ok_or_else(missing)?.try_into().map_err(|_| missing())
+fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut CgroupSockAddr, LoaderError> {
+    let missing = || {
+        LoaderError::Unsupported(format!(
+            "program {} missing from the object; the build is broken",
+            hook.program
+        ))
+    };
+    ebpf.program_mut(hook.program)
+        .ok_or_else(missing)?
+        .try_into()
+        .map_err(|_| missing())
 }
 
 /// A pinned link found on disk, checked to be ours and on the right cgroup.
@@ -120,7 +191,11 @@ struct Existing {
 
 /// Reads the pinned links and refuses any that are not kha's links on `cgroup_id`, before
 /// anything is written.
-fn existing_links(pins: &PinDir, cgroup: &Path, cgroup_id: u64) -> Result<Vec<Option<Existing>>, LoaderError> {
+fn existing_links(
+    pins: &PinDir,
+    cgroup: &Path,
+    cgroup_id: u64,
+) -> Result<Vec<Option<Existing>>, LoaderError> {
     HOOKS
         .iter()
         .map(|hook| {
@@ -131,7 +206,10 @@ fn existing_links(pins: &PinDir, cgroup: &Path, cgroup_id: u64) -> Result<Vec<Op
             let fd = sys::obj_get(&path).map_err(setup_err(&path, "cannot open pinned link"))?;
             let info = sys::link_info(fd.as_fd()).map_err(setup_err(&path, "cannot read pinned link"))?;
             if info.link_type != sys::BPF_LINK_TYPE_CGROUP || info.attach_type != hook.attach_type {
-                return Err(LoaderError::NotOurLink { path, hook: hook.link });
+                return Err(LoaderError::NotOurLink {
+                    path,
+                    hook: hook.link,
+                });
             }
             if info.cgroup_id != cgroup_id {
                 return Err(LoaderError::ForeignLink {
@@ -163,7 +241,12 @@ impl Loaded {
     /// Attaches every program to `cgroup`: pinned links get the new program swapped in, hooks
     /// without a link get a new pinned one. All or nothing: on failure, swapped links get
     /// their old program back and new links are dropped before they are pinned.
-    pub fn attach(&mut self, pins: &PinDir, cgroup: &Path, cgroup_id: u64) -> Result<Vec<Attached>, LoaderError> {
+    pub fn attach(
+        &mut self,
+        pins: &PinDir,
+        cgroup: &Path,
+        cgroup_id: u64,
+    ) -> Result<Vec<Attached>, LoaderError> {
         let existing = existing_links(pins, cgroup, cgroup_id)?;
         let cg = File::open(cgroup).map_err(setup_err(cgroup, "cannot open cgroup"))?;
         let mut swapped: Vec<(OwnedFd, OwnedFd, OwnedFd)> = Vec::new(); // (link, old prog, new prog)
@@ -172,20 +255,42 @@ impl Loaded {
         let result = (|| {
             for (hook, found) in HOOKS.into_iter().zip(existing) {
                 let prog = program(&mut self.ebpf, hook)?;
-                let prog_fd = prog.fd().map_err(|source| LoaderError::Program { program: hook.program, source })?;
-                let new = prog_fd.as_fd().try_clone_to_owned().map_err(setup_err(cgroup, "cannot dup program fd"))?;
+                let prog_fd = prog.fd().map_err(|source| LoaderError::Program {
+                    program: hook.program,
+                    source,
+                })?;
+                let new = prog_fd
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(setup_err(cgroup, "cannot dup program fd"))?;
                 match found {
                     Some(Existing { fd, info }) => {
-                        let old = sys::prog_fd_by_id(info.prog_id)
-                            .map_err(|source| LoaderError::Link { hook: hook.link, what: "cannot open the running program", source })?;
-                        sys::link_update(fd.as_fd(), new.as_fd(), old.as_fd())
-                            .map_err(|source| LoaderError::Link { hook: hook.link, what: "cannot swap the program under the pinned link", source })?;
-                        done.push(Attached::Replaced { hook: hook.link, old_prog_id: info.prog_id });
+                        let old = sys::prog_fd_by_id(info.prog_id).map_err(|source| LoaderError::Link {
+                            hook: hook.link,
+                            what: "cannot open the running program",
+                            source,
+                        })?;
+                        sys::link_update(fd.as_fd(), new.as_fd(), old.as_fd()).map_err(|source| {
+                            LoaderError::Link {
+                                hook: hook.link,
+                                what: "cannot swap the program under the pinned link",
+                                source,
+                            }
+                        })?;
+                        done.push(Attached::Replaced {
+                            hook: hook.link,
+                            old_prog_id: info.prog_id,
+                        });
                         swapped.push((fd, old, new));
                     }
                     None => {
-                        let link = sys::link_create(new.as_fd(), cg.as_fd(), hook.attach_type)
-                            .map_err(|source| LoaderError::Link { hook: hook.link, what: "cannot attach to the cgroup", source })?;
+                        let link = sys::link_create(new.as_fd(), cg.as_fd(), hook.attach_type).map_err(
+                            |source| LoaderError::Link {
+                                hook: hook.link,
+                                what: "cannot attach to the cgroup",
+                                source,
+                            },
+                        )?;
                         created.push((hook, link));
                         done.push(Attached::Created { hook: hook.link });
                     }
@@ -228,7 +333,12 @@ pub fn link_status(pins: &PinDir) -> Vec<LinkStatus> {
         .filter_map(|hook| {
             let fd = sys::obj_get(&pins.link(hook)).ok()?;
             let info = sys::link_info(fd.as_fd()).ok()?;
-            Some(LinkStatus { hook: hook.link, link_id: info.id, prog_id: info.prog_id, cgroup_id: info.cgroup_id })
+            Some(LinkStatus {
+                hook: hook.link,
+                link_id: info.id,
+                prog_id: info.prog_id,
+                cgroup_id: info.cgroup_id,
+            })
         })
         .collect()
 }
@@ -250,8 +360,11 @@ pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
             continue;
         }
         if let Ok(fd) = sys::obj_get(&path) {
-            sys::link_detach(fd.as_fd())
-                .map_err(|source| LoaderError::Link { hook: hook.link, what: "cannot detach", source })?;
+            sys::link_detach(fd.as_fd()).map_err(|source| LoaderError::Link {
+                hook: hook.link,
+                what: "cannot detach",
+                source,
+            })?;
         }
         std::fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
         report.links += 1;
@@ -267,7 +380,13 @@ pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
         match std::fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(LoaderError::Setup { path: dir, what: "cannot remove directory (something else is pinned in it?)", source }),
+            Err(source) => {
+                return Err(LoaderError::Setup {
+                    path: dir,
+                    what: "cannot remove directory (something else is pinned in it?)",
+                    source,
+                });
+            }
         }
     }
     Ok(report)
