@@ -28,6 +28,21 @@ fn v4_frontend_spreads_tls_sessions_over_every_master() {
     assert_eq!(status["attached"], true);
     assert_eq!(status["frontends"][0]["address"], "127.0.0.1:6443");
     assert_eq!(status["frontends"][0]["backends"].as_array().unwrap().len(), 3);
+    // Maps are BTF-defined: bpftool prints field names, not hex.
+    for (map, field) in [("KHA_SVC", "slot"), ("KHA_BACKENDS", "addr_be"), ("KHA_CONFIG", "netns_cookie")] {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(bed.pin_dir.join("maps").join(map))
+            .output()
+            .unwrap();
+        let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        // With BTF, bpftool -j adds a "formatted" object with the named fields.
+        let first = &dump[0]["formatted"];
+        assert!(
+            first["key"].get(field).is_some() || first["value"].get(field).is_some(),
+            "{map}: no field {field} in {dump}"
+        );
+    }
     let rewritten = status["counters"]
         .as_array()
         .unwrap()

@@ -72,8 +72,9 @@ fn program_replacement_under_a_connect_loop_fails_no_connect() {
         .unwrap();
     let mut client = kha_lab::netns::KillOnDrop(client);
     let mut swaps = 0;
-    for _ in 0..3 {
-        bed.stop_agent(libc::SIGTERM).unwrap();
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGTERM] {
+        let exit = bed.stop_agent(signal).unwrap();
+        assert!(exit.success(), "signal {signal} must stop the agent cleanly: {exit}");
         start_ident(&mut bed);
         swaps += 1;
     }

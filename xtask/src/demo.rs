@@ -10,7 +10,7 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use kha_lab::bed::Bed;
 use serde_json::Value;
 
@@ -18,15 +18,16 @@ use crate::{cmd, setup};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
+    // Fields are public so `cargo xtask test` can run a short demo as a smoke test.
     /// Run kha on this node with this config file instead of the lab (as `cargo xtask run`).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Calls per frontend the demo client makes.
     #[arg(long, default_value_t = 24)]
-    requests: u32,
+    pub requests: u32,
     /// Pause between calls.
     #[arg(long, default_value_t = 150)]
-    interval_ms: u64,
+    pub interval_ms: u64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -65,12 +66,13 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     println!("{}", String::from_utf8_lossy(&bed.kha(&["status"]).stdout));
 
     let mut spread: BTreeMap<String, u32> = BTreeMap::new();
+    let mut failed = 0;
     for dial in ["127.0.0.1:6443", "[::1]:6443"] {
         if STOP.load(Ordering::SeqCst) {
             break;
         }
         println!("== a client on the node calls https://localhost:6443/version, dialing {dial}");
-        calls(&bed, dial, &args, &mut spread)?;
+        failed += calls(&bed, dial, &args, &mut spread)?;
     }
     println!("\n== how the calls spread over the masters");
     let total: u32 = spread.values().sum();
@@ -85,11 +87,14 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     println!("== removing the lab (kha detach, namespaces, cgroup)");
     drop(bed);
     println!("   done");
+    if failed > 0 {
+        bail!("{failed} calls failed");
+    }
     Ok(())
 }
 
-/// Runs the lab client and prints one line per call as it happens.
-fn calls(bed: &Bed, dial: &str, args: &DemoArgs, spread: &mut BTreeMap<String, u32>) -> Result<()> {
+/// Runs the lab client, prints one line per call as it happens, and returns how many failed.
+fn calls(bed: &Bed, dial: &str, args: &DemoArgs, spread: &mut BTreeMap<String, u32>) -> Result<u32> {
     let ca = bed.pki.ca_cert.display().to_string();
     let tool_args: Vec<String> = [
         "client",
@@ -109,6 +114,7 @@ fn calls(bed: &Bed, dial: &str, args: &DemoArgs, spread: &mut BTreeMap<String, u
     .map(String::from)
     .to_vec();
     let mut child = bed.spawn_lab_tool(true, &tool_args)?;
+    let mut failed = 0;
     let stdout = child.stdout.take().context("client stdout")?;
     for line in BufReader::new(stdout).lines() {
         let Ok(v) = serde_json::from_str::<Value>(&line?) else {
@@ -130,6 +136,8 @@ fn calls(bed: &Bed, dial: &str, args: &DemoArgs, spread: &mut BTreeMap<String, u
         );
         if v["error"].is_null() {
             *spread.entry(master).or_default() += 1;
+        } else {
+            failed += 1;
         }
         if STOP.load(Ordering::SeqCst) {
             break;
@@ -137,5 +145,5 @@ fn calls(bed: &Bed, dial: &str, args: &DemoArgs, spread: &mut BTreeMap<String, u
     }
     let _ = child.kill();
     let _ = child.wait();
-    Ok(())
+    Ok(failed)
 }

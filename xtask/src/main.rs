@@ -70,5 +70,14 @@ fn test(filter: Option<String>) -> Result<()> {
     }
     args.push("--test-threads=1");
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-    cmd::cargo_env(&args, &[("KHA_REQUIRE_BPF", if ci { "1" } else { "" })])
+    cmd::cargo_env(&args, &[("KHA_REQUIRE_BPF", if ci { "1" } else { "" })])?;
+    if filter.is_none() {
+        // The README's first command, shortened: it must keep working.
+        if cmd::is_root() {
+            demo::demo(demo::DemoArgs { config: None, requests: 4, interval_ms: 10 })?;
+        } else if ci {
+            anyhow::bail!("the demo smoke test needs root");
+        }
+    }
+    Ok(())
 }
