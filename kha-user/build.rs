@@ -3,15 +3,10 @@ use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
-    let root = Path::new(&manifest_dir)
-        .parent()
-        .expect("kha-user lives in the workspace");
+    let root = Path::new(&manifest_dir).parent().expect("kha-user lives in the workspace");
     let ebpf_dir = root.join("kha-ebpf");
     // kha-ebpf includes kha-common; aya-build only watches the eBPF crate itself.
-    println!(
-        "cargo::rerun-if-changed={}",
-        root.join("kha-common/src").display()
-    );
+    println!("cargo::rerun-if-changed={}", root.join("kha-common/src").display());
     // build-std=core needs unstable cargo flags; RUSTC_BOOTSTRAP here reaches only the child
     // cargo that builds the eBPF crate, so the rest of the workspace stays on plain stable.
     // SAFETY: build scripts are single-threaded.

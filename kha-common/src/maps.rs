@@ -20,13 +20,34 @@ pub const MAP_CONFIG: &str = "KHA_CONFIG";
 pub const MAP_SOCKS: &str = "KHA_SOCKS";
 /// Per-CPU counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "KHA_STATS";
+/// Per-backend connection counters kept by sock_ops: `backend id -> BackendStats`.
+pub const MAP_BACKEND_STATS: &str = "KHA_BE_STATS";
+/// Per-backend passive health: `backend id -> BackendHealth`. The kernel marks a backend
+/// suspect on a failed connect; the agent clears the mark once a probe says it is ready.
+pub const MAP_BACKEND_HEALTH: &str = "KHA_BE_HEALTH";
+/// Sockets kha redirected and that are not closed yet: `socket cookie -> Conn`. sock_ops
+/// counts per backend with it, and the agent finds the sockets to terminate in it.
+pub const MAP_CONNS: &str = "KHA_CONNS";
 
 /// All maps, in the order `kha detach` and `kha status` walk them.
-pub const ALL_MAPS: [&str; 5] = [MAP_SERVICES, MAP_BACKENDS, MAP_CONFIG, MAP_SOCKS, MAP_STATS];
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_CONFIG,
+    MAP_SOCKS,
+    MAP_STATS,
+    MAP_BACKEND_STATS,
+    MAP_BACKEND_HEALTH,
+    MAP_CONNS,
+];
 
 pub const MAX_FRONTENDS: usize = 128;
 pub const MAX_BACKENDS_PER_FRONTEND: usize = 255;
+/// Backend ids are `1..=MAX_BACKENDS`; per-backend arrays have `MAX_BACKENDS + 1` entries.
 pub const MAX_BACKENDS: usize = 4096;
+pub const BACKEND_ARRAY_LEN: usize = MAX_BACKENDS + 1;
+/// Redirected sockets tracked at once (LRU: the oldest entry goes if a close was missed).
+pub const CONNS_CAPACITY: usize = 65536;
 /// The two slot regions of a frontend start after these bases.
 pub const SLOT_BASES: [u16; 2] = [0, MAX_BACKENDS_PER_FRONTEND as u16];
 /// Every frontend may hold its slot 0 plus two full regions (the live one and the next).
@@ -43,13 +64,19 @@ pub const STAT_INCONSISTENT: u32 = 2;
 pub const STAT_PEERNAME: u32 = 3;
 /// Connects to a frontend address from another network namespace, left untouched.
 pub const STAT_FOREIGN_NETNS: u32 = 4;
+/// Choices that passed over a backend marked suspect by a failed connect.
+pub const STAT_SUSPECT_SKIPPED: u32 = 5;
+/// Choices where every backend was suspect, so one was used anyway.
+pub const STAT_ALL_SUSPECT: u32 = 6;
 pub const STATS_LEN: usize = 8;
-pub const STAT_NAMES: [&str; 5] = [
+pub const STAT_NAMES: [&str; 7] = [
     "rewritten",
     "no_backend",
     "inconsistent",
     "peername",
     "foreign_netns",
+    "suspect_skipped",
+    "all_suspect",
 ];
 
 /// Key of `KHA_SVC`.
@@ -66,59 +93,46 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 impl ServiceKey {
     #[inline(always)]
     pub const fn new(addr_be: AddrBe, port_be: u16, slot: u16) -> Self {
-        Self {
-            addr_be,
-            port_be,
-            slot,
-        }
+        Self { addr_be, port_be, slot }
     }
 
     #[inline(always)]
     pub const fn with_slot(&self, slot: u16) -> Self {
-        Self {
-            addr_be: self.addr_be,
-            port_be: self.port_be,
-            slot,
-        }
+        Self { addr_be: self.addr_be, port_be: self.port_be, slot }
     }
 }
 
-/// Value of `KHA_SVC`. In slot 0 `count`, `base` and `policy` are set and `backend_id` is 0;
-/// in backend slots only `backend_id` is set.
+/// Value of `KHA_SVC`. In slot 0 `count`, `base`, `policy` and `rr` are used and `backend_id`
+/// is 0; in backend slots only `backend_id` is set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     pub backend_id: u32,
+    /// Round-robin position, advanced atomically by the kernel; the agent writes 0.
+    pub rr: u32,
     pub count: u16,
     /// The live region: backend slots are `base+1..=base+count`. One of `SLOT_BASES`.
     pub base: u16,
-    /// `POLICY_*`; only `POLICY_RANDOM` exists so far.
+    /// `POLICY_*`.
     pub policy: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 pub const POLICY_RANDOM: u8 = 0;
+pub const POLICY_ROUND_ROBIN: u8 = 1;
+pub const POLICY_LEAST_CONN: u8 = 2;
+pub const POLICY_P2C: u8 = 3;
+/// Indexed by `POLICY_*`; these are the names in configs and `kha status`.
+pub const POLICY_NAMES: [&str; 4] = ["random", "round-robin", "least-connections", "p2c"];
 
 impl ServiceValue {
     pub const fn frontend(count: u16, base: u16, policy: u8) -> Self {
-        Self {
-            backend_id: 0,
-            count,
-            base,
-            policy,
-            _pad: [0; 3],
-        }
+        Self { backend_id: 0, rr: 0, count, base, policy, _pad: [0; 3] }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self {
-            backend_id,
-            count: 0,
-            base: 0,
-            policy: 0,
-            _pad: [0; 3],
-        }
+        Self { backend_id, rr: 0, count: 0, base: 0, policy: 0, _pad: [0; 3] }
     }
 }
 
@@ -134,11 +148,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 
 impl Backend {
     pub const fn new(addr_be: AddrBe, port_be: u16) -> Self {
-        Self {
-            addr_be,
-            port_be,
-            _pad: 0,
-        }
+        Self { addr_be, port_be, _pad: 0 }
     }
 }
 
@@ -166,9 +176,61 @@ pub struct SockState {
 }
 const _: () = assert!(core::mem::size_of::<SockState>() == 40);
 
+/// Value of `KHA_BE_STATS[id]`, written only by the kernel (atomic adds); the agent zeroes an
+/// entry when it gives its id to a new backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Connects rewritten to this backend.
+    pub chosen: u64,
+    /// Connects that reached ESTABLISHED.
+    pub established: u64,
+    /// Sockets from SYN sent until closed. Wraps if a close is missed; read it with
+    /// `active_count`.
+    pub active: u64,
+    /// Connects closed before ESTABLISHED (refused, timed out, reset).
+    pub failed: u64,
+    /// Retransmission timeouts on this backend's connections.
+    pub rto: u64,
+    /// Smoothed RTT (µs) over handshakes and closes, EWMA 1/8; 0 until measured.
+    pub srtt_us: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 48);
+
+impl BackendStats {
+    /// `active` as a count: a missed close must not make a backend look infinitely loaded.
+    pub fn active_count(&self) -> u64 {
+        if self.active > u32::MAX as u64 { 0 } else { self.active }
+    }
+}
+
+/// Value of `KHA_BE_HEALTH[id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendHealth {
+    /// `bpf_ktime_get_ns` of the failed connect that made this backend suspect; 0 = not
+    /// suspect. Set by the kernel, cleared by the agent.
+    pub suspect_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendHealth>() == 8);
+
+/// Value of `KHA_CONNS[cookie]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub backend_id: u32,
+    /// 1 once ESTABLISHED.
+    pub established: u32,
+}
+const _: () = assert!(core::mem::size_of::<Conn>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` data with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::BackendHealth {}
+    unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::Backend {}
@@ -193,6 +255,8 @@ mod tests {
     fn every_stat_has_a_name_and_fits() {
         assert!(STAT_NAMES.len() <= STATS_LEN);
         assert_eq!(STAT_NAMES[STAT_FOREIGN_NETNS as usize], "foreign_netns");
+        assert_eq!(STAT_NAMES[STAT_ALL_SUSPECT as usize], "all_suspect");
+        assert_eq!(POLICY_NAMES[POLICY_P2C as usize], "p2c");
     }
 
     #[test]

@@ -3,18 +3,21 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_set_retval},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use kha_common::{
-    AddrBe, Backend, STAT_FOREIGN_NETNS, STAT_INCONSISTENT, STAT_NO_BACKEND, STAT_REWRITTEN, ServiceKey,
-    ServiceValue, SockState, addr_from_words, is_v4_mapped, select::random_slot, v4_mapped, v4_of_mapped,
-    words_from_addr,
+    AddrBe, Backend, Conn, STAT_ALL_SUSPECT, STAT_FOREIGN_NETNS, STAT_INCONSISTENT, STAT_NO_BACKEND,
+    STAT_REWRITTEN, STAT_SUSPECT_SKIPPED, ServiceKey, SockState, addr_from_words, is_v4_mapped,
+    select::{Candidate, Dice, SlotView, choose, nonzero},
+    v4_mapped, v4_of_mapped, words_from_addr,
 };
 
 use crate::{
     PROCEED,
-    maps::{KHA_BACKENDS, KHA_CONFIG, KHA_SOCKS, KHA_SVC, count},
+    maps::{
+        KHA_BACKENDS, KHA_BE_HEALTH, KHA_CONFIG, KHA_CONNS, KHA_SOCKS, KHA_SVC, add, backend_stats, count,
+    },
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -37,7 +40,7 @@ enum Verdict {
 pub fn try_connect4(ctx: &SockAddrContext) -> Result<i32, Skip> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let key = frontend_key(sa, v4_mapped(sa.user_ip4))?;
-    let (id, backend) = match choose(ctx, &key)? {
+    let (id, backend) = match choose_backend(ctx, &key)? {
         // An IPv4 socket cannot reach an IPv6 backend; the agent never writes such a set.
         Verdict::To(id, b) if is_v4_mapped(&b.addr_be) => (id, b),
         Verdict::To(..) => return Ok(refuse(STAT_INCONSISTENT)),
@@ -54,7 +57,7 @@ pub fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Skip> {
     // Four 4-byte loads: the verifier refuses wider reads of user_ip6.
     let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
     let key = frontend_key(sa, addr_from_words(words))?;
-    let (id, backend) = match choose(ctx, &key)? {
+    let (id, backend) = match choose_backend(ctx, &key)? {
         Verdict::To(id, b) => (id, b),
         Verdict::Refuse(stat) => return Ok(refuse(stat)),
     };
@@ -81,8 +84,8 @@ fn frontend_key(sa: &bpf_sock_addr, addr_be: AddrBe) -> Result<ServiceKey, Skip>
 /// The frontend lookup comes first: almost no connect is to a frontend, so the netns check
 /// and everything else only run for the few that are.
 #[inline(always)]
-fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Skip> {
-    let frontend: ServiceValue = *unsafe { KHA_SVC.get(key) }.ok_or(Skip::NotAFrontend)?;
+fn choose_backend(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Skip> {
+    let frontend = KHA_SVC.get_ptr_mut(key).ok_or(Skip::NotAFrontend)?;
     let netns_ok = match KHA_CONFIG.get(0) {
         Some(cfg) => {
             cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
@@ -94,21 +97,56 @@ fn choose(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Skip> {
         count(STAT_FOREIGN_NETNS);
         return Err(Skip::ForeignNetns);
     }
-    if frontend.count == 0 {
+    let (count_, base, policy, rr) = unsafe {
+        let f = &mut *frontend;
+        // Racy on purpose: a lost round-robin step between CPUs costs nothing.
+        let rr = f.rr;
+        f.rr = rr.wrapping_add(1);
+        (f.count, f.base, f.policy, rr)
+    };
+    if count_ == 0 {
         return Ok(Verdict::Refuse(STAT_NO_BACKEND));
     }
-    let slot = frontend
-        .base
-        .wrapping_add(random_slot(unsafe { bpf_get_prandom_u32() }, frontend.count));
-    let Some(slot) = (unsafe { KHA_SVC.get(&key.with_slot(slot)) }) else {
+    let dice = unsafe { Dice { a: bpf_get_prandom_u32(), b: bpf_get_prandom_u32(), rr } };
+    let Some(pick) = choose(policy, count_, dice, &Slots { key, base }) else {
         return Ok(Verdict::Refuse(STAT_INCONSISTENT));
     };
-    let id = slot.backend_id;
+    if pick.skipped_suspect {
+        count(STAT_SUSPECT_SKIPPED);
+    }
+    if pick.all_suspect {
+        count(STAT_ALL_SUSPECT);
+    }
+    let id = pick.candidate.backend_id;
     match unsafe { KHA_BACKENDS.get(&id) } {
         Some(backend) => Ok(Verdict::To(id, *backend)),
         None => Ok(Verdict::Refuse(STAT_INCONSISTENT)),
     }
 }
+
+/// The live region of one frontend, as the selection policies see it.
+struct Slots<'a> {
+    key: &'a ServiceKey,
+    base: u16,
+}
+
+impl SlotView for Slots<'_> {
+    #[inline(always)]
+    fn candidate(&self, index: u16) -> Option<Candidate> {
+        let slot = unsafe { KHA_SVC.get(&self.key.with_slot(self.base.wrapping_add(index))) }?;
+        let id = slot.backend_id;
+        // Both arrays cover every backend id, so these lookups only fail for a corrupt id.
+        // Treating that as a missing slot (not as "idle, healthy") keeps one path per slot,
+        // which is what keeps the verifier's walk of the scan loops small.
+        let stats = backend_stats(id)?;
+        let (active, srtt_us) = unsafe { ((*stats).active, (*stats).srtt_us) };
+        let suspect = nonzero(KHA_BE_HEALTH.get(id)?.suspect_ns);
+        // A missed close wraps `active` below zero: count that as idle, not as overloaded.
+        let active = active & nonzero(active >> 32).wrapping_sub(1);
+        Some(Candidate { backend_id: id, active, srtt_us, suspect })
+    }
+}
+
 
 /// Fails the connect with EHOSTUNREACH at once: never a hang, never a fall-through to
 /// whatever listens on the frontend address.
@@ -119,11 +157,16 @@ fn refuse(stat: u32) -> i32 {
     REJECT
 }
 
-/// Keeps what getpeername must report. Best effort: without socket storage the connect still
-/// goes to the backend; getpeername then reports the backend.
+/// Keeps what getpeername must report and what sock_ops counts by. Best effort: without
+/// socket storage the connect still goes to the backend; getpeername then reports the backend.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend_id: u32, backend: &Backend) {
     count(STAT_REWRITTEN);
+    if let Some(stats) = backend_stats(backend_id) {
+        add(unsafe { &raw mut (*stats).chosen }, 1);
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = KHA_CONNS.insert(&cookie, &Conn { backend_id, established: 0 }, 0);
     let mut state = SockState {
         frontend_addr_be: key.addr_be,
         backend_addr_be: backend.addr_be,

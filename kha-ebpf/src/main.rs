@@ -3,12 +3,19 @@
 //! happen only on purpose, in the body, with an errno set through `bpf_set_retval`.
 #![no_std]
 #![no_main]
+// Atomic adds: the eBPF crate is built with RUSTC_BOOTSTRAP (see kha-user/build.rs).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod connect;
 mod maps;
 mod peername;
+mod sockops;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
+};
 
 /// Return value of a cgroup sock_addr program that lets the syscall proceed.
 const PROCEED: i32 = 1;
@@ -31,6 +38,12 @@ pub fn kha_peername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn kha_peername6(ctx: SockAddrContext) -> i32 {
     peername::try_getpeername6(&ctx).unwrap_or(PROCEED)
+}
+
+#[sock_ops]
+pub fn kha_sockops(ctx: SockOpsContext) -> u32 {
+    let _ = sockops::try_sockops(&ctx);
+    1
 }
 
 #[cfg(not(test))]

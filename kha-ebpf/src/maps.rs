@@ -1,12 +1,15 @@
 //! The maps, BTF-defined so `bpftool map dump` prints field names, pinned by name so they
 //! outlive the agent.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use kha_common::{
-    Backend, DatapathConfig, MAX_BACKENDS, SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue, SockState,
+    BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
+    MAX_BACKENDS, SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue, SockState,
 };
 
 #[btf_map(pin_by_name)]
@@ -24,10 +27,32 @@ pub static KHA_SOCKS: SkStorage<SockState> = SkStorage::new();
 #[btf_map(pin_by_name)]
 pub static KHA_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
 
+#[btf_map(pin_by_name)]
+pub static KHA_BE_STATS: Array<BackendStats, BACKEND_ARRAY_LEN> = Array::new();
+
+#[btf_map(pin_by_name)]
+pub static KHA_BE_HEALTH: Array<BackendHealth, BACKEND_ARRAY_LEN> = Array::new();
+
+#[btf_map(pin_by_name)]
+pub static KHA_CONNS: LruHashMap<u64, Conn, CONNS_CAPACITY> = LruHashMap::new();
+
 #[inline(always)]
 pub fn count(stat: u32) {
     if let Some(c) = KHA_STATS.get_ptr_mut(stat) {
         // Per-CPU slot: no other writer can race this increment.
         unsafe { *c += 1 };
     }
+}
+
+/// Adds `delta` (two's complement for a decrement) to a shared counter. The result is unused,
+/// so this compiles to BPF's atomic add on every BPF CPU version. (`AtomicU64` has no
+/// `fetch_add` on the BPF target: it lacks compare-and-swap.)
+#[inline(always)]
+pub fn add(counter: *mut u64, delta: u64) {
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta) };
+}
+
+#[inline(always)]
+pub fn backend_stats(id: u32) -> Option<*mut BackendStats> {
+    KHA_BE_STATS.get_ptr_mut(id)
 }

@@ -40,11 +40,7 @@ pub enum BedError {
     #[error("generating certificates")]
     Pki(#[from] crate::pki::PkiError),
     #[error("{what} did not happen within {timeout:?}; agent log:\n{log}")]
-    Timeout {
-        what: String,
-        timeout: Duration,
-        log: String,
-    },
+    Timeout { what: String, timeout: Duration, log: String },
     #[error("kha agent exited ({status}); its log:\n{log}")]
     AgentExited { status: ExitStatus, log: String },
 }
@@ -92,11 +88,12 @@ pub struct Bed {
     pub lab: Lab,
 }
 
+/// Programs kha attaches, each under its own pinned link.
+pub const HOOK_COUNT: usize = kha::loader::HOOKS.len();
+
 /// Where `kha` is: `$KHA_BIN`, else next to `kha-lab`.
 pub fn find_kha_bin(lab_bin: &Path) -> PathBuf {
-    std::env::var_os("KHA_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| lab_bin.with_file_name("kha"))
+    std::env::var_os("KHA_BIN").map(PathBuf::from).unwrap_or_else(|| lab_bin.with_file_name("kha"))
 }
 
 impl Bed {
@@ -116,16 +113,7 @@ impl Bed {
         let cgroup = ChildCgroup::create(lab.prefix())?;
         let pin_dir = Path::new("/sys/fs/bpf").join(lab.prefix());
         let agent_log = lab.workdir().join("agent.log");
-        Ok(Bed {
-            agent: None,
-            kha_bin,
-            lab_bin,
-            pin_dir,
-            agent_log,
-            pki,
-            cgroup,
-            lab,
-        })
+        Ok(Bed { agent: None, kha_bin, lab_bin, pin_dir, agent_log, pki, cgroup, lab })
     }
 
     /// `kha run` for this bed's namespace, cgroup and pin dir, plus `args` (backends, ...).
@@ -150,11 +138,7 @@ impl Bed {
             .create(true)
             .append(true)
             .open(&self.agent_log)
-            .map_err(|source| BedError::Io {
-                what: "opening",
-                path: self.agent_log.clone(),
-                source,
-            })?;
+            .map_err(|source| BedError::Io { what: "opening", path: self.agent_log.clone(), source })?;
         let err_log = log.try_clone().map_err(|source| BedError::Io {
             what: "opening",
             path: self.agent_log.clone(),
@@ -172,13 +156,10 @@ impl Bed {
         loop {
             if let Some(status) = self.agent.as_mut().and_then(|a| a.try_wait().ok().flatten()) {
                 self.agent = None;
-                return Err(BedError::AgentExited {
-                    status,
-                    log: self.agent_log_text(),
-                });
+                return Err(BedError::AgentExited { status, log: self.agent_log_text() });
             }
             let now = self.prog_ids();
-            if now.len() == 4 && now.iter().all(|id| !before.contains(id)) {
+            if now.len() == HOOK_COUNT && now.iter().all(|id| !before.contains(id)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -239,19 +220,14 @@ impl Bed {
     /// `kha status -o json`, or `None` while nothing is pinned.
     pub fn status(&self) -> Option<Value> {
         let out = self.kha(&["status", "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
     }
 
     /// Program ids of the pinned links, in hook order.
     pub fn prog_ids(&self) -> Vec<u64> {
         self.status()
             .and_then(|s| {
-                s["links"]
-                    .as_array()
-                    .map(|l| l.iter().filter_map(|l| l["prog_id"].as_u64()).collect())
+                s["links"].as_array().map(|l| l.iter().filter_map(|l| l["prog_id"].as_u64()).collect())
             })
             .unwrap_or_default()
     }
@@ -259,10 +235,7 @@ impl Bed {
     /// `kha-lab ARGS` in the node namespace, inside kha's cgroup when `in_cgroup`.
     pub fn spawn_lab_tool(&self, in_cgroup: bool, args: &[String]) -> Result<Child, BedError> {
         let mut c = Command::new(&self.lab_bin);
-        c.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        c.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let cg = in_cgroup.then_some(self.cgroup.path.as_path());
         Ok(self.lab.spawn_in_node(cg, c)?)
     }

@@ -64,11 +64,7 @@ pub enum ConfigError {
     #[error(
         "{field}: backend `{backend}` is IPv6 but frontend `{frontend}` is IPv4; an IPv4 socket cannot reach it. Give this frontend IPv4 backends, or serve IPv6 backends on an IPv6 frontend such as [::1]:6443"
     )]
-    V6BackendForV4Frontend {
-        field: String,
-        frontend: String,
-        backend: String,
-    },
+    V6BackendForV4Frontend { field: String, frontend: String, backend: String },
     #[error("{field}: {count} backends, at most {max} are supported per frontend")]
     TooManyBackends { field: String, count: usize, max: usize },
     #[error("{count} distinct backends in all, at most {max} are supported")]
@@ -118,12 +114,7 @@ impl Config {
         let backends = parse_all("--backend", backends)?;
         let frontends = frontends
             .iter()
-            .map(|f| {
-                Ok(Frontend {
-                    address: parse("--frontend", f)?,
-                    backends: backends.clone(),
-                })
-            })
+            .map(|f| Ok(Frontend { address: parse("--frontend", f)?, backends: backends.clone() }))
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let config = Config { frontends };
         config.validate(
@@ -134,24 +125,17 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            },
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
             other => other,
         })
     }
 
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::new(),
-            source,
-        })?;
+        let file: FileConfig =
+            toml::from_str(text).map_err(|source| ConfigError::Parse { path: PathBuf::new(), source })?;
         let frontends = file
             .frontend
             .iter()
@@ -169,10 +153,7 @@ impl Config {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let config = Config { frontends };
-        config.validate(
-            |i, _| format!("frontend[{i}]"),
-            |i, j| format!("frontend[{i}].backends[{j}]"),
-        )?;
+        config.validate(|i, _| format!("frontend[{i}]"), |i, j| format!("frontend[{i}].backends[{j}]"))?;
         Ok(config)
     }
 
@@ -186,20 +167,14 @@ impl Config {
             return Err(ConfigError::NoFrontends);
         }
         if self.frontends.len() > MAX_FRONTENDS {
-            return Err(ConfigError::TooManyFrontends {
-                count: self.frontends.len(),
-                max: MAX_FRONTENDS,
-            });
+            return Err(ConfigError::TooManyFrontends { count: self.frontends.len(), max: MAX_FRONTENDS });
         }
         let mut seen_frontends = BTreeSet::new();
         let mut distinct_backends = BTreeSet::new();
         for (i, f) in self.frontends.iter().enumerate() {
             check_unicast(&fe(i, 0), &f.address)?;
             if !seen_frontends.insert(f.address) {
-                return Err(ConfigError::Duplicate {
-                    field: fe(i, 0),
-                    value: f.address.to_string(),
-                });
+                return Err(ConfigError::Duplicate { field: fe(i, 0), value: f.address.to_string() });
             }
             if f.backends.len() > MAX_BACKENDS_PER_FRONTEND {
                 return Err(ConfigError::TooManyBackends {
@@ -212,10 +187,7 @@ impl Config {
             for (j, b) in f.backends.iter().enumerate() {
                 check_unicast(&be(i, j), b)?;
                 if !seen.insert(*b) {
-                    return Err(ConfigError::Duplicate {
-                        field: be(i, j),
-                        value: b.to_string(),
-                    });
+                    return Err(ConfigError::Duplicate { field: be(i, j), value: b.to_string() });
                 }
                 if f.address.is_ipv4() && b.is_ipv6() {
                     return Err(ConfigError::V6BackendForV4Frontend {
@@ -230,10 +202,7 @@ impl Config {
         for (i, f) in self.frontends.iter().enumerate() {
             for (j, b) in f.backends.iter().enumerate() {
                 if seen_frontends.contains(b) {
-                    return Err(ConfigError::BackendIsFrontend {
-                        field: be(i, j),
-                        value: b.to_string(),
-                    });
+                    return Err(ConfigError::BackendIsFrontend { field: be(i, j), value: b.to_string() });
                 }
             }
         }
@@ -260,10 +229,7 @@ fn parse(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         source,
     })?;
     if addr.port() == 0 {
-        return Err(ConfigError::PortZero {
-            field: field.to_owned(),
-            value: value.to_owned(),
-        });
+        return Err(ConfigError::PortZero { field: field.to_owned(), value: value.to_owned() });
     }
     Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
@@ -272,10 +238,7 @@ fn check_unicast(field: &str, addr: &SocketAddr) -> Result<(), ConfigError> {
     let ip = addr.ip();
     let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
     if ip.is_unspecified() || ip.is_multicast() || broadcast {
-        return Err(ConfigError::NotUnicast {
-            field: field.to_owned(),
-            value: addr.to_string(),
-        });
+        return Err(ConfigError::NotUnicast { field: field.to_owned(), value: addr.to_string() });
     }
     Ok(())
 }
@@ -298,18 +261,12 @@ mod tests {
         assert_eq!(c.frontends.len(), 2);
         assert_eq!(c.frontends[0].address, sa("127.0.0.1:6443"));
         assert_eq!(c.frontends[1].address, sa("[::1]:6443"));
-        assert_eq!(
-            c.frontends[1].backends,
-            vec![sa("192.0.2.11:6443"), sa("192.0.2.12:6443")]
-        );
+        assert_eq!(c.frontends[1].backends, vec![sa("192.0.2.11:6443"), sa("192.0.2.12:6443")]);
     }
 
     #[test]
     fn flags_without_backends_are_refused() {
-        assert!(matches!(
-            Config::from_flags(&[], &[]),
-            Err(ConfigError::NoBackends)
-        ));
+        assert!(matches!(Config::from_flags(&[], &[]), Err(ConfigError::NoBackends)));
     }
 
     #[test]
@@ -329,10 +286,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.frontends.len(), 3);
         assert_eq!(c.frontends[1].backends[0], sa("[2001:db8::11]:2379"));
-        assert!(
-            c.frontends[2].backends.is_empty(),
-            "an empty set is allowed: connects fail fast"
-        );
+        assert!(c.frontends[2].backends.is_empty(), "an empty set is allowed: connects fail fast");
     }
 
     #[test]
@@ -343,10 +297,7 @@ mod tests {
         .unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, ConfigError::Address { .. }));
-        assert!(
-            msg.contains("frontend[0].backends[0]") && msg.contains("192.0.2.300:6443"),
-            "{msg}"
-        );
+        assert!(msg.contains("frontend[0].backends[0]") && msg.contains("192.0.2.300:6443"), "{msg}");
     }
 
     #[test]
@@ -360,10 +311,7 @@ mod tests {
         let e = Config::from_flags(&s(&["127.0.0.1:0"]), &s(&["192.0.2.11:6443"])).unwrap_err();
         assert!(matches!(e, ConfigError::PortZero { .. }), "{e}");
         let e = Config::from_flags(&[], &s(&["192.0.2.11:0"])).unwrap_err();
-        assert!(
-            matches!(e, ConfigError::PortZero { ref field, .. } if field == "--backend"),
-            "{e}"
-        );
+        assert!(matches!(e, ConfigError::PortZero { ref field, .. } if field == "--backend"), "{e}");
     }
 
     #[test]
@@ -382,11 +330,9 @@ mod tests {
     fn duplicates_are_refused() {
         let e = Config::from_flags(&[], &s(&["192.0.2.11:6443", "192.0.2.11:6443"])).unwrap_err();
         assert!(matches!(e, ConfigError::Duplicate { .. }), "{e}");
-        let e = Config::from_flags(
-            &s(&["127.0.0.1:6443", "[::ffff:127.0.0.1]:6443"]),
-            &s(&["192.0.2.11:6443"]),
-        )
-        .unwrap_err();
+        let e =
+            Config::from_flags(&s(&["127.0.0.1:6443", "[::ffff:127.0.0.1]:6443"]), &s(&["192.0.2.11:6443"]))
+                .unwrap_err();
         assert!(matches!(e, ConfigError::Duplicate { .. }), "{e}");
     }
 
@@ -395,21 +341,12 @@ mod tests {
         let e = Config::from_flags(&[], &s(&["[2001:db8::11]:6443"])).unwrap_err();
         assert!(matches!(e, ConfigError::V6BackendForV4Frontend { .. }), "{e}");
         // An IPv6 frontend takes both families: IPv4 through v4-mapped addresses.
-        Config::from_flags(
-            &s(&["[::1]:6443"]),
-            &s(&["[2001:db8::11]:6443", "192.0.2.11:6443"]),
-        )
-        .unwrap();
+        Config::from_flags(&s(&["[::1]:6443"]), &s(&["[2001:db8::11]:6443", "192.0.2.11:6443"])).unwrap();
     }
 
     #[test]
     fn unspecified_and_multicast_are_refused() {
-        for bad in [
-            "0.0.0.0:6443",
-            "[::]:6443",
-            "224.0.0.1:6443",
-            "255.255.255.255:6443",
-        ] {
+        for bad in ["0.0.0.0:6443", "[::]:6443", "224.0.0.1:6443", "255.255.255.255:6443"] {
             let e = Config::from_flags(&[], &s(&[bad])).unwrap_err();
             assert!(matches!(e, ConfigError::NotUnicast { .. }), "{bad}: {e}");
         }
@@ -420,18 +357,14 @@ mod tests {
         let e = Config::from_toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackend = []\n").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
         assert!(e.to_string().contains("unknown field"), "{e}");
-        assert!(matches!(
-            Config::from_toml("[[frontend]\n"),
-            Err(ConfigError::Parse { .. })
-        ));
+        assert!(matches!(Config::from_toml("[[frontend]\n"), Err(ConfigError::Parse { .. })));
         assert!(matches!(Config::from_toml(""), Err(ConfigError::NoFrontends)));
     }
 
     #[test]
     fn limits_are_enforced() {
-        let many: Vec<String> = (0..=MAX_BACKENDS_PER_FRONTEND)
-            .map(|i| format!("192.0.2.1:{}", i + 1))
-            .collect();
+        let many: Vec<String> =
+            (0..=MAX_BACKENDS_PER_FRONTEND).map(|i| format!("192.0.2.1:{}", i + 1)).collect();
         let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &many).unwrap_err();
         assert!(matches!(e, ConfigError::TooManyBackends { .. }), "{e}");
     }

@@ -85,13 +85,7 @@ impl Desired {
             .iter()
             .map(|f| {
                 let backends = f.backends.iter().map(|b| backend_of(*b)).collect();
-                (
-                    key_of(f.address, 0),
-                    DesiredFrontend {
-                        policy: POLICY_RANDOM,
-                        backends,
-                    },
-                )
+                (key_of(f.address, 0), DesiredFrontend { policy: POLICY_RANDOM, backends })
             })
             .collect();
         Desired { frontends }
@@ -105,10 +99,7 @@ impl Snapshot {
         let f = self.services.get(frontend)?;
         (1..=f.count)
             .map(|i| {
-                let id = self
-                    .services
-                    .get(&frontend.with_slot(f.base.checked_add(i)?))?
-                    .backend_id;
+                let id = self.services.get(&frontend.with_slot(f.base.checked_add(i)?))?.backend_id;
                 self.backends.get(&id).copied()
             })
             .collect()
@@ -177,15 +168,9 @@ pub fn plan(current: &Snapshot, desired: &Desired) -> Result<Vec<Op>, PlanError>
         };
         if !unchanged {
             for (i, b) in f.backends.iter().enumerate() {
-                ops.push(Op::PutSlot(
-                    fkey.with_slot(base + i as u16 + 1),
-                    ServiceValue::slot(id_of[b]),
-                ));
+                ops.push(Op::PutSlot(fkey.with_slot(base + i as u16 + 1), ServiceValue::slot(id_of[b])));
             }
-            ops.push(Op::PutSlot(
-                *fkey,
-                ServiceValue::frontend(f.backends.len() as u16, base, f.policy),
-            ));
+            ops.push(Op::PutSlot(*fkey, ServiceValue::frontend(f.backends.len() as u16, base, f.policy)));
         }
         let live_range = base + 1..=base + f.backends.len() as u16;
         let stale = current
@@ -198,34 +183,12 @@ pub fn plan(current: &Snapshot, desired: &Desired) -> Result<Vec<Op>, PlanError>
     // Frontends no longer wanted: slot 0 first, so the kernel stops matching before the slots
     // it would read go away. Slots without a slot 0 (left by an interrupted run) go too.
     let gone = |k: &ServiceKey| !desired.frontends.contains_key(&k.with_slot(0));
-    ops.extend(
-        current
-            .services
-            .keys()
-            .filter(|k| k.slot == 0 && gone(k))
-            .map(|k| Op::DeleteSlot(*k)),
-    );
-    ops.extend(
-        current
-            .services
-            .keys()
-            .filter(|k| k.slot != 0 && gone(k))
-            .map(|k| Op::DeleteSlot(*k)),
-    );
+    ops.extend(current.services.keys().filter(|k| k.slot == 0 && gone(k)).map(|k| Op::DeleteSlot(*k)));
+    ops.extend(current.services.keys().filter(|k| k.slot != 0 && gone(k)).map(|k| Op::DeleteSlot(*k)));
 
-    let wanted: BTreeSet<u32> = desired
-        .frontends
-        .values()
-        .flat_map(|f| &f.backends)
-        .map(|b| id_of[b])
-        .collect();
-    ops.extend(
-        current
-            .backends
-            .keys()
-            .filter(|id| !wanted.contains(id))
-            .map(|id| Op::DeleteBackend(*id)),
-    );
+    let wanted: BTreeSet<u32> =
+        desired.frontends.values().flat_map(|f| &f.backends).map(|b| id_of[b]).collect();
+    ops.extend(current.backends.keys().filter(|id| !wanted.contains(id)).map(|id| Op::DeleteBackend(*id)));
     Ok(ops)
 }
 
@@ -247,13 +210,7 @@ mod tests {
                 .iter()
                 .map(|(f, bs)| {
                     let backends = bs.iter().map(|b| backend_of(addr(b))).collect();
-                    (
-                        key_of(addr(f), 0),
-                        DesiredFrontend {
-                            policy: POLICY_RANDOM,
-                            backends,
-                        },
-                    )
+                    (key_of(addr(f), 0), DesiredFrontend { policy: POLICY_RANDOM, backends })
                 })
                 .collect(),
         }
@@ -268,9 +225,7 @@ mod tests {
     /// Every frontend of `s` resolves to exactly its set in `old` or exactly its set in `new`.
     fn assert_old_or_new(s: &Snapshot, old: &Snapshot, new: &Desired, step: usize) {
         for (k, _) in s.frontends() {
-            let now = s
-                .resolve(k)
-                .unwrap_or_else(|| panic!("step {step}: {k:?} dangles in {s:?}"));
+            let now = s.resolve(k).unwrap_or_else(|| panic!("step {step}: {k:?} dangles in {s:?}"));
             let before = old.resolve(k);
             let after = new.frontends.get(k).map(|f| f.backends.clone());
             assert!(
@@ -292,10 +247,7 @@ mod tests {
         assert_eq!(end.frontends().count(), want.frontends.len());
         let live: usize = want.frontends.values().map(|f| 1 + f.backends.len()).sum();
         assert_eq!(end.services.len(), live, "only live slots remain");
-        assert!(
-            plan(&end, want).unwrap().is_empty(),
-            "a second plan must be empty"
-        );
+        assert!(plan(&end, want).unwrap().is_empty(), "a second plan must be empty");
         end
     }
 
@@ -320,10 +272,7 @@ mod tests {
     fn change_fills_the_other_region_flips_then_deletes_the_old() {
         let start = check_all_prefixes(
             &Snapshot::default(),
-            &desired(&[(
-                "127.0.0.1:6443",
-                &["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443"],
-            )]),
+            &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443"])]),
         );
         let want = desired(&[("127.0.0.1:6443", &["192.0.2.11:6443", "192.0.2.13:6443"])]);
         let ops = plan(&start, &want).unwrap();
@@ -349,10 +298,7 @@ mod tests {
 
     #[test]
     fn shared_backends_keep_one_id() {
-        let want = desired(&[
-            ("127.0.0.1:6443", &["192.0.2.11:6443"]),
-            ("[::1]:6443", &["192.0.2.11:6443"]),
-        ]);
+        let want = desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"]), ("[::1]:6443", &["192.0.2.11:6443"])]);
         let end = check_all_prefixes(&Snapshot::default(), &want);
         assert_eq!(end.backends.len(), 1);
     }
@@ -361,31 +307,19 @@ mod tests {
     fn removed_frontend_loses_slot_zero_first() {
         let start = check_all_prefixes(
             &Snapshot::default(),
-            &desired(&[
-                ("127.0.0.1:6443", &["192.0.2.11:6443"]),
-                ("[::1]:6443", &["192.0.2.12:6443"]),
-            ]),
+            &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"]), ("[::1]:6443", &["192.0.2.12:6443"])]),
         );
         let ops = plan(&start, &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"])])).unwrap();
         let v6 = key_of(addr("[::1]:6443"), 0);
         let gone = start.services[&v6.with_slot(1)].backend_id;
         assert_eq!(start.backends[&gone], backend_of(addr("192.0.2.12:6443")));
-        assert_eq!(
-            ops,
-            vec![
-                Op::DeleteSlot(v6),
-                Op::DeleteSlot(v6.with_slot(1)),
-                Op::DeleteBackend(gone)
-            ]
-        );
+        assert_eq!(ops, vec![Op::DeleteSlot(v6), Op::DeleteSlot(v6.with_slot(1)), Op::DeleteBackend(gone)]);
     }
 
     #[test]
     fn empty_set_keeps_the_frontend_with_count_zero() {
-        let start = check_all_prefixes(
-            &Snapshot::default(),
-            &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"])]),
-        );
+        let start =
+            check_all_prefixes(&Snapshot::default(), &desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"])]));
         let end = check_all_prefixes(&start, &desired(&[("127.0.0.1:6443", &[])]));
         let f = key_of(addr("127.0.0.1:6443"), 0);
         assert_eq!(end.services.get(&f).map(|v| v.count), Some(0));
@@ -402,19 +336,13 @@ mod tests {
         current.backends.insert(9, backend_of(addr("198.51.100.1:6443")));
         current.services.insert(f.with_slot(1), ServiceValue::slot(7));
         current.services.insert(f.with_slot(2), ServiceValue::slot(7));
-        current
-            .services
-            .insert(f, ServiceValue::frontend(1, 0, POLICY_RANDOM));
+        current.services.insert(f, ServiceValue::frontend(1, 0, POLICY_RANDOM));
         current.services.insert(orphan, ServiceValue::slot(9));
         let want = desired(&[("127.0.0.1:6443", &["192.0.2.11:6443", "192.0.2.12:6443"])]);
         let end = check_all_prefixes(&current, &want);
         assert!(!end.services.contains_key(&orphan));
         assert!(!end.backends.contains_key(&9));
-        assert_eq!(
-            end.backends[&7],
-            backend_of(addr("192.0.2.11:6443")),
-            "kept backends keep their ids"
-        );
+        assert_eq!(end.backends[&7], backend_of(addr("192.0.2.11:6443")), "kept backends keep their ids");
     }
 
     #[test]
@@ -455,12 +383,7 @@ mod tests {
 
     #[test]
     fn socket_addr_round_trips_both_families() {
-        for s in [
-            "127.0.0.1:6443",
-            "[::1]:6443",
-            "[2001:db8::11]:443",
-            "192.0.2.11:1",
-        ] {
+        for s in ["127.0.0.1:6443", "[::1]:6443", "[2001:db8::11]:443", "192.0.2.11:1"] {
             let a = addr(s);
             let k = key_of(a, 0);
             assert_eq!(socket_addr(&k.addr_be, k.port_be), a);

@@ -7,5 +7,6 @@ pub mod config;
 pub mod endpoints;
 pub mod loader;
 pub mod maps;
+pub mod probe;
 pub mod status;
 pub mod sync;

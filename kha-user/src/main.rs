@@ -19,11 +19,7 @@ use kha_common::DatapathConfig;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(
-    name = "kha",
-    version,
-    about = "Node-local Kubernetes apiserver load balancer in the kernel"
-)]
+#[command(name = "kha", version, about = "Node-local Kubernetes apiserver load balancer in the kernel")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -102,10 +98,7 @@ fn run(args: RunArgs) -> Result<()> {
     // Everything that can be wrong with the input is refused before the kernel is touched.
     let config = load_config(&args)?;
     for f in config.frontends.iter().filter(|f| f.backends.is_empty()) {
-        log::warn!(
-            "frontend {} has no backends: connects to it fail with EHOSTUNREACH",
-            f.address
-        );
+        log::warn!("frontend {} has no backends: connects to it fail with EHOSTUNREACH", f.address);
     }
     loader::kernel_supported()?;
     let cgroup = match &args.cgroup {
@@ -122,10 +115,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut loaded = loader::load(&pins)?;
     loaded.preflight(&pins, &cgroup, cgroup_id)?;
     let mut maps = KhaMaps::open_pinned(&pins.maps())?;
-    maps.set_datapath_config(&DatapathConfig {
-        netns_cookie,
-        cgroup_id,
-    })?;
+    maps.set_datapath_config(&DatapathConfig { netns_cookie, cgroup_id })?;
     let report = sync(&mut maps, &Desired::from_config(&config))?;
     let attached = loaded.attach(&pins, &cgroup, cgroup_id)?;
     // The links hold the programs now; the loader's handles can go.
@@ -133,11 +123,7 @@ fn run(args: RunArgs) -> Result<()> {
     log::info!(
         "attached to {} ({}), {} map writes, {} frontends; pins under {}",
         cgroup.display(),
-        attached
-            .iter()
-            .map(|a| format!("{a:?}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        attached.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", "),
         report.writes,
         config.frontends.len(),
         pins.root.display()
@@ -147,9 +133,7 @@ fn run(args: RunArgs) -> Result<()> {
         log::info!("frontend {} -> [{}]", f.address, b.join(", "));
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(agent_loop(args, config, maps))?;
     log::info!("stopping; the datapath stays attached and keeps balancing (`kha detach` removes it)");
     Ok(())
@@ -189,10 +173,7 @@ async fn agent_loop(args: RunArgs, mut config: Config, mut maps: KhaMaps) -> Res
 fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
     let pins = PinDir::new(pin_dir);
     if !pins.root.exists() {
-        bail!(
-            "nothing under {}: kha is not attached with this --pin-dir",
-            pins.root.display()
-        );
+        bail!("nothing under {}: kha is not attached with this --pin-dir", pins.root.display());
     }
     let maps = KhaMaps::open_pinned(&pins.maps())?;
     let snapshot = maps.snapshot()?;
@@ -212,17 +193,8 @@ fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
 
 fn detach(pin_dir: &Path) -> Result<()> {
     let pins = PinDir::new(pin_dir);
-    let _lock = if pins.root.exists() {
-        Some(loader::lock_pin_dir(&pins.root)?)
-    } else {
-        None
-    };
+    let _lock = if pins.root.exists() { Some(loader::lock_pin_dir(&pins.root)?) } else { None };
     let d = loader::detach(&pins).with_context(|| format!("detaching {}", pins.root.display()))?;
-    println!(
-        "detached: {} links and {} maps removed from {}",
-        d.links,
-        d.maps,
-        pins.root.display()
-    );
+    println!("detached: {} links and {} maps removed from {}", d.links, d.maps, pins.root.display());
     Ok(())
 }

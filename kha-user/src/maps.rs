@@ -45,10 +45,7 @@ pub struct KhaMaps {
 
 fn open(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
     let path = dir.join(name);
-    let open_err = |source| MapsError::Open {
-        path: path.clone(),
-        source,
-    };
+    let open_err = |source| MapsError::Open { path: path.clone(), source };
     Map::from_map_data(MapData::from_pin(&path).map_err(open_err)?).map_err(open_err)
 }
 
@@ -67,17 +64,11 @@ impl KhaMaps {
     }
 
     pub fn datapath_config(&self) -> Result<DatapathConfig, MapsError> {
-        self.config.get(&0, 0).map_err(|source| MapsError::Read {
-            map: MAP_CONFIG,
-            source,
-        })
+        self.config.get(&0, 0).map_err(|source| MapsError::Read { map: MAP_CONFIG, source })
     }
 
     pub fn set_datapath_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapsError> {
-        self.config.set(0, cfg, 0).map_err(|source| MapsError::Write {
-            map: MAP_CONFIG,
-            source,
-        })
+        self.config.set(0, cfg, 0).map_err(|source| MapsError::Write { map: MAP_CONFIG, source })
     }
 
     /// Counters summed over CPUs, by name.
@@ -86,10 +77,10 @@ impl KhaMaps {
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let per_cpu = self.stats.get(&(i as u32), 0).map_err(|source| MapsError::Read {
-                    map: MAP_STATS,
-                    source,
-                })?;
+                let per_cpu = self
+                    .stats
+                    .get(&(i as u32), 0)
+                    .map_err(|source| MapsError::Read { map: MAP_STATS, source })?;
                 Ok((*name, per_cpu.iter().sum()))
             })
             .collect()
@@ -104,18 +95,12 @@ impl BackendTable for KhaMaps {
             .services
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(|source| MapsError::Read {
-                map: MAP_SERVICES,
-                source,
-            })?;
+            .map_err(|source| MapsError::Read { map: MAP_SERVICES, source })?;
         let backends = self
             .backends
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(|source| MapsError::Read {
-                map: MAP_BACKENDS,
-                source,
-            })?;
+            .map_err(|source| MapsError::Read { map: MAP_BACKENDS, source })?;
         Ok(Snapshot { services, backends })
     }
 

@@ -64,12 +64,7 @@ pub fn build(
         .frontends()
         .map(|(k, v)| {
             let ids: Vec<Option<u32>> = (1..=v.count)
-                .map(|i| {
-                    snapshot
-                        .services
-                        .get(&k.with_slot(v.base.wrapping_add(i)))
-                        .map(|s| s.backend_id)
-                })
+                .map(|i| snapshot.services.get(&k.with_slot(v.base.wrapping_add(i))).map(|s| s.backend_id))
                 .collect();
             let backends: Vec<BackendStatus> = ids
                 .iter()
@@ -106,10 +101,7 @@ pub fn build(
         netns_cookie: cfg.netns_cookie,
         links,
         frontends,
-        counters: counters
-            .into_iter()
-            .map(|(name, value)| Counter { name, value })
-            .collect(),
+        counters: counters.into_iter().map(|(name, value)| Counter { name, value }).collect(),
     }
 }
 
@@ -128,11 +120,7 @@ pub fn render_text(s: &Status) -> String {
         s.pin_dir, s.cgroup_id, s.netns_cookie
     );
     for l in &s.links {
-        let _ = writeln!(
-            out,
-            "  link {:<13} id {:<6} prog {}",
-            l.hook, l.link_id, l.prog_id
-        );
+        let _ = writeln!(out, "  link {:<13} id {:<6} prog {}", l.hook, l.link_id, l.prog_id);
     }
     if s.frontends.is_empty() {
         let _ = writeln!(out, "no frontends");
@@ -145,22 +133,13 @@ pub fn render_text(s: &Status) -> String {
         } else {
             ""
         };
-        let _ = writeln!(
-            out,
-            "frontend {}  policy {}  backends {}{note}",
-            f.address,
-            f.policy,
-            f.backends.len()
-        );
+        let _ =
+            writeln!(out, "frontend {}  policy {}  backends {}{note}", f.address, f.policy, f.backends.len());
         for b in &f.backends {
             let _ = writeln!(out, "  {:<42} {:<8} id {}", b.address, b.state, b.id);
         }
     }
-    let counters: Vec<String> = s
-        .counters
-        .iter()
-        .map(|c| format!("{} {}", c.name, c.value))
-        .collect();
+    let counters: Vec<String> = s.counters.iter().map(|c| format!("{} {}", c.name, c.value)).collect();
     let _ = writeln!(out, "counters: {}", counters.join(", "));
     out
 }
@@ -186,25 +165,16 @@ mod tests {
         let s = build(
             "/sys/fs/bpf/kha",
             &snap,
-            &DatapathConfig {
-                netns_cookie: 1,
-                cgroup_id: 2,
-            },
+            &DatapathConfig { netns_cookie: 1, cgroup_id: 2 },
             vec![],
             vec![("rewritten", 5)],
         );
         assert!(!s.attached);
         let text = render_text(&s);
         assert!(text.contains("NOT ATTACHED"), "{text}");
-        assert!(
-            text.contains("frontend 127.0.0.1:6443  policy random  backends 2"),
-            "{text}"
-        );
+        assert!(text.contains("frontend 127.0.0.1:6443  policy random  backends 2"), "{text}");
         assert!(text.contains("192.0.2.12:6443"), "{text}");
-        assert!(
-            text.contains("frontend [::1]:7443") && text.contains("EHOSTUNREACH"),
-            "{text}"
-        );
+        assert!(text.contains("frontend [::1]:7443") && text.contains("EHOSTUNREACH"), "{text}");
         assert!(text.contains("rewritten 5"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["frontends"][0]["backends"][1]["address"], "192.0.2.12:6443");

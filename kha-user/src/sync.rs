@@ -88,18 +88,10 @@ mod tests {
 
     #[test]
     fn sync_reaches_the_desired_state_and_then_writes_nothing() {
-        let mut t = FakeTable {
-            state: Snapshot::default(),
-            fail_at: None,
-            writes: 0,
-        };
+        let mut t = FakeTable { state: Snapshot::default(), fail_at: None, writes: 0 };
         let want = desired(&["192.0.2.11:6443", "192.0.2.12:6443"]);
         let first = sync(&mut t, &want).unwrap();
-        assert_eq!(
-            first.writes,
-            2 + 2 * 3,
-            "2 backends, 2 frontends x (2 slots + slot 0)"
-        );
+        assert_eq!(first.writes, 2 + 2 * 3, "2 backends, 2 frontends x (2 slots + slot 0)");
         for (k, f) in &want.frontends {
             assert_eq!(t.state.resolve(k).as_ref(), Some(&f.backends));
         }
@@ -108,11 +100,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_leaves_the_old_set_and_the_next_sync_finishes() {
-        let mut t = FakeTable {
-            state: Snapshot::default(),
-            fail_at: None,
-            writes: 0,
-        };
+        let mut t = FakeTable { state: Snapshot::default(), fail_at: None, writes: 0 };
         let old = desired(&["192.0.2.11:6443", "192.0.2.12:6443"]);
         sync(&mut t, &old).unwrap();
         let new = desired(&["192.0.2.13:6443"]);

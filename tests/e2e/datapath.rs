@@ -18,11 +18,7 @@ fn v4_frontend_spreads_tls_sessions_over_every_master() {
         assert!(run.by_master(m) >= 10, "{m} got too few of 90: {:?}", run.summary);
     }
     // getpeername reports the frontend the client dialed, not the master.
-    assert!(
-        peers(&run).iter().all(|p| p == "127.0.0.1:6443"),
-        "{:?}",
-        peers(&run)
-    );
+    assert!(peers(&run).iter().all(|p| p == "127.0.0.1:6443"), "{:?}", peers(&run));
 
     let status = bed.status().expect("status");
     assert_eq!(status["attached"], true);
@@ -43,12 +39,7 @@ fn v4_frontend_spreads_tls_sessions_over_every_master() {
             "{map}: no field {field} in {dump}"
         );
     }
-    let rewritten = status["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "rewritten")
-        .unwrap();
+    let rewritten = status["counters"].as_array().unwrap().iter().find(|c| c["name"] == "rewritten").unwrap();
     assert!(rewritten["value"].as_u64().unwrap() >= 90, "{status}");
 }
 
@@ -61,11 +52,7 @@ fn v6_frontend_reaches_v6_masters() {
 
     let run = https(&bed, "[::1]:6443", 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(
-        ["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2,
-        "{:?}",
-        run.summary
-    );
+    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
     assert!(peers(&run).iter().all(|p| p == "[::1]:6443"), "{:?}", peers(&run));
 }
 
@@ -78,11 +65,7 @@ fn v6_frontend_reaches_v4_masters_through_v4_mapped_addresses() {
 
     let run = https(&bed, "[::1]:6443", 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(
-        ["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2,
-        "{:?}",
-        run.summary
-    );
+    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
     assert!(peers(&run).iter().all(|p| p == "[::1]:6443"), "{:?}", peers(&run));
 }
 
@@ -96,15 +79,9 @@ fn v6_socket_dialing_a_v4_mapped_frontend_is_balanced_too() {
     // An AF_INET6 socket connecting to ::ffff:127.0.0.1 (Java and others do this).
     let run = connect(&bed, true, &format!("[::ffff:127.0.0.1]:{IDENT_PORT}"), 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
+    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
     assert!(
-        ["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2,
-        "{:?}",
-        run.summary
-    );
-    assert!(
-        peers(&run)
-            .iter()
-            .all(|p| p == &format!("[::ffff:127.0.0.1]:{IDENT_PORT}")),
+        peers(&run).iter().all(|p| p == &format!("[::ffff:127.0.0.1]:{IDENT_PORT}")),
         "{:?}",
         peers(&run)
     );
@@ -131,29 +108,14 @@ fn other_namespaces_and_other_cgroups_are_untouched() {
 
     // Node namespace, another cgroup (the test's own): untouched.
     let other_cgroup = connect(&bed, false, &frontend, 10);
-    assert_eq!(
-        other_cgroup.by_master("node-local"),
-        10,
-        "{:?}",
-        other_cgroup.summary
-    );
+    assert_eq!(other_cgroup.by_master("node-local"), 10, "{:?}", other_cgroup.summary);
 
     // A pod's namespace, even inside kha's cgroup: untouched.
     let mut c = std::process::Command::new(&bed.lab_bin);
-    c.args([
-        "connect",
-        "--addr",
-        &frontend,
-        "--count",
-        "10",
-        "--read-ident",
-        "--json",
-    ])
-    .stdout(std::process::Stdio::piped());
-    let out = kha_lab::netns::spawn_in(&pod.0, Some(&bed.cgroup.path), c)
-        .unwrap()
-        .wait_with_output()
-        .unwrap();
+    c.args(["connect", "--addr", &frontend, "--count", "10", "--read-ident", "--json"])
+        .stdout(std::process::Stdio::piped());
+    let out =
+        kha_lab::netns::spawn_in(&pod.0, Some(&bed.cgroup.path), c).unwrap().wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let summary: serde_json::Value = text
         .lines()
@@ -163,12 +125,8 @@ fn other_namespaces_and_other_cgroups_are_untouched() {
     assert_eq!(summary["by_master"]["pod-local"], 10, "{summary}");
 
     let status = bed.status().unwrap();
-    let foreign = status["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "foreign_netns")
-        .unwrap();
+    let foreign =
+        status["counters"].as_array().unwrap().iter().find(|c| c["name"] == "foreign_netns").unwrap();
     assert!(foreign["value"].as_u64().unwrap() >= 10, "{status}");
 }
 
@@ -187,10 +145,6 @@ fn empty_backend_set_fails_connects_at_once_with_ehostunreach() {
     let _local = local_listener(&bed, &node_ns, "node-local", &frontend);
 
     let run = connect(&bed, true, &frontend, 5);
-    assert_eq!(
-        run.summary["errors"]["connect:EHOSTUNREACH"], 5,
-        "{:?}",
-        run.summary
-    );
+    assert_eq!(run.summary["errors"]["connect:EHOSTUNREACH"], 5, "{:?}", run.summary);
     assert_eq!(run.by_master("node-local"), 0);
 }

@@ -35,16 +35,11 @@ pub fn args(list: &[&str]) -> Vec<String> {
 
 /// `--backend` flags for every master's address as chosen by `pick`.
 pub fn backends(bed: &Bed, pick: impl Fn(&kha_lab::topology::LabMaster) -> SocketAddr) -> Vec<String> {
-    bed.lab
-        .masters()
-        .iter()
-        .flat_map(|m| ["--backend".to_string(), pick(m).to_string()])
-        .collect()
+    bed.lab.masters().iter().flat_map(|m| ["--backend".to_string(), pick(m).to_string()]).collect()
 }
 
 pub fn start(bed: &mut Bed, extra: &[String]) {
-    bed.start_agent(extra)
-        .unwrap_or_else(|e| panic!("agent did not start: {e}"));
+    bed.start_agent(extra).unwrap_or_else(|e| panic!("agent did not start: {e}"));
 }
 
 /// `kha-lab connect` to `addr`, reading the identity line each listener sends.
@@ -64,12 +59,7 @@ pub fn connect(bed: &Bed, in_cgroup: bool, addr: &str, count: u32) -> ToolRun {
             ]),
         )
         .unwrap_or_else(|e| panic!("connect tool: {e}"));
-    assert_eq!(
-        run.summary["count"].as_u64(),
-        Some(count as u64),
-        "tool did not finish: {}",
-        run.stderr
-    );
+    assert_eq!(run.summary["count"].as_u64(), Some(count as u64), "tool did not finish: {}", run.stderr);
     run
 }
 
@@ -93,21 +83,13 @@ pub fn https(bed: &Bed, connect_addr: &str, count: u32) -> ToolRun {
             ]),
         )
         .unwrap_or_else(|e| panic!("client tool: {e}"));
-    assert_eq!(
-        run.summary["count"].as_u64(),
-        Some(count as u64),
-        "tool did not finish: {}",
-        run.stderr
-    );
+    assert_eq!(run.summary["count"].as_u64(), Some(count as u64), "tool did not finish: {}", run.stderr);
     run
 }
 
 /// Every record's getpeername result.
 pub fn peers(run: &ToolRun) -> Vec<String> {
-    run.records
-        .iter()
-        .map(|r| r["peer"].as_str().unwrap_or("none").to_string())
-        .collect()
+    run.records.iter().map(|r| r["peer"].as_str().unwrap_or("none").to_string()).collect()
 }
 
 /// A plain TCP listener on `addr` inside `netns` that answers every connection with `name`,
@@ -117,23 +99,15 @@ pub fn local_listener(bed: &Bed, netns: &str, name: &str, addr: &str) -> KillOnD
     let m1 = &bed.pki.masters[0];
     let ready = bed.lab.workdir().join(format!("{name}.ready"));
     let mut c = Command::new(&bed.lab_bin);
-    c.args([
-        "master",
-        "--name",
-        name,
-        "--listen",
-        "127.0.0.1:0",
-        "--ident-listen",
-        addr,
-    ])
-    .arg("--cert")
-    .arg(&m1.cert)
-    .arg("--key")
-    .arg(&m1.key)
-    .arg("--ready-file")
-    .arg(&ready)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    c.args(["master", "--name", name, "--listen", "127.0.0.1:0", "--ident-listen", addr])
+        .arg("--cert")
+        .arg(&m1.cert)
+        .arg("--key")
+        .arg(&m1.key)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let child = KillOnDrop(netns::spawn_in(netns, None, c).expect("spawn local listener"));
     wait_for(&format!("{name} ready"), Duration::from_secs(10), || {
         std::fs::read_to_string(&ready).is_ok_and(|s| s.starts_with("ready"))
@@ -170,12 +144,7 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 /// What bpftool says is attached to `cgroup` (empty when nothing is).
 pub fn cgroup_programs(cgroup: &Path) -> String {
-    let out = Command::new("bpftool")
-        .arg("cgroup")
-        .arg("show")
-        .arg(cgroup)
-        .output()
-        .expect("bpftool");
+    let out = Command::new("bpftool").arg("cgroup").arg("show").arg(cgroup).output().expect("bpftool");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

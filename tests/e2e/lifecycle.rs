@@ -25,30 +25,16 @@ fn sigkilled_agent_leaves_a_working_datapath_and_a_restart_takes_control() {
 
     let run = connect(&bed, true, &ident_frontend(), 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(
-        ["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2,
-        "{:?}",
-        run.summary
-    );
+    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
 
     // A new agent with another backend set reuses the pins and takes over.
     let m2 = bed.lab.master("m2").unwrap().ident_v4().to_string();
-    start(
-        &mut bed,
-        &args(&["--frontend", &ident_frontend(), "--backend", &m2]),
-    );
+    start(&mut bed, &args(&["--frontend", &ident_frontend(), "--backend", &m2]));
     let after = bed.prog_ids();
-    assert!(
-        after.iter().all(|id| !before.contains(id)),
-        "programs were not replaced: {before:?} {after:?}"
-    );
+    assert!(after.iter().all(|id| !before.contains(id)), "programs were not replaced: {before:?} {after:?}");
     let run = connect(&bed, true, &ident_frontend(), 20);
     assert_eq!(run.by_master("m2"), 20, "{:?}", run.summary);
-    assert!(
-        bed.agent_log_text().contains("Replaced"),
-        "{}",
-        bed.agent_log_text()
-    );
+    assert!(bed.agent_log_text().contains("Replaced"), "{}", bed.agent_log_text());
 }
 
 #[test]
@@ -92,10 +78,7 @@ fn program_replacement_under_a_connect_loop_fails_no_connect() {
         .find_map(|v| v.get("summary").cloned())
         .expect("summary");
     assert_eq!(summary["count"], count, "{summary}");
-    assert_eq!(
-        summary["failed"], 0,
-        "connects failed during program replacement: {summary}"
-    );
+    assert_eq!(summary["failed"], 0, "connects failed during program replacement: {summary}");
     assert_eq!(
         summary["by_master"]["m1"].as_u64().unwrap()
             + summary["by_master"]["m2"].as_u64().unwrap()
@@ -114,43 +97,27 @@ fn sigterm_keeps_the_datapath_and_detach_removes_everything() {
 
     let prog_ids = bed.prog_ids();
     let st = bed.status().unwrap();
-    let link_ids: Vec<u64> = st["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["link_id"].as_u64().unwrap())
-        .collect();
+    let link_ids: Vec<u64> =
+        st["links"].as_array().unwrap().iter().map(|l| l["link_id"].as_u64().unwrap()).collect();
     let map_ids: Vec<u64> = kha_common_maps(&bed);
-    assert_eq!(prog_ids.len(), 4);
-    assert_eq!(map_ids.len(), 5, "every map is pinned");
+    assert_eq!(prog_ids.len(), kha_lab::bed::HOOK_COUNT, "every hook has a pinned link");
+    assert_eq!(map_ids.len(), kha_common::ALL_MAPS.len(), "every map is pinned");
     assert!(!cgroup_programs(&bed.cgroup.path).trim().is_empty());
 
     let out = bed.kha(&["detach"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!bed.pin_dir.exists(), "pin dir left behind");
-    assert_eq!(
-        cgroup_programs(&bed.cgroup.path).trim(),
-        "",
-        "programs still attached to the cgroup"
-    );
+    assert_eq!(cgroup_programs(&bed.cgroup.path).trim(), "", "programs still attached to the cgroup");
     // The kernel frees programs, maps and links once nothing refers to them (after an RCU
     // grace period).
-    wait_for(
-        "kha's programs, links and maps freed",
-        Duration::from_secs(10),
-        || {
-            prog_ids.iter().all(|id| !bpf_object_exists("prog", *id))
-                && link_ids.iter().all(|id| !bpf_object_exists("link", *id))
-                && map_ids.iter().all(|id| !bpf_object_exists("map", *id))
-        },
-    );
+    wait_for("kha's programs, links and maps freed", Duration::from_secs(10), || {
+        prog_ids.iter().all(|id| !bpf_object_exists("prog", *id))
+            && link_ids.iter().all(|id| !bpf_object_exists("link", *id))
+            && map_ids.iter().all(|id| !bpf_object_exists("map", *id))
+    });
     // Connects now go where they went before kha: nothing listens, so refused.
     let run = connect(&bed, true, &ident_frontend(), 3);
-    assert_eq!(
-        run.summary["errors"]["connect:ECONNREFUSED"], 3,
-        "{:?}",
-        run.summary
-    );
+    assert_eq!(run.summary["errors"]["connect:ECONNREFUSED"], 3, "{:?}", run.summary);
 }
 
 /// Ids of the maps pinned under the bed's pin dir.

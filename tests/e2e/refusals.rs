@@ -13,22 +13,12 @@ fn refused(bed: &Bed, args: &[&str], expect: &str) {
     let out = c.output().expect("run kha");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "kha run {args:?} must fail: {stderr}");
-    assert!(
-        stderr.contains(expect),
-        "kha run {args:?}: expected {expect:?} in: {stderr}"
-    );
+    assert!(stderr.contains(expect), "kha run {args:?}: expected {expect:?} in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(
-        cgroup_programs(&bed.cgroup.path).trim(),
-        "",
-        "something was attached: {args:?}"
-    );
+    assert_eq!(cgroup_programs(&bed.cgroup.path).trim(), "", "something was attached: {args:?}");
     assert!(
         !bed.pin_dir.join("links").exists()
-            || std::fs::read_dir(bed.pin_dir.join("links"))
-                .unwrap()
-                .next()
-                .is_none()
+            || std::fs::read_dir(bed.pin_dir.join("links")).unwrap().next().is_none()
     );
 }
 
@@ -41,59 +31,31 @@ fn bad_configs_are_refused_before_anything_is_attached() {
         "--backend: `192.0.2.300:6443` is not an IP:PORT address",
     );
     refused(&bed, &["--backend", "192.0.2.11:0"], "port 0");
-    refused(
-        &bed,
-        &["--frontend", "127.0.0.1:6443", "--backend", "127.0.0.1:6443"],
-        "is also a frontend",
-    );
-    refused(
-        &bed,
-        &["--backend", "192.0.2.11:6443", "--backend", "192.0.2.11:6443"],
-        "listed twice",
-    );
+    refused(&bed, &["--frontend", "127.0.0.1:6443", "--backend", "127.0.0.1:6443"], "is also a frontend");
+    refused(&bed, &["--backend", "192.0.2.11:6443", "--backend", "192.0.2.11:6443"], "listed twice");
     refused(
         &bed,
         &["--frontend", "127.0.0.1:6443", "--backend", "[2001:db8::11]:6443"],
         "is IPv6 but frontend `127.0.0.1:6443` is IPv4",
     );
     refused(&bed, &[], "no backend given");
-    let bad = harness::config_file(
-        &bed,
-        "bad.toml",
-        "[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackendz = []\n",
-    );
-    refused(
-        &bed,
-        &["--config", &bad.display().to_string()],
-        "unknown field `backendz`",
-    );
+    let bad =
+        harness::config_file(&bed, "bad.toml", "[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackendz = []\n");
+    refused(&bed, &["--config", &bad.display().to_string()], "unknown field `backendz`");
 }
 
 #[test]
 fn a_cgroup_that_is_not_cgroup_v2_is_refused() {
     let Some(bed) = harness::bed(1) else { return };
     let out = Command::new(&bed.kha_bin)
-        .args([
-            "run",
-            "--backend",
-            "192.0.2.11:6443",
-            "--cgroup",
-            "/tmp",
-            "--pin-dir",
-        ])
+        .args(["run", "--backend", "192.0.2.11:6443", "--cgroup", "/tmp", "--pin-dir"])
         .arg(&bed.pin_dir)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("--cgroup /tmp: not a cgroup v2 directory"),
-        "{stderr}"
-    );
-    assert!(
-        !bed.pin_dir.exists(),
-        "pin dir created although the cgroup was refused"
-    );
+    assert!(stderr.contains("--cgroup /tmp: not a cgroup v2 directory"), "{stderr}");
+    assert!(!bed.pin_dir.exists(), "pin dir created although the cgroup was refused");
 }
 
 #[test]

@@ -8,26 +8,17 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// PATH with cargo's bin directory first: bpf-linker lives there and rustc must find it.
 pub fn path_with_cargo_bin() -> String {
-    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
-        format!(
-            "{}/.cargo",
-            std::env::var("HOME").unwrap_or_else(|_| "/root".into())
-        )
-    });
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_else(|_| "/root".into())));
     format!("{home}/bin:{}", std::env::var("PATH").unwrap_or_default())
 }
 

@@ -55,9 +55,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     for m in bed.lab.masters() {
         println!("   {}  {:<16} {}", m.name, m.https_v4(), m.https_v6());
     }
-    let mut agent_args: Vec<String> = ["--frontend", "127.0.0.1:6443", "--frontend", "[::1]:6443"]
-        .map(String::from)
-        .to_vec();
+    let mut agent_args: Vec<String> =
+        ["--frontend", "127.0.0.1:6443", "--frontend", "[::1]:6443"].map(String::from).to_vec();
     for m in bed.lab.masters() {
         agent_args.extend(["--backend".into(), m.https_v4().to_string()]);
     }
@@ -78,10 +77,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let total: u32 = spread.values().sum();
     for (master, n) in &spread {
         let pct = 100 * n / total.max(1);
-        println!(
-            "   {master:<10} {n:>4}  {:<40} {pct}%",
-            "#".repeat((pct as usize * 40 / 100).max(1))
-        );
+        println!("   {master:<10} {n:>4}  {:<40} {pct}%", "#".repeat((pct as usize * 40 / 100).max(1)));
     }
     println!("\n{}", String::from_utf8_lossy(&bed.kha(&["status"]).stdout));
     println!("== removing the lab (kha detach, namespaces, cgroup)");

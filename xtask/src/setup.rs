@@ -55,8 +55,7 @@ fn packages() -> Result<()> {
 /// present; needed where rustup does not install toolchains on first use (RUSTUP_AUTO_INSTALL=0).
 fn toolchain() -> Result<()> {
     let mut c = cmd::command("rustup");
-    c.args(["toolchain", "install"])
-        .stdout(std::process::Stdio::null());
+    c.args(["toolchain", "install"]).stdout(std::process::Stdio::null());
     cmd::status(c).context("installing the pinned Rust toolchain")
 }
 

@@ -58,14 +58,10 @@ pub fn cgroup_id(path: &Path) -> Result<u64, LoaderError> {
         return Err(LoaderError::Unsupported(format!(
             "--cgroup {}: not a cgroup v2 directory (cgroup v1 cannot run socket programs for a whole hierarchy). Give the cgroup v2 mount point, e.g. {}",
             path.display(),
-            default_cgroup()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| "/sys/fs/cgroup".into()),
+            default_cgroup().map(|p| p.display().to_string()).unwrap_or_else(|_| "/sys/fs/cgroup".into()),
         )));
     }
-    Ok(std::fs::metadata(path)
-        .map_err(setup_err(path, "cannot stat cgroup"))?
-        .ino())
+    Ok(std::fs::metadata(path).map_err(setup_err(path, "cannot stat cgroup"))?.ino())
 }
 
 /// Makes sure `pin_dir` is on a bpffs, mounting one at /sys/fs/bpf if that is where it
@@ -85,20 +81,13 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
         let c = |s: &str| CString::new(s).expect("no NUL");
         let (src, dst, fstype, opts) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"), c("mode=0700"));
         // SAFETY: valid C strings.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
+        let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, opts.as_ptr().cast()) };
         if rc != 0 {
-            return Err(setup_err(
-                default,
-                "no bpffs mounted and mounting one failed (needs CAP_SYS_ADMIN)",
-            )(io::Error::last_os_error()));
+            return Err(
+                setup_err(default, "no bpffs mounted and mounting one failed (needs CAP_SYS_ADMIN)")(
+                    io::Error::last_os_error(),
+                ),
+            );
         }
         log::info!("mounted bpffs at /sys/fs/bpf");
         return Ok(());
@@ -118,12 +107,7 @@ pub fn kernel_supported() -> Result<(), LoaderError> {
     if unsafe { libc::uname(&mut uts) } != 0 {
         return Ok(()); // let the load itself tell
     }
-    let release: String = uts
-        .release
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8 as char)
-        .collect();
+    let release: String = uts.release.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect();
     match parse_release(&release) {
         Some(v) if v < MIN_KERNEL => Err(LoaderError::Unsupported(format!(
             "kernel {release} is older than {}.{}: kha needs bpf_set_retval in cgroup programs (5.18), bpf_link for cgroups (5.7) and getpeername hooks (5.8). Upgrade the kernel",
@@ -143,10 +127,8 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
 /// (setns affects only the calling thread).
 pub fn netns_cookie(netns: Option<&Path>) -> Result<u64, LoaderError> {
     let Some(path) = netns else {
-        return socket_cookie().map_err(setup_err(
-            Path::new("/proc/self/ns/net"),
-            "cannot read netns cookie",
-        ));
+        return socket_cookie()
+            .map_err(setup_err(Path::new("/proc/self/ns/net"), "cannot read netns cookie"));
     };
     let ns = File::open(path).map_err(setup_err(path, "cannot open --netns"))?;
     std::thread::scope(|s| {
@@ -215,10 +197,7 @@ mod tests {
     #[test]
     fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
         let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            parse_cgroup2_mount(mounts),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(parse_cgroup2_mount(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(parse_cgroup2_mount("tmpfs /tmp tmpfs rw 0 0\n"), None);
     }
 

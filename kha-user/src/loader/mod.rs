@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader, programs::CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader, programs::Program};
 pub use checks::{
     PinLock, cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie,
 };
@@ -35,29 +35,14 @@ pub struct Hook {
     pub attach_type: u32,
 }
 
-/// In attach order: getpeername first, so no rewritten socket ever answers getpeername with
-/// its backend; in detach order the reverse.
-pub const HOOKS: [Hook; 4] = [
-    Hook {
-        program: "kha_peername4",
-        link: "getpeername4",
-        attach_type: 29,
-    },
-    Hook {
-        program: "kha_peername6",
-        link: "getpeername6",
-        attach_type: 30,
-    },
-    Hook {
-        program: "kha_connect4",
-        link: "connect4",
-        attach_type: 10,
-    },
-    Hook {
-        program: "kha_connect6",
-        link: "connect6",
-        attach_type: 11,
-    },
+/// In attach order: getpeername and sock_ops first, so every socket the connect hooks rewrite
+/// is answered and counted from its first connect; in detach order the reverse.
+pub const HOOKS: [Hook; 5] = [
+    Hook { program: "kha_peername4", link: "getpeername4", attach_type: 29 },
+    Hook { program: "kha_peername6", link: "getpeername6", attach_type: 30 },
+    Hook { program: "kha_sockops", link: "sockops", attach_type: 3 },
+    Hook { program: "kha_connect4", link: "connect4", attach_type: 10 },
+    Hook { program: "kha_connect6", link: "connect6", attach_type: 11 },
 ];
 
 #[derive(Clone, Debug)]
@@ -116,13 +101,7 @@ pub enum LoaderError {
     #[error(
         "{path} is a kha link, but attached to cgroup id {found}, not {wanted} ({cgroup}). Run `kha detach --pin-dir {pin_dir}` first, or use another --pin-dir"
     )]
-    ForeignLink {
-        path: PathBuf,
-        found: u64,
-        wanted: u64,
-        cgroup: PathBuf,
-        pin_dir: PathBuf,
-    },
+    ForeignLink { path: PathBuf, found: u64, wanted: u64, cgroup: PathBuf, pin_dir: PathBuf },
     #[error("{path} is not a cgroup link for {hook}; remove it or use another --pin-dir")]
     NotOurLink { path: PathBuf, hook: &'static str },
     #[error("{hook}: {what}")]
@@ -138,11 +117,7 @@ pub(crate) fn setup_err<'a>(
     path: &'a Path,
     what: &'static str,
 ) -> impl FnOnce(io::Error) -> LoaderError + 'a {
-    move |source| LoaderError::Setup {
-        path: path.to_owned(),
-        what,
-        source,
-    }
+    move |source| LoaderError::Setup { path: path.to_owned(), what, source }
 }
 
 /// The object with every program verified and loaded, not yet attached. Maps are created or
@@ -155,32 +130,24 @@ pub fn load(pins: &PinDir) -> Result<Loaded, LoaderError> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.maps())
         .load(OBJECT)
-        .map_err(|source| LoaderError::Object {
-            maps: pins.maps(),
-            source: Box::new(source),
-        })?;
+        .map_err(|source| LoaderError::Object { maps: pins.maps(), source: Box::new(source) })?;
     for hook in HOOKS {
-        program(&mut ebpf, hook)?
-            .load()
-            .map_err(|source| LoaderError::Program {
-                program: hook.program,
-                source,
-            })?;
+        let result = match program(&mut ebpf, hook)? {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::SockOps(p) => p.load(),
+            _ => return Err(missing(hook)),
+        };
+        result.map_err(|source| LoaderError::Program { program: hook.program, source })?;
     }
     Ok(Loaded { ebpf })
 }
 
-fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut CgroupSockAddr, LoaderError> {
-    let missing = || {
-        LoaderError::Unsupported(format!(
-            "program {} missing from the object; the build is broken",
-            hook.program
-        ))
-    };
-    ebpf.program_mut(hook.program)
-        .ok_or_else(missing)?
-        .try_into()
-        .map_err(|_| missing())
+fn missing(hook: Hook) -> LoaderError {
+    LoaderError::Unsupported(format!("program {} missing from the object; the build is broken", hook.program))
+}
+
+fn program(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut Program, LoaderError> {
+    ebpf.program_mut(hook.program).ok_or_else(|| missing(hook))
 }
 
 /// A pinned link found on disk, checked to be ours and on the right cgroup.
@@ -206,10 +173,7 @@ fn existing_links(
             let fd = sys::obj_get(&path).map_err(setup_err(&path, "cannot open pinned link"))?;
             let info = sys::link_info(fd.as_fd()).map_err(setup_err(&path, "cannot read pinned link"))?;
             if info.link_type != sys::BPF_LINK_TYPE_CGROUP || info.attach_type != hook.attach_type {
-                return Err(LoaderError::NotOurLink {
-                    path,
-                    hook: hook.link,
-                });
+                return Err(LoaderError::NotOurLink { path, hook: hook.link });
             }
             if info.cgroup_id != cgroup_id {
                 return Err(LoaderError::ForeignLink {
@@ -255,10 +219,8 @@ impl Loaded {
         let result = (|| {
             for (hook, found) in HOOKS.into_iter().zip(existing) {
                 let prog = program(&mut self.ebpf, hook)?;
-                let prog_fd = prog.fd().map_err(|source| LoaderError::Program {
-                    program: hook.program,
-                    source,
-                })?;
+                let prog_fd =
+                    prog.fd().map_err(|source| LoaderError::Program { program: hook.program, source })?;
                 let new = prog_fd
                     .as_fd()
                     .try_clone_to_owned()
@@ -277,10 +239,7 @@ impl Loaded {
                                 source,
                             }
                         })?;
-                        done.push(Attached::Replaced {
-                            hook: hook.link,
-                            old_prog_id: info.prog_id,
-                        });
+                        done.push(Attached::Replaced { hook: hook.link, old_prog_id: info.prog_id });
                         swapped.push((fd, old, new));
                     }
                     None => {

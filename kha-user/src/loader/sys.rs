@@ -41,11 +41,7 @@ impl Attr {
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     // SAFETY: `attr` is a zero-initialised bpf_attr of the size we pass.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut Attr, size_of::<Attr>()) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 fn fd_result(ret: i64) -> OwnedFd {
@@ -70,9 +66,7 @@ pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type: u3
 
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let p = c_path(path)?;
-    let mut a = Attr::new()
-        .u64_at(0, p.as_ptr() as u64)
-        .u32_at(8, fd.as_raw_fd() as u32);
+    let mut a = Attr::new().u64_at(0, p.as_ptr() as u64).u32_at(8, fd.as_raw_fd() as u32);
     bpf(BPF_OBJ_PIN, &mut a).map(drop)
 }
 

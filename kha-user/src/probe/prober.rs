@@ -1,0 +1,274 @@
+//! The per-backend probe task: one persistent TLS connection, a request per interval, and a
+//! read kept pending in between so that a dead or vanished master is reported at once.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::failure::{Malformed, Phase, ProbeFailure, classify, snippet};
+use super::http::{self, Response, ResponseParser};
+use super::jitter::Rng;
+use super::socket::{MakeSocket, tune};
+use super::{ProbeEvent, ProbeSettings};
+
+/// A clean close (FIN or TLS close_notify) this soon after a complete response is the server
+/// closing after the response, as HTTP/1.1 allows even unannounced: the next probe reconnects
+/// and nothing is reported. A close later than this on the idle connection is reported as
+/// [`ProbeEvent::ConnectionLost`]. A server closing right after its response sends the FIN
+/// right behind it, so it arrives within this; the price is that a master dying within 50 ms
+/// after a probe (2.5 % of a 2 s interval) is noticed by the next probe instead of at once.
+pub const CLOSE_AFTER_RESPONSE_GRACE: Duration = Duration::from_millis(50);
+
+/// After [`ProbeEvent::ConnectionLost`], the reconnect (and its probe) comes after a random
+/// delay in `[LOST_RETRY_MIN, LOST_RETRY_MAX]` rather than a whole interval: it turns "the
+/// connection went away" into "refused" / "timed out" / "ready again" quickly, and the random
+/// spread keeps thousands of nodes that saw the same master go from reconnecting in the same
+/// millisecond. At most one such quick retry per interval, so a server that accepts and then
+/// drops every connection is not hammered; otherwise the normal jittered interval applies.
+pub const LOST_RETRY_MIN: Duration = Duration::from_millis(100);
+/// See [`LOST_RETRY_MIN`].
+pub const LOST_RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// Shortest interval honoured, so a zero interval cannot spin.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Bytes asked of the connection per read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Probes the backend at `addr` until `shutdown` completes or the receiver of `events` is
+/// dropped. See the module documentation for the events and their timing.
+pub async fn run(
+    addr: SocketAddr,
+    settings: ProbeSettings,
+    make_socket: MakeSocket,
+    events: mpsc::Sender<ProbeEvent>,
+    shutdown: impl Future,
+) {
+    let prober = Prober::new(addr, settings, make_socket);
+    tokio::select! {
+        _ = shutdown => {}
+        () = prober.run(events) => {}
+    }
+}
+
+struct Conn {
+    tls: TlsStream<TcpStream>,
+    /// When the last complete response arrived.
+    last_response: Instant,
+    /// Bytes that came after the last response, if any (reported at the next idle wait).
+    leftover: Option<String>,
+}
+
+/// A failed request/response exchange. `retry`: the server closed or reset a kept-alive
+/// connection before answering, which a new connection may not see (the server's idle
+/// timeout racing our request).
+struct ExchangeError {
+    failure: ProbeFailure,
+    retry: bool,
+}
+
+impl From<ProbeFailure> for ExchangeError {
+    fn from(failure: ProbeFailure) -> Self {
+        ExchangeError { failure, retry: false }
+    }
+}
+
+struct Prober {
+    addr: SocketAddr,
+    settings: ProbeSettings,
+    interval: Duration,
+    make_socket: MakeSocket,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    request_bytes: Vec<u8>,
+    rng: Rng,
+    conn: Option<Conn>,
+    buf: Box<[u8]>,
+}
+
+impl Prober {
+    fn new(addr: SocketAddr, settings: ProbeSettings, make_socket: MakeSocket) -> Self {
+        Prober {
+            addr,
+            interval: settings.interval.max(MIN_INTERVAL),
+            connector: TlsConnector::from(settings.tls.clone()),
+            // The backend's IP, never a DNS name: that is what its certificate must carry.
+            server_name: ServerName::IpAddress(addr.ip().into()),
+            request_bytes: http::request(&settings.path, addr),
+            settings,
+            make_socket,
+            rng: Rng::seeded(addr),
+            conn: None,
+            buf: vec![0; READ_CHUNK].into_boxed_slice(),
+        }
+    }
+
+    async fn run(mut self, events: mpsc::Sender<ProbeEvent>) {
+        let mut next = Instant::now();
+        let mut last_quick_retry: Option<Instant> = None;
+        loop {
+            if let Some(failure) = self.idle_until(next).await {
+                if events.send(ProbeEvent::ConnectionLost { failure }).await.is_err() {
+                    return;
+                }
+                let now = Instant::now();
+                let regular = self.rng.jitter(self.interval);
+                let quick = last_quick_retry.is_none_or(|at| now.duration_since(at) >= self.interval);
+                next = now
+                    + if quick {
+                        last_quick_retry = Some(now);
+                        self.rng.between(LOST_RETRY_MIN, LOST_RETRY_MAX).min(regular)
+                    } else {
+                        regular
+                    };
+                continue;
+            }
+            let event = self.probe().await;
+            if events.send(event).await.is_err() {
+                return;
+            }
+            next = Instant::now() + self.rng.jitter(self.interval);
+        }
+    }
+
+    /// Waits until `until` with a read pending on the idle connection, if there is one.
+    /// `Some` if the connection was lost meanwhile (it is then dropped).
+    async fn idle_until(&mut self, until: Instant) -> Option<ProbeFailure> {
+        let Some(conn) = self.conn.as_mut() else {
+            sleep_until(until).await;
+            return None;
+        };
+        if let Some(leftover) = conn.leftover.take() {
+            self.conn = None;
+            return Some(ProbeFailure::Malformed(Malformed::UnexpectedData(leftover)));
+        }
+        // Cancel-safe: a read that has not completed consumed nothing.
+        let read = tokio::select! {
+            read = conn.tls.read(&mut self.buf) => read,
+            () = sleep_until(until) => return None,
+        };
+        let since_response = conn.last_response.elapsed();
+        self.conn = None;
+        let failure = match read {
+            Ok(0) => ProbeFailure::Closed,
+            Ok(n) => ProbeFailure::Malformed(Malformed::UnexpectedData(snippet(&self.buf[..n]))),
+            Err(e) => classify(&e, Phase::Idle),
+        };
+        if failure == ProbeFailure::Closed && since_response <= CLOSE_AFTER_RESPONSE_GRACE {
+            log::debug!("probe {}: server closed after its response; reconnecting next probe", self.addr);
+            sleep_until(until).await;
+            return None;
+        }
+        Some(failure)
+    }
+
+    /// One probe: on the kept-alive connection if there is one, else on a new one. The
+    /// latency covers connect and handshake when the probe had to make a connection.
+    async fn probe(&mut self) -> ProbeEvent {
+        let start = Instant::now();
+        let reused = self.conn.is_some();
+        let mut result = self.exchange().await;
+        if reused && matches!(result, Err(ExchangeError { retry: true, .. })) {
+            log::debug!("probe {}: kept-alive connection closed before the answer; retrying", self.addr);
+            result = self.exchange().await;
+        }
+        let latency = start.elapsed();
+        match result {
+            Ok(Response { status: 200, .. }) => ProbeEvent::Ready { latency },
+            Ok(Response { status, body, .. }) => ProbeEvent::Failed {
+                failure: ProbeFailure::Status { code: status, line: http::reason_line(&body) },
+                latency,
+            },
+            Err(e) => ProbeEvent::Failed { failure: e.failure, latency },
+        }
+    }
+
+    /// Request and response, connecting first if needed. The connection is kept only after a
+    /// complete response that does not close it.
+    async fn exchange(&mut self) -> Result<Response, ExchangeError> {
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let tls = self.connect(Instant::now() + self.settings.timeout).await?;
+                Conn { tls, last_response: Instant::now(), leftover: None }
+            }
+        };
+        let deadline = Instant::now() + self.settings.timeout;
+        let (response, leftover) = self.send_and_read(&mut conn, deadline).await?;
+        if !response.close {
+            conn.last_response = Instant::now();
+            conn.leftover = leftover;
+            self.conn = Some(conn);
+        }
+        Ok(response)
+    }
+
+    async fn connect(&self, deadline: Instant) -> Result<TlsStream<TcpStream>, ProbeFailure> {
+        let socket = (self.make_socket)(self.addr).map_err(|e| classify(&e, Phase::Connect))?;
+        tune(&socket).map_err(|e| classify(&e, Phase::Connect))?;
+        let socket = TcpSocket::from_std_stream(socket.into());
+        let tcp = match timeout_at(deadline, socket.connect(self.addr)).await {
+            Err(_elapsed) => return Err(ProbeFailure::Timeout { phase: Phase::Connect }),
+            Ok(Err(e)) => return Err(classify(&e, Phase::Connect)),
+            Ok(Ok(tcp)) => tcp,
+        };
+        match timeout_at(deadline, self.connector.connect(self.server_name.clone(), tcp)).await {
+            Err(_elapsed) => Err(ProbeFailure::Timeout { phase: Phase::Handshake }),
+            Ok(Err(e)) => Err(classify(&e, Phase::Handshake)),
+            Ok(Ok(tls)) => Ok(tls),
+        }
+    }
+
+    /// Sends the request and reads one response, all before `deadline`. Returns the response
+    /// and a snippet of any bytes that followed it.
+    async fn send_and_read(
+        &mut self,
+        conn: &mut Conn,
+        deadline: Instant,
+    ) -> Result<(Response, Option<String>), ExchangeError> {
+        let nothing_received = |failure: ProbeFailure| {
+            let retry = matches!(failure, ProbeFailure::Closed | ProbeFailure::Reset);
+            ExchangeError { failure, retry }
+        };
+        let write = async {
+            conn.tls.write_all(&self.request_bytes).await?;
+            conn.tls.flush().await
+        };
+        match timeout_at(deadline, write).await {
+            Err(_elapsed) => return Err(ProbeFailure::Timeout { phase: Phase::Request }.into()),
+            Ok(Err(e)) => return Err(nothing_received(classify(&e, Phase::Request))),
+            Ok(Ok(())) => {}
+        }
+        let mut parser = ResponseParser::new(self.settings.max_response_bytes);
+        loop {
+            let n = match timeout_at(deadline, conn.tls.read(&mut self.buf)).await {
+                Err(_elapsed) => return Err(ProbeFailure::Timeout { phase: Phase::Response }.into()),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => match classify(&e, Phase::Response) {
+                    // TCP ended without TLS close_notify: an end of stream all the same.
+                    ProbeFailure::Closed => 0,
+                    failure if parser.received_any() => return Err(failure.into()),
+                    failure => return Err(nothing_received(failure)),
+                },
+            };
+            if n == 0 {
+                return match parser.eof() {
+                    Ok(()) => Ok((parser.response(), None)),
+                    Err(failure) if parser.received_any() => Err(failure.into()),
+                    Err(failure) => Err(nothing_received(failure)),
+                };
+            }
+            if parser.feed(&self.buf[..n])? {
+                return Ok((parser.response(), parser.leftover()));
+            }
+        }
+    }
+}

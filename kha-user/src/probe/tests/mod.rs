@@ -1,0 +1,476 @@
+//! The prober against a real rustls server on 127.0.0.1 (see `server.rs`): no root, no fixed
+//! sleeps except where a real socket needs time to pass (the clean-close grace).
+
+mod server;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rcgen::ExtendedKeyUsagePurpose;
+use rustls::{AlertDescription, CertificateError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::*;
+use server::{Ca, Kill, Reply, Server, TempDir, server_config};
+
+/// Longest any single expected event may take before a test fails.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// A CA, a 127.0.0.1 server certificate from it, and the CA in a file.
+struct Fixture {
+    ca: Ca,
+    dir: TempDir,
+    ca_file: std::path::PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let ca = Ca::new("kha test CA");
+        let dir = TempDir::new();
+        let ca_file = dir.write("ca.crt", &ca.pem());
+        Fixture { ca, dir, ca_file }
+    }
+
+    fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        tls_config(Some(&self.ca_file), None, None, false).unwrap()
+    }
+
+    async fn server(&self, reply: Reply) -> Server {
+        Server::start(server_config(&self.ca.localhost(), None), reply).await
+    }
+
+    fn settings(&self) -> ProbeSettings {
+        ProbeSettings {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(2),
+            ..ProbeSettings::new(self.client_tls())
+        }
+    }
+}
+
+/// A running probe task.
+struct Probe {
+    events: mpsc::Receiver<ProbeEvent>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Probe {
+    fn spawn(addr: SocketAddr, settings: ProbeSettings) -> Probe {
+        Probe::spawn_with(addr, settings, default_socket())
+    }
+
+    fn spawn_with(addr: SocketAddr, settings: ProbeSettings, make_socket: MakeSocket) -> Probe {
+        let (tx, events) = mpsc::channel(16);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(addr, settings, make_socket, tx, stopped));
+        Probe { events, stop: Some(stop), task }
+    }
+
+    async fn next(&mut self) -> ProbeEvent {
+        match tokio::time::timeout(PATIENCE, self.events.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => panic!("probe task ended"),
+            Err(_) => panic!("no probe event within {PATIENCE:?}"),
+        }
+    }
+
+    async fn next_failure(&mut self) -> ProbeFailure {
+        match self.next().await {
+            ProbeEvent::Failed { failure, .. } => failure,
+            other => panic!("expected a failed probe, got {other:?}"),
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(PATIENCE, self.task).await.expect("probe task stops").unwrap();
+    }
+}
+
+fn is_ready(event: &ProbeEvent) -> bool {
+    matches!(event, ProbeEvent::Ready { .. })
+}
+
+#[tokio::test]
+async fn ready_on_200() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    let event = probe.next().await;
+    let ProbeEvent::Ready { latency } = event else { panic!("{event:?}") };
+    assert!(latency < PATIENCE);
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn chunked_200_is_ready() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::OkChunked).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    for _ in 0..3 {
+        let event = probe.next().await;
+        assert!(is_ready(&event), "{event:?}");
+    }
+    assert_eq!(server.accepts(), 1);
+    probe.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_carries_all_probes_on_one_connection() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    for _ in 0..5 {
+        let event = probe.next().await;
+        assert!(is_ready(&event), "{event:?}");
+    }
+    assert_eq!(server.accepts(), 1, "one TLS connection for all probes");
+    assert!(server.requests() >= 5);
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn status_500_keeps_the_failed_check_and_the_connection() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Failing).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    for _ in 0..2 {
+        let failure = probe.next_failure().await;
+        assert_eq!(
+            failure,
+            ProbeFailure::Status { code: 500, line: "[-]etcd failed: reason withheld".into() }
+        );
+        assert_eq!(failure.to_string(), "HTTP 500: [-]etcd failed: reason withheld");
+    }
+    assert_eq!(server.accepts(), 1, "a complete 500 leaves the connection usable");
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_times_out() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Silent).await;
+    let timeout = Duration::from_millis(300);
+    let mut probe = Probe::spawn(server.addr, ProbeSettings { timeout, ..fx.settings() });
+    let event = probe.next().await;
+    let ProbeEvent::Failed { failure, latency } = event else { panic!("{event:?}") };
+    assert_eq!(failure, ProbeFailure::Timeout { phase: Phase::Response });
+    assert!(latency >= timeout && latency < timeout * 3, "{latency:?}");
+    // The hung connection is dropped; the next probe connects again and times out again.
+    assert_eq!(probe.next_failure().await, ProbeFailure::Timeout { phase: Phase::Response });
+    assert_eq!(server.accepts(), 2);
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_that_never_speaks_tls_times_out_in_the_handshake() {
+    let fx = Fixture::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut probe =
+        Probe::spawn(addr, ProbeSettings { timeout: Duration::from_millis(200), ..fx.settings() });
+    // The kernel completes the TCP handshake from the backlog; nobody ever answers the hello.
+    assert_eq!(probe.next_failure().await, ProbeFailure::Timeout { phase: Phase::Handshake });
+    probe.stop().await;
+    drop(listener);
+}
+
+#[tokio::test]
+async fn an_endless_body_is_oversized() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Endless).await;
+    let settings = ProbeSettings { max_response_bytes: 16 * 1024, ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    let failure = probe.next_failure().await;
+    assert_eq!(failure, ProbeFailure::Oversized { limit: 16 * 1024 });
+    assert_eq!(failure.to_string(), "response larger than 16384 bytes");
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_is_malformed() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Garbage).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    let failure = probe.next_failure().await;
+    let ProbeFailure::Malformed(Malformed::StatusLine(snippet)) = &failure else { panic!("{failure:?}") };
+    assert!(snippet.starts_with("\\x00\\xffSSH-2.0"), "{snippet}");
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_a_tls_failure_naming_the_unknown_issuer() {
+    let fx = Fixture::new();
+    let other = Ca::new("some other CA");
+    let server = Server::start(server_config(&other.localhost(), None), Reply::Ok).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    let failure = probe.next_failure().await;
+    assert_eq!(
+        failure,
+        ProbeFailure::Tls(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
+    );
+    assert!(failure.to_string().contains("UnknownIssuer"), "{failure}");
+    assert_eq!(server.requests(), 0);
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn the_certificate_must_name_the_backend_ip() {
+    let fx = Fixture::new();
+    let cert = fx.ca.issue(&["127.0.0.2", "localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    let server = Server::start(server_config(&cert, None), Reply::Ok).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    let failure = probe.next_failure().await;
+    assert!(
+        matches!(
+            failure,
+            ProbeFailure::Tls(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
+            ))
+        ),
+        "{failure:?}"
+    );
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn insecure_skip_verify_accepts_any_certificate() {
+    let fx = Fixture::new();
+    let other = Ca::new("some other CA");
+    let server = Server::start(server_config(&other.localhost(), None), Reply::Ok).await;
+    let tls = tls_config(None, None, None, true).unwrap();
+    let mut probe = Probe::spawn(server.addr, ProbeSettings { tls, ..fx.settings() });
+    let event = probe.next().await;
+    assert!(is_ready(&event), "{event:?}");
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn nothing_listening_is_refused() {
+    let fx = Fixture::new();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut probe = Probe::spawn(addr, fx.settings());
+    let failure = probe.next_failure().await;
+    assert_eq!(failure, ProbeFailure::Refused);
+    assert_eq!(failure.to_string(), "connection refused");
+    probe.stop().await;
+}
+
+/// The server closes the idle persistent connection and stops listening, as a killed
+/// apiserver does. The interval is a minute, so only the pending idle read can explain a
+/// prompt event; the quick reconnect then finds the port refused.
+#[tokio::test]
+async fn a_dying_server_is_reported_at_once_as_connection_lost() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let settings = ProbeSettings { interval: Duration::from_secs(60), ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert!(is_ready(&probe.next().await));
+    // A close right after a response would be a clean close-after-response.
+    tokio::time::sleep(CLOSE_AFTER_RESPONSE_GRACE * 2).await;
+    let killed = Instant::now();
+    server.kill(Kill::Die);
+    assert_eq!(probe.next().await, ProbeEvent::ConnectionLost { failure: ProbeFailure::Closed });
+    assert!(killed.elapsed() < Duration::from_secs(1), "{:?}", killed.elapsed());
+    assert_eq!(probe.next_failure().await, ProbeFailure::Refused);
+    let retried = killed.elapsed();
+    assert!(retried < LOST_RETRY_MAX + Duration::from_secs(1), "{retried:?}");
+    probe.stop().await;
+}
+
+/// RST on the idle connection (server still listening): lost, then the reconnect is ready.
+#[tokio::test]
+async fn a_reset_idle_connection_is_lost_then_reconnected() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let settings = ProbeSettings { interval: Duration::from_secs(60), ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert!(is_ready(&probe.next().await));
+    server.kill(Kill::ResetConnections);
+    assert_eq!(probe.next().await, ProbeEvent::ConnectionLost { failure: ProbeFailure::Reset });
+    let event = probe.next().await;
+    assert!(is_ready(&event), "{event:?}");
+    assert_eq!(server.accepts(), 2);
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn stray_bytes_on_the_idle_connection_are_a_lost_connection() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::OkThenStrayBytes).await;
+    let settings = ProbeSettings { interval: Duration::from_secs(60), ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert!(is_ready(&probe.next().await));
+    let expected = ProbeFailure::Malformed(Malformed::UnexpectedData("surprise".into()));
+    assert_eq!(probe.next().await, ProbeEvent::ConnectionLost { failure: expected });
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn connection_close_reconnects_without_a_failure() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::OkThenClose).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    for _ in 0..3 {
+        let event = probe.next().await;
+        assert!(is_ready(&event), "{event:?}");
+    }
+    assert_eq!(server.accepts(), 3);
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn an_unannounced_close_right_after_the_response_is_clean() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::OkThenCloseUnannounced).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    for _ in 0..3 {
+        let event = probe.next().await;
+        assert!(is_ready(&event), "{event:?}");
+    }
+    assert!(server.accepts() >= 3);
+    probe.stop().await;
+}
+
+/// A kept-alive connection found closed when the next request goes out is retried once on a
+/// new connection, not reported.
+#[tokio::test]
+async fn a_kept_alive_connection_closed_under_the_request_is_retried() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::OnePerConnection).await;
+    let mut probe = Probe::spawn(server.addr, fx.settings());
+    for _ in 0..3 {
+        let event = probe.next().await;
+        assert!(is_ready(&event), "{event:?}");
+    }
+    assert_eq!(server.accepts(), 3);
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn client_certificate_when_the_server_requires_one() {
+    let fx = Fixture::new();
+    let server = Server::start(server_config(&fx.ca.localhost(), Some(&fx.ca)), Reply::Ok).await;
+    let client = fx.ca.issue(&["kha-probe"], ExtendedKeyUsagePurpose::ClientAuth);
+    let cert = fx.dir.write("client.crt", &client.cert_pem);
+    let key = fx.dir.write("client.key", &client.key_pem);
+    let tls = tls_config(Some(&fx.ca_file), Some(&cert), Some(&key), false).unwrap();
+    let mut with_cert = Probe::spawn(server.addr, ProbeSettings { tls, ..fx.settings() });
+    let event = with_cert.next().await;
+    assert!(is_ready(&event), "{event:?}");
+    with_cert.stop().await;
+
+    let mut without = Probe::spawn(server.addr, fx.settings());
+    let failure = without.next_failure().await;
+    // TLS 1.3: the client finishes first and hears the server's alert on its first read.
+    assert_eq!(
+        failure,
+        ProbeFailure::Tls(rustls::Error::AlertReceived(AlertDescription::CertificateRequired))
+    );
+    without.stop().await;
+}
+
+#[tokio::test]
+async fn make_socket_is_used_and_its_errors_reported() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let inner = default_socket();
+    let make: MakeSocket = Arc::new(move |addr| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        inner(addr)
+    });
+    let mut probe = Probe::spawn_with(server.addr, fx.settings(), make);
+    assert!(is_ready(&probe.next().await));
+    assert!(is_ready(&probe.next().await));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    probe.stop().await;
+
+    let failing: MakeSocket = Arc::new(|_| Err(io::Error::from_raw_os_error(libc::EMFILE)));
+    let mut probe = Probe::spawn_with(server.addr, fx.settings(), failing);
+    let failure = probe.next_failure().await;
+    assert_eq!(failure.to_string(), "I/O error: EMFILE");
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_a_probe_stuck_on_a_silent_server() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Silent).await;
+    let probe =
+        Probe::spawn(server.addr, ProbeSettings { timeout: Duration::from_secs(60), ..fx.settings() });
+    while server.requests() == 0 {
+        tokio::task::yield_now().await;
+    }
+    probe.stop().await;
+}
+
+#[tokio::test]
+async fn the_task_ends_when_nobody_listens() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let Probe { events, stop, task } = Probe::spawn(server.addr, fx.settings());
+    drop(events);
+    tokio::time::timeout(PATIENCE, task).await.expect("task ends").unwrap();
+    drop(stop);
+}
+
+#[test]
+fn tls_config_errors_name_the_file() {
+    let fx = Fixture::new();
+    let missing = fx.dir.path().join("no-such-ca.crt");
+    let err = tls_config(Some(&missing), None, None, false).unwrap_err();
+    assert!(matches!(err, ProbeConfigError::Read { .. }), "{err:?}");
+    assert!(err.to_string().contains("no-such-ca.crt"), "{err}");
+    let source = std::error::Error::source(&err).unwrap().downcast_ref::<io::Error>().unwrap();
+    assert_eq!(source.kind(), io::ErrorKind::NotFound);
+
+    let garbage = fx.dir.write("garbage.crt", "this is not a certificate\n");
+    let err = tls_config(Some(&garbage), None, None, false).unwrap_err();
+    assert!(matches!(err, ProbeConfigError::NoCertificate { .. }), "{err:?}");
+    assert_eq!(err.to_string(), format!("CA file {} contains no PEM certificate", garbage.display()));
+
+    let bad_pem = fx.dir.write("bad.crt", "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n");
+    let err = tls_config(Some(&bad_pem), None, None, false).unwrap_err();
+    assert!(
+        matches!(err, ProbeConfigError::Pem { .. } | ProbeConfigError::BadCaCertificate { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("bad.crt"), "{err}");
+
+    let err = tls_config(None, None, None, false).unwrap_err();
+    assert!(matches!(err, ProbeConfigError::NoCaFile), "{err:?}");
+}
+
+#[test]
+fn tls_config_client_certificate_errors() {
+    let fx = Fixture::new();
+    let client = fx.ca.issue(&["kha-probe"], ExtendedKeyUsagePurpose::ClientAuth);
+    let other = fx.ca.issue(&["someone-else"], ExtendedKeyUsagePurpose::ClientAuth);
+    let cert = fx.dir.write("client.crt", &client.cert_pem);
+    let key = fx.dir.write("client.key", &client.key_pem);
+    let wrong_key = fx.dir.write("other.key", &other.key_pem);
+
+    let err = tls_config(Some(&fx.ca_file), Some(&cert), Some(&wrong_key), false).unwrap_err();
+    assert!(matches!(err, ProbeConfigError::ClientAuth { .. }), "{err:?}");
+    assert!(err.to_string().contains("other.key"), "{err}");
+
+    let err = tls_config(Some(&fx.ca_file), Some(&cert), None, false).unwrap_err();
+    assert!(matches!(err, ProbeConfigError::CertWithoutKey { .. }), "{err:?}");
+    let err = tls_config(Some(&fx.ca_file), None, Some(&key), false).unwrap_err();
+    assert!(matches!(err, ProbeConfigError::KeyWithoutCert { .. }), "{err:?}");
+
+    // A certificate where the key should be.
+    let err = tls_config(Some(&fx.ca_file), Some(&cert), Some(&cert), false).unwrap_err();
+    assert!(matches!(err, ProbeConfigError::NoPrivateKey { .. }), "{err:?}");
+    assert!(err.to_string().contains("client.crt"), "{err}");
+
+    tls_config(Some(&fx.ca_file), Some(&cert), Some(&key), false).unwrap();
+}
