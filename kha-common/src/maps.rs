@@ -29,8 +29,13 @@ pub const MAP_BACKEND_HEALTH: &str = "KHA_BE_HEALTH";
 /// counts per backend with it, and the agent finds the sockets to terminate in it.
 pub const MAP_CONNS: &str = "KHA_CONNS";
 
+/// What the agent's probes say of each configured (frontend, backend) pair, for `kha status`:
+/// `ProbeKey -> ProbeStatus`. Written only by the agent; the kernel never reads it.
+pub const MAP_PROBES: &str = "KHA_PROBES";
+
 /// All maps, in the order `kha detach` and `kha status` walk them.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
+    MAP_PROBES,
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONFIG,
@@ -68,8 +73,11 @@ pub const STAT_FOREIGN_NETNS: u32 = 4;
 pub const STAT_SUSPECT_SKIPPED: u32 = 5;
 /// Choices where every backend was suspect, so one was used anyway.
 pub const STAT_ALL_SUSPECT: u32 = 6;
+/// Sockets the agent terminated (SOCK_DESTROY) because their backend failed or was removed.
+/// Written by the agent, not the kernel.
+pub const STAT_TERMINATED: u32 = 7;
 pub const STATS_LEN: usize = 8;
-pub const STAT_NAMES: [&str; 7] = [
+pub const STAT_NAMES: [&str; 8] = [
     "rewritten",
     "no_backend",
     "inconsistent",
@@ -77,6 +85,7 @@ pub const STAT_NAMES: [&str; 7] = [
     "foreign_netns",
     "suspect_skipped",
     "all_suspect",
+    "terminated",
 ];
 
 /// Key of `KHA_SVC`.
@@ -115,8 +124,14 @@ pub struct ServiceValue {
     pub base: u16,
     /// `POLICY_*`.
     pub policy: u8,
-    pub _pad: [u8; 3],
+    /// Slot 0: `FRONTEND_*` flags, for `kha status`; the kernel ignores them.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
+
+/// Every backend of the frontend failed its probes, so all configured backends are served
+/// (the fallback that keeps a broken probe, e.g. a wrong CA, from cutting the node off).
+pub const FRONTEND_FALLBACK: u8 = 1;
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 pub const POLICY_RANDOM: u8 = 0;
@@ -128,11 +143,15 @@ pub const POLICY_NAMES: [&str; 4] = ["random", "round-robin", "least-connections
 
 impl ServiceValue {
     pub const fn frontend(count: u16, base: u16, policy: u8) -> Self {
-        Self { backend_id: 0, rr: 0, count, base, policy, _pad: [0; 3] }
+        Self { backend_id: 0, rr: 0, count, base, policy, flags: 0, _pad: [0; 2] }
+    }
+
+    pub const fn with_flags(self, flags: u8) -> Self {
+        Self { flags, ..self }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self { backend_id, rr: 0, count: 0, base: 0, policy: 0, _pad: [0; 3] }
+        Self { backend_id, rr: 0, count: 0, base: 0, policy: 0, flags: 0, _pad: [0; 2] }
     }
 }
 
@@ -225,8 +244,51 @@ pub struct Conn {
 }
 const _: () = assert!(core::mem::size_of::<Conn>() == 8);
 
+/// Key of `KHA_PROBES`.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbeKey {
+    pub frontend_addr_be: AddrBe,
+    pub backend_addr_be: AddrBe,
+    pub frontend_port_be: u16,
+    pub backend_port_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<ProbeKey>() == 36);
+
+pub const PROBE_UNKNOWN: u8 = 0;
+pub const PROBE_UP: u8 = 1;
+pub const PROBE_DOWN: u8 = 2;
+/// Failing readiness but still answering: no new connections, existing ones end after the
+/// drain time.
+pub const PROBE_DRAINING: u8 = 3;
+/// Health checks are off: always served.
+pub const PROBE_UNCHECKED: u8 = 4;
+/// Indexed by `PROBE_*`.
+pub const PROBE_STATE_NAMES: [&str; 5] = ["unknown", "up", "down", "draining", "unchecked"];
+pub const PROBE_REASON_LEN: usize = 112;
+
+/// Value of `KHA_PROBES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeStatus {
+    /// `PROBE_*`.
+    pub state: u8,
+    /// 1 if the backend is in the frontend's live set.
+    pub serving: u8,
+    pub _pad: [u8; 2],
+    /// Latency of the last probe, µs (0: none yet).
+    pub latency_us: u32,
+    /// Unix time of the last state change, seconds.
+    pub since_unix_s: u64,
+    /// The last failure, UTF-8, NUL-padded.
+    pub reason: [u8; PROBE_REASON_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ProbeStatus>() == 128);
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::ProbeKey {}
+    unsafe impl aya::Pod for super::ProbeStatus {}
     // SAFETY: plain `#[repr(C)]` data with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::BackendHealth {}

@@ -147,7 +147,6 @@ impl SlotView for Slots<'_> {
     }
 }
 
-
 /// Fails the connect with EHOSTUNREACH at once: never a hang, never a fall-through to
 /// whatever listens on the frontend address.
 #[inline(always)]

@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use kha_common::{
     BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
-    MAX_BACKENDS, SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue, SockState,
+    MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ProbeKey, ProbeStatus, SERVICES_CAPACITY,
+    STATS_LEN, ServiceKey, ServiceValue, SockState,
 };
 
 #[btf_map(pin_by_name)]
@@ -35,6 +36,12 @@ pub static KHA_BE_HEALTH: Array<BackendHealth, BACKEND_ARRAY_LEN> = Array::new()
 
 #[btf_map(pin_by_name)]
 pub static KHA_CONNS: LruHashMap<u64, Conn, CONNS_CAPACITY> = LruHashMap::new();
+
+/// Written by the agent for `kha status`; declared here so it is created and pinned with the
+/// others. Not preallocated: most of its capacity is never used.
+#[btf_map(pin_by_name)]
+pub static KHA_PROBES: HashMap<ProbeKey, ProbeStatus, { MAX_FRONTENDS * MAX_BACKENDS_PER_FRONTEND }, 1> =
+    HashMap::new();
 
 #[inline(always)]
 pub fn count(stat: u32) {

@@ -24,6 +24,48 @@ pub struct Frontend {
     pub address: SocketAddr,
     /// In configured order; slot `i + 1` holds `backends[i]`.
     pub backends: Vec<SocketAddr>,
+    /// `kha_common::POLICY_*`.
+    pub policy: u8,
+    /// HTTP path the probes GET on each backend (`/readyz`; etcd: `/health`).
+    pub health_path: String,
+}
+
+/// Per-frontend settings that flags give to every frontend, and a config file to frontends
+/// that do not set their own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendDefaults {
+    pub policy: u8,
+    pub health_path: String,
+}
+
+/// least-connections, like kubespray's nginx-proxy (`least_conn`) and haproxy (`leastconn`):
+/// a node holds a few long-lived connections (kubelet, kube-proxy watches), and counting them
+/// spreads them over the masters instead of leaving it to chance; ties are broken at random,
+/// so nodes starting together do not all pick the same master.
+pub const DEFAULT_POLICY: u8 = kha_common::POLICY_LEAST_CONN;
+pub const DEFAULT_HEALTH_PATH: &str = "/readyz";
+
+impl Default for FrontendDefaults {
+    fn default() -> Self {
+        Self { policy: DEFAULT_POLICY, health_path: DEFAULT_HEALTH_PATH.into() }
+    }
+}
+
+/// The `POLICY_*` value of a policy name.
+pub fn parse_policy(field: &str, value: &str) -> Result<u8, ConfigError> {
+    kha_common::POLICY_NAMES
+        .iter()
+        .position(|n| *n == value)
+        .map(|p| p as u8)
+        .ok_or_else(|| ConfigError::Policy { field: field.to_owned(), value: value.to_owned() })
+}
+
+fn check_path(field: &str, value: &str) -> Result<String, ConfigError> {
+    let ok = value.starts_with('/') && value.len() <= 256 && value.bytes().all(|b| b.is_ascii_graphic());
+    if !ok {
+        return Err(ConfigError::HealthPath { field: field.to_owned(), value: value.to_owned() });
+    }
+    Ok(value.to_owned())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +117,12 @@ pub enum ConfigError {
     NoFrontends,
     #[error("no backend given: pass --backend IP:PORT once per master, or --config FILE")]
     NoBackends,
+    #[error("{field}: unknown policy `{value}`; use one of random, round-robin, least-connections, p2c")]
+    Policy { field: String, value: String },
+    #[error(
+        "{field}: `{value}` is not an HTTP path such as /readyz (it must start with / and have no spaces)"
+    )]
+    HealthPath { field: String, value: String },
 }
 
 /// The config file: a list of frontends, each with its own backends.
@@ -97,12 +145,18 @@ struct FileFrontend {
     address: String,
     #[serde(default)]
     backends: Vec<String>,
+    policy: Option<String>,
+    health_path: Option<String>,
 }
 
 impl Config {
     /// From `--frontend` (default: [`DEFAULT_FRONTENDS`]) and `--backend` flags: every backend
     /// serves every frontend.
-    pub fn from_flags(frontends: &[String], backends: &[String]) -> Result<Self, ConfigError> {
+    pub fn from_flags(
+        frontends: &[String],
+        backends: &[String],
+        defaults: &FrontendDefaults,
+    ) -> Result<Self, ConfigError> {
         if backends.is_empty() {
             return Err(ConfigError::NoBackends);
         }
@@ -114,7 +168,14 @@ impl Config {
         let backends = parse_all("--backend", backends)?;
         let frontends = frontends
             .iter()
-            .map(|f| Ok(Frontend { address: parse("--frontend", f)?, backends: backends.clone() }))
+            .map(|f| {
+                Ok(Frontend {
+                    address: parse("--frontend", f)?,
+                    backends: backends.clone(),
+                    policy: defaults.policy,
+                    health_path: defaults.health_path.clone(),
+                })
+            })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let config = Config { frontends };
         config.validate(
@@ -124,16 +185,16 @@ impl Config {
         Ok(config)
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+    pub fn from_file(path: &Path, defaults: &FrontendDefaults) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        Self::from_toml(&text, defaults).map_err(|e| match e {
             ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
             other => other,
         })
     }
 
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+    pub fn from_toml(text: &str, defaults: &FrontendDefaults) -> Result<Self, ConfigError> {
         let file: FileConfig =
             toml::from_str(text).map_err(|source| ConfigError::Parse { path: PathBuf::new(), source })?;
         let frontends = file
@@ -149,6 +210,14 @@ impl Config {
                         .enumerate()
                         .map(|(j, b)| parse(&format!("frontend[{i}].backends[{j}]"), b))
                         .collect::<Result<_, _>>()?,
+                    policy: match &f.policy {
+                        Some(p) => parse_policy(&format!("frontend[{i}].policy"), p)?,
+                        None => defaults.policy,
+                    },
+                    health_path: match &f.health_path {
+                        Some(p) => check_path(&format!("frontend[{i}].health_path"), p)?,
+                        None => defaults.health_path.clone(),
+                    },
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -247,6 +316,15 @@ fn check_unicast(field: &str, addr: &SocketAddr) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
+    fn d() -> FrontendDefaults {
+        FrontendDefaults::default()
+    }
+
+    /// `Config::from_toml` with the default frontend settings.
+    fn toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, &d())
+    }
+
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
     }
@@ -257,7 +335,7 @@ mod tests {
 
     #[test]
     fn flags_default_to_both_localhost_frontends() {
-        let c = Config::from_flags(&[], &s(&["192.0.2.11:6443", "192.0.2.12:6443"])).unwrap();
+        let c = Config::from_flags(&[], &s(&["192.0.2.11:6443", "192.0.2.12:6443"]), &d()).unwrap();
         assert_eq!(c.frontends.len(), 2);
         assert_eq!(c.frontends[0].address, sa("127.0.0.1:6443"));
         assert_eq!(c.frontends[1].address, sa("[::1]:6443"));
@@ -266,12 +344,12 @@ mod tests {
 
     #[test]
     fn flags_without_backends_are_refused() {
-        assert!(matches!(Config::from_flags(&[], &[]), Err(ConfigError::NoBackends)));
+        assert!(matches!(Config::from_flags(&[], &[], &d()), Err(ConfigError::NoBackends)));
     }
 
     #[test]
     fn file_with_several_frontends_each_with_its_own_set() {
-        let c = Config::from_toml(
+        let c = toml(
             r#"
             [[frontend]]
             address = "127.0.0.1:6443"
@@ -291,10 +369,8 @@ mod tests {
 
     #[test]
     fn unparsable_address_names_the_field() {
-        let e = Config::from_toml(
-            "[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [\"192.0.2.300:6443\"]\n",
-        )
-        .unwrap_err();
+        let e = toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [\"192.0.2.300:6443\"]\n")
+            .unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, ConfigError::Address { .. }));
         assert!(msg.contains("frontend[0].backends[0]") && msg.contains("192.0.2.300:6443"), "{msg}");
@@ -302,76 +378,103 @@ mod tests {
 
     #[test]
     fn names_are_not_addresses() {
-        let e = Config::from_flags(&[], &s(&["master-1:6443"])).unwrap_err();
+        let e = Config::from_flags(&[], &s(&["master-1:6443"]), &d()).unwrap_err();
         assert!(matches!(e, ConfigError::Address { .. }), "{e}");
     }
 
     #[test]
     fn port_zero_is_refused() {
-        let e = Config::from_flags(&s(&["127.0.0.1:0"]), &s(&["192.0.2.11:6443"])).unwrap_err();
+        let e = Config::from_flags(&s(&["127.0.0.1:0"]), &s(&["192.0.2.11:6443"]), &d()).unwrap_err();
         assert!(matches!(e, ConfigError::PortZero { .. }), "{e}");
-        let e = Config::from_flags(&[], &s(&["192.0.2.11:0"])).unwrap_err();
+        let e = Config::from_flags(&[], &s(&["192.0.2.11:0"]), &d()).unwrap_err();
         assert!(matches!(e, ConfigError::PortZero { ref field, .. } if field == "--backend"), "{e}");
     }
 
     #[test]
     fn backend_equal_to_a_frontend_is_refused() {
-        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &s(&["127.0.0.1:6443"])).unwrap_err();
+        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &s(&["127.0.0.1:6443"]), &d()).unwrap_err();
         assert!(matches!(e, ConfigError::BackendIsFrontend { .. }), "{e}");
     }
 
     #[test]
     fn v4_mapped_backend_equal_to_a_v4_frontend_is_refused() {
-        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &s(&["[::ffff:127.0.0.1]:6443"])).unwrap_err();
+        let e =
+            Config::from_flags(&s(&["127.0.0.1:6443"]), &s(&["[::ffff:127.0.0.1]:6443"]), &d()).unwrap_err();
         assert!(matches!(e, ConfigError::BackendIsFrontend { .. }), "{e}");
     }
 
     #[test]
     fn duplicates_are_refused() {
-        let e = Config::from_flags(&[], &s(&["192.0.2.11:6443", "192.0.2.11:6443"])).unwrap_err();
+        let e = Config::from_flags(&[], &s(&["192.0.2.11:6443", "192.0.2.11:6443"]), &d()).unwrap_err();
         assert!(matches!(e, ConfigError::Duplicate { .. }), "{e}");
-        let e =
-            Config::from_flags(&s(&["127.0.0.1:6443", "[::ffff:127.0.0.1]:6443"]), &s(&["192.0.2.11:6443"]))
-                .unwrap_err();
+        let e = Config::from_flags(
+            &s(&["127.0.0.1:6443", "[::ffff:127.0.0.1]:6443"]),
+            &s(&["192.0.2.11:6443"]),
+            &d(),
+        )
+        .unwrap_err();
         assert!(matches!(e, ConfigError::Duplicate { .. }), "{e}");
     }
 
     #[test]
     fn v6_backend_for_v4_frontend_is_refused() {
-        let e = Config::from_flags(&[], &s(&["[2001:db8::11]:6443"])).unwrap_err();
+        let e = Config::from_flags(&[], &s(&["[2001:db8::11]:6443"]), &d()).unwrap_err();
         assert!(matches!(e, ConfigError::V6BackendForV4Frontend { .. }), "{e}");
         // An IPv6 frontend takes both families: IPv4 through v4-mapped addresses.
-        Config::from_flags(&s(&["[::1]:6443"]), &s(&["[2001:db8::11]:6443", "192.0.2.11:6443"])).unwrap();
+        Config::from_flags(&s(&["[::1]:6443"]), &s(&["[2001:db8::11]:6443", "192.0.2.11:6443"]), &d())
+            .unwrap();
     }
 
     #[test]
     fn unspecified_and_multicast_are_refused() {
         for bad in ["0.0.0.0:6443", "[::]:6443", "224.0.0.1:6443", "255.255.255.255:6443"] {
-            let e = Config::from_flags(&[], &s(&[bad])).unwrap_err();
+            let e = Config::from_flags(&[], &s(&[bad]), &d()).unwrap_err();
             assert!(matches!(e, ConfigError::NotUnicast { .. }), "{bad}: {e}");
         }
     }
 
     #[test]
     fn unknown_keys_and_bad_toml_are_refused() {
-        let e = Config::from_toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackend = []\n").unwrap_err();
+        let e = toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackend = []\n").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
         assert!(e.to_string().contains("unknown field"), "{e}");
-        assert!(matches!(Config::from_toml("[[frontend]\n"), Err(ConfigError::Parse { .. })));
-        assert!(matches!(Config::from_toml(""), Err(ConfigError::NoFrontends)));
+        assert!(matches!(toml("[[frontend]\n"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(toml(""), Err(ConfigError::NoFrontends)));
     }
 
     #[test]
     fn limits_are_enforced() {
         let many: Vec<String> =
             (0..=MAX_BACKENDS_PER_FRONTEND).map(|i| format!("192.0.2.1:{}", i + 1)).collect();
-        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &many).unwrap_err();
+        let e = Config::from_flags(&s(&["127.0.0.1:6443"]), &many, &d()).unwrap_err();
         assert!(matches!(e, ConfigError::TooManyBackends { .. }), "{e}");
     }
 
     #[test]
+    fn policy_and_health_path_per_frontend_with_defaults() {
+        let c = toml(
+            "[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [\"192.0.2.11:6443\"]\n\
+             [[frontend]]\naddress = \"127.0.0.1:2379\"\nbackends = [\"192.0.2.11:2379\"]\npolicy = \"p2c\"\nhealth_path = \"/health\"\n",
+        )
+        .unwrap();
+        assert_eq!((c.frontends[0].policy, c.frontends[0].health_path.as_str()), (DEFAULT_POLICY, "/readyz"));
+        assert_eq!(
+            (c.frontends[1].policy, c.frontends[1].health_path.as_str()),
+            (kha_common::POLICY_P2C, "/health")
+        );
+        let e = toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\npolicy = \"fastest\"\n").unwrap_err();
+        assert!(e.to_string().contains("frontend[0].policy: unknown policy `fastest`"), "{e}");
+        let e =
+            toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nhealth_path = \"readyz now\"\n").unwrap_err();
+        assert!(matches!(e, ConfigError::HealthPath { .. }), "{e}");
+        for (i, name) in kha_common::POLICY_NAMES.iter().enumerate() {
+            assert_eq!(parse_policy("--policy", name).unwrap(), i as u8);
+        }
+    }
+
+    #[test]
     fn missing_file_names_the_path() {
-        let e = Config::from_file(Path::new("/nonexistent/kha.toml")).unwrap_err();
+        let e = Config::from_file(Path::new("/nonexistent/kha.toml"), &d()).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/kha.toml"), "{e}");
     }
 }

@@ -12,9 +12,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
-use kha_common::{
-    Backend, MAX_BACKENDS, POLICY_RANDOM, SLOT_BASES, ServiceKey, ServiceValue, is_v4_mapped, v4_of_mapped,
-};
+use kha_common::{Backend, MAX_BACKENDS, SLOT_BASES, ServiceKey, ServiceValue, is_v4_mapped, v4_of_mapped};
 
 use crate::config::Config;
 
@@ -22,6 +20,9 @@ use crate::config::Config;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
     pub policy: u8,
+    /// `FRONTEND_*` flags shown by `kha status`.
+    pub flags: u8,
+    /// The live set: what connects are balanced over.
     pub backends: Vec<Backend>,
 }
 
@@ -29,6 +30,9 @@ pub struct DesiredFrontend {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<ServiceKey, DesiredFrontend>,
+    /// Backends kept in the backend table although no live set has them (configured but
+    /// down), so their ids and kernel counters survive until they come back.
+    pub keep: BTreeSet<Backend>,
 }
 
 /// The maps' contents as read back from the kernel.
@@ -85,10 +89,10 @@ impl Desired {
             .iter()
             .map(|f| {
                 let backends = f.backends.iter().map(|b| backend_of(*b)).collect();
-                (key_of(f.address, 0), DesiredFrontend { policy: POLICY_RANDOM, backends })
+                (key_of(f.address, 0), DesiredFrontend { policy: f.policy, flags: 0, backends })
             })
             .collect();
-        Desired { frontends }
+        Desired { frontends, keep: BTreeSet::new() }
     }
 }
 
@@ -141,7 +145,7 @@ pub fn plan(current: &Snapshot, desired: &Desired) -> Result<Vec<Op>, PlanError>
     }
     let mut used: BTreeSet<u32> = current.backends.keys().copied().collect();
     let mut next_free = 1u32;
-    for b in desired.frontends.values().flat_map(|f| &f.backends) {
+    for b in desired.frontends.values().flat_map(|f| &f.backends).chain(&desired.keep) {
         if id_of.contains_key(b) {
             continue;
         }
@@ -166,11 +170,15 @@ pub fn plan(current: &Snapshot, desired: &Desired) -> Result<Vec<Op>, PlanError>
             Some(v) if v.base == SLOT_BASES[0] => SLOT_BASES[1],
             _ => SLOT_BASES[0],
         };
+        let slot0 = ServiceValue::frontend(f.backends.len() as u16, base, f.policy).with_flags(f.flags);
         if !unchanged {
             for (i, b) in f.backends.iter().enumerate() {
                 ops.push(Op::PutSlot(fkey.with_slot(base + i as u16 + 1), ServiceValue::slot(id_of[b])));
             }
-            ops.push(Op::PutSlot(*fkey, ServiceValue::frontend(f.backends.len() as u16, base, f.policy)));
+            ops.push(Op::PutSlot(*fkey, slot0));
+        } else if live.is_some_and(|v| v.flags != f.flags) {
+            // Same set, only what status shows changed: rewriting slot 0 in place is atomic.
+            ops.push(Op::PutSlot(*fkey, slot0));
         }
         let live_range = base + 1..=base + f.backends.len() as u16;
         let stale = current
@@ -187,7 +195,7 @@ pub fn plan(current: &Snapshot, desired: &Desired) -> Result<Vec<Op>, PlanError>
     ops.extend(current.services.keys().filter(|k| k.slot != 0 && gone(k)).map(|k| Op::DeleteSlot(*k)));
 
     let wanted: BTreeSet<u32> =
-        desired.frontends.values().flat_map(|f| &f.backends).map(|b| id_of[b]).collect();
+        desired.frontends.values().flat_map(|f| &f.backends).chain(&desired.keep).map(|b| id_of[b]).collect();
     ops.extend(current.backends.keys().filter(|id| !wanted.contains(id)).map(|id| Op::DeleteBackend(*id)));
     Ok(ops)
 }
@@ -199,6 +207,7 @@ fn same_frontend(a: &ServiceKey, b: &ServiceKey) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kha_common::POLICY_RANDOM;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -210,9 +219,10 @@ mod tests {
                 .iter()
                 .map(|(f, bs)| {
                     let backends = bs.iter().map(|b| backend_of(addr(b))).collect();
-                    (key_of(addr(f), 0), DesiredFrontend { policy: POLICY_RANDOM, backends })
+                    (key_of(addr(f), 0), DesiredFrontend { policy: POLICY_RANDOM, flags: 0, backends })
                 })
                 .collect(),
+            keep: BTreeSet::new(),
         }
     }
 
@@ -379,6 +389,35 @@ mod tests {
             let refs: Vec<(&str, &[&str])> = spec.iter().map(|(f, b)| (*f, b.as_slice())).collect();
             current = check_all_prefixes(&current, &desired(&refs));
         }
+    }
+
+    #[test]
+    fn kept_backends_stay_in_the_table_with_their_ids() {
+        let both = desired(&[("127.0.0.1:6443", &["192.0.2.11:6443", "192.0.2.12:6443"])]);
+        let start = check_all_prefixes(&Snapshot::default(), &both);
+        let id12 =
+            *start.backends.iter().find(|(_, b)| **b == backend_of(addr("192.0.2.12:6443"))).unwrap().0;
+        let mut one = desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"])]);
+        one.keep.insert(backend_of(addr("192.0.2.12:6443")));
+        let end = check_all_prefixes(&start, &one);
+        assert_eq!(end.backends.get(&id12), Some(&backend_of(addr("192.0.2.12:6443"))));
+        assert_eq!(end.resolve(&key_of(addr("127.0.0.1:6443"), 0)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_flag_change_alone_rewrites_slot_zero_only() {
+        let mut want = desired(&[("127.0.0.1:6443", &["192.0.2.11:6443"])]);
+        let start = check_all_prefixes(&Snapshot::default(), &want);
+        let f = key_of(addr("127.0.0.1:6443"), 0);
+        want.frontends.get_mut(&f).unwrap().flags = kha_common::FRONTEND_FALLBACK;
+        let ops = plan(&start, &want).unwrap();
+        assert_eq!(
+            ops,
+            vec![Op::PutSlot(
+                f,
+                ServiceValue::frontend(1, 0, POLICY_RANDOM).with_flags(kha_common::FRONTEND_FALLBACK)
+            )]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod endpoints;
+pub mod health;
 pub mod loader;
 pub mod maps;
 pub mod probe;

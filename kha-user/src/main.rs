@@ -7,16 +7,18 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+mod agent;
+
 use kha::{
-    config::Config,
+    config::{Config, FrontendDefaults},
     endpoints::Desired,
+    health::{AllDown, DEFAULT_HYSTERESIS, Hysteresis},
     loader::{self, DEFAULT_PIN_DIR, PinDir},
     maps::KhaMaps,
     status,
     sync::{BackendTable as _, sync},
 };
 use kha_common::DatapathConfig;
-use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(name = "kha", version, about = "Node-local Kubernetes apiserver load balancer in the kernel")]
@@ -28,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the datapath and keep its maps current until SIGTERM/SIGINT (the datapath stays).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show frontends, backends, links and counters from the pinned maps (no agent needed).
     Status {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -60,6 +62,10 @@ struct RunArgs {
     /// Backend IP:PORT (a kube-apiserver), repeatable; serves every --frontend.
     #[arg(long)]
     backend: Vec<String>,
+    /// Balancing policy: random, round-robin, least-connections or p2c (config files may set
+    /// one per frontend).
+    #[arg(long, default_value = "least-connections")]
+    policy: String,
     /// cgroup v2 directory to attach to [default: the cgroup v2 mount point].
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -68,16 +74,96 @@ struct RunArgs {
     /// Network namespace whose sockets are rewritten (e.g. /run/netns/NAME) [default: the agent's own].
     #[arg(long)]
     netns: Option<PathBuf>,
-    /// How often the maps are checked against the config and repaired.
+    /// How often the maps are checked against the desired state and repaired.
     #[arg(long, default_value = "10", value_name = "SECONDS")]
     resync_interval: u64,
+    #[command(flatten)]
+    health: HealthArgs,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Cluster CA that signs the apiservers' certificates [default: kubespray's
+    /// /etc/kubernetes/ssl/ca.crt or kubeadm's /etc/kubernetes/pki/ca.crt, whichever exists].
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate for the probes, for clusters without anonymous auth (e.g. the kubelet's).
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Probe without verifying the server certificate (not recommended).
+    #[arg(long)]
+    insecure_skip_tls_verify: bool,
+    /// Serve every configured backend without probing it.
+    #[arg(long, conflicts_with_all = ["ca_file", "insecure_skip_tls_verify"])]
+    no_health_checks: bool,
+    /// Path probed on each backend (config files may set one per frontend, e.g. /health for etcd).
+    #[arg(long, default_value = kha::config::DEFAULT_HEALTH_PATH)]
+    health_path: String,
+    #[arg(long, default_value = "2000", value_name = "MS")]
+    probe_interval_ms: u64,
+    #[arg(long, default_value = "3000", value_name = "MS")]
+    probe_timeout_ms: u64,
+    /// Successful probes in a row that bring a backend back.
+    #[arg(long, default_value_t = DEFAULT_HYSTERESIS.rise, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rise: u32,
+    /// Failed probes in a row that take a backend out.
+    #[arg(long, default_value_t = DEFAULT_HYSTERESIS.fall, value_parser = clap::value_parser!(u32).range(1..=100))]
+    fall: u32,
+    /// When every backend of a frontend is unhealthy: serve all of them, or fail connects.
+    #[arg(long, value_enum, default_value_t = AllDown::Fallback)]
+    all_down: AllDown,
+    /// How long a backend that fails readiness but still answers (or was removed from the
+    /// config) keeps its existing connections before they are terminated.
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    drain_time: u64,
+}
+
+/// Where kubespray and kubeadm keep the cluster CA.
+const CA_CANDIDATES: [&str; 2] = ["/etc/kubernetes/ssl/ca.crt", "/etc/kubernetes/pki/ca.crt"];
+
+impl HealthArgs {
+    /// The probe settings, or `None` with --no-health-checks. Refuses to guess a CA.
+    fn probes(&self) -> Result<Option<agent::ProbeTemplate>> {
+        if self.no_health_checks {
+            return Ok(None);
+        }
+        let ca = match (&self.ca_file, self.insecure_skip_tls_verify) {
+            (Some(ca), _) => Some(ca.clone()),
+            (None, true) => None,
+            (None, false) => Some(CA_CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no cluster CA at {} or {}: pass --ca-file FILE (the CA that signs the apiservers' certificates), or --insecure-skip-tls-verify, or --no-health-checks",
+                    CA_CANDIDATES[0],
+                    CA_CANDIDATES[1]
+                )
+            })?),
+        };
+        if self.insecure_skip_tls_verify {
+            log::warn!(
+                "--insecure-skip-tls-verify: probes accept any certificate; a wrong host answering would look healthy"
+            );
+        }
+        let tls = kha::probe::tls_config(
+            ca.as_deref(),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+            self.insecure_skip_tls_verify,
+        )?;
+        Ok(Some(agent::ProbeTemplate {
+            tls,
+            interval: Duration::from_millis(self.probe_interval_ms.max(100)),
+            timeout: Duration::from_millis(self.probe_timeout_ms.max(100)),
+        }))
+    }
 }
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Status { pin_dir, output } => show_status(&pin_dir, output),
         Command::Detach { pin_dir } => detach(&pin_dir),
     };
@@ -88,9 +174,13 @@ fn main() {
 }
 
 fn load_config(args: &RunArgs) -> Result<Config> {
+    let defaults = FrontendDefaults {
+        policy: kha::config::parse_policy("--policy", &args.policy)?,
+        health_path: args.health.health_path.clone(),
+    };
     Ok(match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::from_flags(&args.frontend, &args.backend)?,
+        Some(path) => Config::from_file(path, &defaults)?,
+        None => Config::from_flags(&args.frontend, &args.backend, &defaults)?,
     })
 }
 
@@ -100,6 +190,7 @@ fn run(args: RunArgs) -> Result<()> {
     for f in config.frontends.iter().filter(|f| f.backends.is_empty()) {
         log::warn!("frontend {} has no backends: connects to it fail with EHOSTUNREACH", f.address);
     }
+    let probes = args.health.probes()?;
     loader::kernel_supported()?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
@@ -133,41 +224,18 @@ fn run(args: RunArgs) -> Result<()> {
         log::info!("frontend {} -> [{}]", f.address, b.join(", "));
     }
 
+    let settings = agent::Settings {
+        probes,
+        hysteresis: Hysteresis { rise: args.health.rise, fall: args.health.fall },
+        all_down: args.health.all_down,
+        drain: Duration::from_secs(args.health.drain_time),
+        resync: Duration::from_secs(args.resync_interval.max(1)),
+        netns: args.netns.clone(),
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(agent_loop(args, config, maps))?;
+    rt.block_on(agent::run(settings, config, maps, || load_config(&args)))?;
     log::info!("stopping; the datapath stays attached and keeps balancing (`kha detach` removes it)");
     Ok(())
-}
-
-/// The map writer: the only task that writes the maps. It re-applies the config on SIGHUP
-/// (re-reading --config) and on a timer, which repairs maps someone else changed.
-async fn agent_loop(args: RunArgs, mut config: Config, mut maps: KhaMaps) -> Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match load_config(&args) {
-                Ok(c) => {
-                    log::info!("SIGHUP: config reloaded");
-                    config = c;
-                }
-                Err(e) => log::error!("SIGHUP: keeping the running config: {e:#}"),
-            },
-            _ = tick.tick() => {}
-        }
-        match sync(&mut maps, &Desired::from_config(&config)) {
-            Ok(r) if r.writes > 0 => {
-                log::warn!("resync: {} map writes (maps differed from the config)", r.writes)
-            }
-            Ok(_) => {}
-            Err(e) => log::error!("resync failed, will retry: {e:#}"),
-        }
-    }
 }
 
 fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
@@ -177,13 +245,20 @@ fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
     }
     let maps = KhaMaps::open_pinned(&pins.maps())?;
     let snapshot = maps.snapshot()?;
-    let s = status::build(
-        &pins.root.display().to_string(),
-        &snapshot,
-        &maps.datapath_config()?,
-        loader::link_status(&pins),
-        maps.stats()?,
-    );
+    let mut backends = std::collections::BTreeMap::new();
+    for id in snapshot.backends.keys() {
+        backends.insert(*id, (maps.backend_stats(*id)?, maps.suspect(*id)?));
+    }
+    let pin_dir = pins.root.display().to_string();
+    let s = status::build(status::Inputs {
+        pin_dir: &pin_dir,
+        snapshot: &snapshot,
+        config: &maps.datapath_config()?,
+        links: loader::link_status(&pins),
+        counters: maps.stats()?,
+        probes: &maps.probe_statuses()?,
+        backends: &backends,
+    });
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
         Output::Text => print!("{}", status::render_text(&s)),

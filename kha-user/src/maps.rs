@@ -3,10 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use kha_common::{
-    Backend, DatapathConfig, MAP_BACKENDS, MAP_CONFIG, MAP_SERVICES, MAP_STATS, STAT_NAMES, ServiceKey,
-    ServiceValue,
+    Backend, BackendHealth, BackendStats, Conn, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_CONFIG, MAP_CONNS, MAP_PROBES, MAP_SERVICES, MAP_STATS, ProbeKey, ProbeStatus,
+    STAT_NAMES, STAT_TERMINATED, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -41,6 +44,11 @@ pub struct KhaMaps {
     backends: HashMap<MapData, u32, Backend>,
     config: Array<MapData, DatapathConfig>,
     stats: PerCpuArray<MapData, u64>,
+    backend_stats: Array<MapData, BackendStats>,
+    backend_health: Array<MapData, BackendHealth>,
+    // An LRU hash; aya reads it through the same type as a plain one.
+    conns: HashMap<MapData, u64, Conn>,
+    probes: HashMap<MapData, ProbeKey, ProbeStatus>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<Map, MapsError> {
@@ -60,7 +68,84 @@ impl KhaMaps {
             backends: HashMap::try_from(open(maps_dir, MAP_BACKENDS)?).map_err(typed(MAP_BACKENDS))?,
             config: Array::try_from(open(maps_dir, MAP_CONFIG)?).map_err(typed(MAP_CONFIG))?,
             stats: PerCpuArray::try_from(open(maps_dir, MAP_STATS)?).map_err(typed(MAP_STATS))?,
+            backend_stats: Array::try_from(open(maps_dir, MAP_BACKEND_STATS)?)
+                .map_err(typed(MAP_BACKEND_STATS))?,
+            backend_health: Array::try_from(open(maps_dir, MAP_BACKEND_HEALTH)?)
+                .map_err(typed(MAP_BACKEND_HEALTH))?,
+            conns: HashMap::try_from(open(maps_dir, MAP_CONNS)?).map_err(typed(MAP_CONNS))?,
+            probes: HashMap::try_from(open(maps_dir, MAP_PROBES)?).map_err(typed(MAP_PROBES))?,
         })
+    }
+
+    /// Adds to the `terminated` counter (the agent's own, kept with the kernel's so `kha status`
+    /// shows it without an agent).
+    pub fn count_terminated(&mut self, n: u64) -> Result<(), MapsError> {
+        let read = |source| MapsError::Read { map: MAP_STATS, source };
+        let mut values: Vec<u64> =
+            self.stats.get(&STAT_TERMINATED, 0).map_err(read)?.iter().copied().collect();
+        if let Some(first) = values.first_mut() {
+            *first += n;
+        }
+        let values = aya::maps::PerCpuValues::try_from(values)
+            .map_err(|e| MapsError::Write { map: MAP_STATS, source: MapError::IoError(e) })?;
+        self.stats
+            .set(STAT_TERMINATED, values, 0)
+            .map_err(|source| MapsError::Write { map: MAP_STATS, source })
+    }
+
+    /// The kernel's counters for one backend id.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats, MapsError> {
+        self.backend_stats.get(&id, 0).map_err(|source| MapsError::Read { map: MAP_BACKEND_STATS, source })
+    }
+
+    /// Whether a failed connect marked the backend suspect.
+    pub fn suspect(&self, id: u32) -> Result<bool, MapsError> {
+        let h = self
+            .backend_health
+            .get(&id, 0)
+            .map_err(|source| MapsError::Read { map: MAP_BACKEND_HEALTH, source })?;
+        Ok(h.suspect_ns != 0)
+    }
+
+    /// Lifts the kernel's suspicion once a probe shows the backend ready.
+    pub fn clear_suspect(&mut self, id: u32) -> Result<(), MapsError> {
+        self.backend_health
+            .set(id, &BackendHealth::default(), 0)
+            .map_err(|source| MapsError::Write { map: MAP_BACKEND_HEALTH, source })
+    }
+
+    /// Cookies of the open sockets kha redirected to any of `ids`.
+    pub fn sockets_of(&self, ids: &BTreeSet<u32>) -> Result<BTreeSet<u64>, MapsError> {
+        let mut cookies = BTreeSet::new();
+        for entry in self.conns.iter() {
+            let (cookie, conn) = entry.map_err(|source| MapsError::Read { map: MAP_CONNS, source })?;
+            if ids.contains(&conn.backend_id) {
+                cookies.insert(cookie);
+            }
+        }
+        Ok(cookies)
+    }
+
+    pub fn probe_statuses(&self) -> Result<BTreeMap<ProbeKey, ProbeStatus>, MapsError> {
+        self.probes
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| MapsError::Read { map: MAP_PROBES, source })
+    }
+
+    /// Replaces the probe statuses with `want`: writes what changed, deletes what is gone.
+    pub fn set_probe_statuses(&mut self, want: &BTreeMap<ProbeKey, ProbeStatus>) -> Result<(), MapsError> {
+        let have = self.probe_statuses()?;
+        let write = |source| MapsError::Write { map: MAP_PROBES, source };
+        for (k, v) in want {
+            if have.get(k) != Some(v) {
+                self.probes.insert(k, v, 0).map_err(write)?;
+            }
+        }
+        for k in have.keys().filter(|k| !want.contains_key(k)) {
+            self.probes.remove(k).map_err(write)?;
+        }
+        Ok(())
     }
 
     pub fn datapath_config(&self) -> Result<DatapathConfig, MapsError> {
@@ -106,7 +191,15 @@ impl BackendTable for KhaMaps {
 
     fn apply(&mut self, op: &Op) -> Result<(), MapsError> {
         let (map, result) = match op {
-            Op::PutBackend(id, b) => (MAP_BACKENDS, self.backends.insert(id, b, 0)),
+            Op::PutBackend(id, b) => {
+                // A new id starts with clean counters and no suspicion, whoever had it before.
+                if !matches!(self.backends.get(id, 0), Ok(old) if old == *b) {
+                    let zero = (self.backend_stats.set(*id, &BackendStats::default(), 0))
+                        .and_then(|()| self.backend_health.set(*id, &BackendHealth::default(), 0));
+                    zero.map_err(|source| MapsError::Write { map: MAP_BACKEND_STATS, source })?;
+                }
+                (MAP_BACKENDS, self.backends.insert(id, b, 0))
+            }
             Op::DeleteBackend(id) => (MAP_BACKENDS, self.backends.remove(id)),
             Op::PutSlot(k, v) => (MAP_SERVICES, self.services.insert(k, v, 0)),
             Op::DeleteSlot(k) => (MAP_SERVICES, self.services.remove(k)),

@@ -83,7 +83,7 @@ mod tests {
 
     fn desired(backends: &[&str]) -> Desired {
         let b: Vec<String> = backends.iter().map(|s| s.to_string()).collect();
-        Desired::from_config(&Config::from_flags(&[], &b).unwrap())
+        Desired::from_config(&Config::from_flags(&[], &b, &Default::default()).unwrap())
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn v6_frontend_reaches_v4_masters_through_v4_mapped_addresses() {
 #[test]
 fn v6_socket_dialing_a_v4_mapped_frontend_is_balanced_too() {
     let Some(mut bed) = harness::bed(3) else { return };
-    let mut a = args(&["--frontend", &format!("127.0.0.1:{IDENT_PORT}")]);
+    let mut a = args(&["--frontend", &format!("127.0.0.1:{IDENT_PORT}"), harness::NO_CHECKS]);
     a.extend(backends(&bed, |m| m.ident_v4()));
     start(&mut bed, &a);
 
@@ -91,7 +91,7 @@ fn v6_socket_dialing_a_v4_mapped_frontend_is_balanced_too() {
 fn other_namespaces_and_other_cgroups_are_untouched() {
     let Some(mut bed) = harness::bed(3) else { return };
     let frontend = format!("127.0.0.1:{IDENT_PORT}");
-    let mut a = args(&["--frontend", &frontend]);
+    let mut a = args(&["--frontend", &frontend, harness::NO_CHECKS]);
     a.extend(backends(&bed, |m| m.ident_v4()));
     start(&mut bed, &a);
 
@@ -139,7 +139,7 @@ fn empty_backend_set_fails_connects_at_once_with_ehostunreach() {
         "empty.toml",
         &format!("[[frontend]]\naddress = \"{frontend}\"\nbackends = []\n"),
     );
-    start(&mut bed, &args(&["--config", &config.display().to_string()]));
+    start(&mut bed, &args(&["--config", &config.display().to_string(), harness::NO_CHECKS]));
     // A listener on the frontend must not be reached by falling through.
     let node_ns = bed.lab.node_netns().to_owned();
     let _local = local_listener(&bed, &node_ns, "node-local", &frontend);

@@ -38,9 +38,18 @@ pub fn backends(bed: &Bed, pick: impl Fn(&kha_lab::topology::LabMaster) -> Socke
     bed.lab.masters().iter().flat_map(|m| ["--backend".to_string(), pick(m).to_string()]).collect()
 }
 
+/// Starts the agent; unless the test chose otherwise, its probes trust the lab's CA, as a real
+/// node's agent trusts the cluster CA.
 pub fn start(bed: &mut Bed, extra: &[String]) {
-    bed.start_agent(extra).unwrap_or_else(|e| panic!("agent did not start: {e}"));
+    let mut args = extra.to_vec();
+    if !args.iter().any(|a| a == "--no-health-checks" || a == "--ca-file") {
+        args.extend(["--ca-file".to_string(), bed.pki.ca_cert.display().to_string()]);
+    }
+    bed.start_agent(&args).unwrap_or_else(|e| panic!("agent did not start: {e}\n{}", bed.agent_log_text()));
 }
+
+/// For backends on the plain identity port, which a TLS probe cannot check.
+pub const NO_CHECKS: &str = "--no-health-checks";
 
 /// `kha-lab connect` to `addr`, reading the identity line each listener sends.
 pub fn connect(bed: &Bed, in_cgroup: bool, addr: &str, count: u32) -> ToolRun {

@@ -11,7 +11,7 @@ fn ident_frontend() -> String {
 }
 
 fn start_ident(bed: &mut Bed) {
-    let mut a = args(&["--frontend", &ident_frontend()]);
+    let mut a = args(&["--frontend", &ident_frontend(), harness::NO_CHECKS]);
     a.extend(backends(bed, |m| m.ident_v4()));
     start(bed, &a);
 }
@@ -29,7 +29,7 @@ fn sigkilled_agent_leaves_a_working_datapath_and_a_restart_takes_control() {
 
     // A new agent with another backend set reuses the pins and takes over.
     let m2 = bed.lab.master("m2").unwrap().ident_v4().to_string();
-    start(&mut bed, &args(&["--frontend", &ident_frontend(), "--backend", &m2]));
+    start(&mut bed, &args(&["--frontend", &ident_frontend(), "--backend", &m2, harness::NO_CHECKS]));
     let after = bed.prog_ids();
     assert!(after.iter().all(|id| !before.contains(id)), "programs were not replaced: {before:?} {after:?}");
     let run = connect(&bed, true, &ident_frontend(), 20);

@@ -4,5 +4,6 @@
 
 mod datapath;
 mod harness;
+mod health;
 mod lifecycle;
 mod refusals;

@@ -48,7 +48,7 @@ fn bad_configs_are_refused_before_anything_is_attached() {
 fn a_cgroup_that_is_not_cgroup_v2_is_refused() {
     let Some(bed) = harness::bed(1) else { return };
     let out = Command::new(&bed.kha_bin)
-        .args(["run", "--backend", "192.0.2.11:6443", "--cgroup", "/tmp", "--pin-dir"])
+        .args(["run", "--backend", "192.0.2.11:6443", "--no-health-checks", "--cgroup", "/tmp", "--pin-dir"])
         .arg(&bed.pin_dir)
         .output()
         .unwrap();
@@ -62,11 +62,11 @@ fn a_cgroup_that_is_not_cgroup_v2_is_refused() {
 fn pinned_links_of_another_cgroup_are_not_taken_over() {
     let Some(mut bed) = harness::bed(1) else { return };
     let m1 = bed.lab.master("m1").unwrap().https_v4().to_string();
-    bed.start_agent(&["--backend".into(), m1.clone()]).unwrap();
+    bed.start_agent(&["--backend".into(), m1.clone(), "--no-health-checks".into()]).unwrap();
     bed.stop_agent(libc::SIGTERM).unwrap();
     let other = kha_lab::bed::ChildCgroup::create(&format!("{}-other", bed.lab.prefix())).unwrap();
     let out = Command::new(&bed.kha_bin)
-        .args(["run", "--backend", &m1, "--cgroup"])
+        .args(["run", "--backend", &m1, "--no-health-checks", "--cgroup"])
         .arg(&other.path)
         .arg("--pin-dir")
         .arg(&bed.pin_dir)

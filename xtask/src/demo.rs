@@ -60,6 +60,9 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     for m in bed.lab.masters() {
         agent_args.extend(["--backend".into(), m.https_v4().to_string()]);
     }
+    // The probes verify the masters against the lab's CA, as a node's agent does with the
+    // cluster CA.
+    agent_args.extend(["--ca-file".into(), bed.pki.ca_cert.display().to_string()]);
     println!("\n== starting kha: kha run {}", agent_args.join(" "));
     bed.start_agent(&agent_args).context("starting kha")?;
     println!("{}", String::from_utf8_lossy(&bed.kha(&["status"]).stdout));

@@ -171,6 +171,27 @@ fn socket_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// An unconnected TCP socket for `addr`, created inside the namespace `ns` by a short-lived
+/// thread (setns affects only the calling thread; the socket stays in the namespace it was
+/// made in). The probes use it so that they reach the masters the way the node's clients do.
+pub fn socket_in_netns(ns: &File, addr: std::net::SocketAddr) -> io::Result<socket2::Socket> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this thread only, with a namespace fd the caller opened.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("socket thread panicked")))
+    })
+}
+
 /// Held while an agent owns a pin dir, so two agents never write the same maps.
 pub struct PinLock(#[allow(dead_code)] File);
 

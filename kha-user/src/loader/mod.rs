@@ -7,6 +7,7 @@
 //! same links with `BPF_LINK_UPDATE`, which no connect can observe half-done.
 
 mod checks;
+mod sockdiag;
 mod sys;
 
 use std::{
@@ -19,7 +20,9 @@ use std::{
 use aya::{Ebpf, EbpfLoader, programs::Program};
 pub use checks::{
     PinLock, cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie,
+    socket_in_netns,
 };
+pub use sockdiag::destroy as destroy_sockets;
 pub use sys::LinkInfo;
 
 /// The eBPF object built from kha-ebpf by build.rs.

@@ -1,0 +1,365 @@
+//! Per-backend health from probe events: rise/fall hysteresis, and the live set each frontend
+//! serves. Pure: the agent feeds events in and applies what comes out.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use kha_common::{
+    FRONTEND_FALLBACK, PROBE_DOWN, PROBE_DRAINING, PROBE_REASON_LEN, PROBE_UNCHECKED, PROBE_UNKNOWN,
+    PROBE_UP, ProbeKey, ProbeStatus,
+};
+
+use crate::{
+    config::Config,
+    endpoints::{Desired, backend_of, key_of},
+    probe::{ProbeEvent, ProbeFailure},
+};
+
+/// Hysteresis: how many probes in a row turn a backend up or down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hysteresis {
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// Two in a row, as kubespray's haproxy (`rise 2 fall 2`): one lost probe does not flap the
+/// set, and with 2 s probes a failing master leaves within about 4 s even without the faster
+/// paths (a lost probe connection, a failed connect marked in the kernel).
+pub const DEFAULT_HYSTERESIS: Hysteresis = Hysteresis { rise: 2, fall: 2 };
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// No probe result yet: served, so a (re)starting agent never shrinks the set on its own.
+    Unknown,
+    Up,
+    /// Failing in a way that says the process or the path is gone: sockets are terminated now.
+    Down,
+    /// Answering, but not ready (graceful shutdown, etcd trouble): no new connections, and
+    /// existing ones are terminated after the drain time.
+    Draining,
+    /// Health checks are off.
+    Unchecked,
+}
+
+impl State {
+    pub fn code(self) -> u8 {
+        match self {
+            State::Unknown => PROBE_UNKNOWN,
+            State::Up => PROBE_UP,
+            State::Down => PROBE_DOWN,
+            State::Draining => PROBE_DRAINING,
+            State::Unchecked => PROBE_UNCHECKED,
+        }
+    }
+
+    pub fn serves(self) -> bool {
+        matches!(self, State::Unknown | State::Up | State::Unchecked)
+    }
+}
+
+/// What a probe event changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    None,
+    /// Left the live set; terminate its sockets now.
+    WentDown,
+    /// Left the live set but still answers; terminate its sockets after the drain time.
+    WentDraining,
+    WentUp,
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendHealth {
+    pub state: State,
+    successes: u32,
+    failures: u32,
+    pub last_failure: Option<String>,
+    pub last_latency: Option<Duration>,
+    pub since: SystemTime,
+}
+
+impl BackendHealth {
+    pub fn new(checked: bool, now: SystemTime) -> Self {
+        let state = if checked { State::Unknown } else { State::Unchecked };
+        Self { state, successes: 0, failures: 0, last_failure: None, last_latency: None, since: now }
+    }
+
+    /// Applies one probe event. The first result decides at once; after that `rise`/`fall`
+    /// results in a row are needed, except that a lost probe connection (the master's process
+    /// died, or it went silent) takes the backend down at once.
+    pub fn observe(&mut self, event: &ProbeEvent, h: Hysteresis, now: SystemTime) -> Change {
+        let (ok, failure, latency) = match event {
+            ProbeEvent::Ready { latency } => (true, None, Some(*latency)),
+            ProbeEvent::Failed { failure, latency } => (false, Some(failure), Some(*latency)),
+            ProbeEvent::ConnectionLost { failure } => (false, Some(failure), None),
+        };
+        if latency.is_some() {
+            self.last_latency = latency;
+        }
+        if let Some(f) = failure {
+            self.last_failure = Some(f.to_string());
+        }
+        let next = if ok {
+            self.successes += 1;
+            self.failures = 0;
+            match self.state {
+                State::Unknown => State::Up,
+                State::Down | State::Draining if self.successes >= h.rise => State::Up,
+                s => s,
+            }
+        } else {
+            self.failures += 1;
+            self.successes = 0;
+            let down = if failure.is_some_and(still_answers) { State::Draining } else { State::Down };
+            let lost = matches!(event, ProbeEvent::ConnectionLost { .. });
+            match self.state {
+                State::Unknown => down,
+                State::Up if lost || self.failures >= h.fall => down,
+                // A draining master whose process then dies is down: stop waiting for the drain.
+                State::Draining if down == State::Down => State::Down,
+                s => s,
+            }
+        };
+        self.transition(next, now)
+    }
+
+    fn transition(&mut self, next: State, now: SystemTime) -> Change {
+        if next == self.state {
+            return Change::None;
+        }
+        let was_serving = self.state.serves();
+        self.state = next;
+        self.since = now;
+        match next {
+            State::Up if !was_serving => Change::WentUp,
+            State::Down => Change::WentDown,
+            State::Draining => Change::WentDraining,
+            _ => Change::None,
+        }
+    }
+}
+
+/// An answer that is not "ready" but is an answer: the process is alive and serving.
+fn still_answers(f: &ProbeFailure) -> bool {
+    matches!(f, ProbeFailure::Status { .. })
+}
+
+/// A frontend's live set from its configured backends and their health, and whether it fell
+/// back to all of them because none is healthy.
+pub fn live_set(
+    configured: &[SocketAddr],
+    health: &BTreeMap<SocketAddr, BackendHealth>,
+    all_down: AllDown,
+) -> (Vec<SocketAddr>, bool) {
+    let serving: Vec<SocketAddr> =
+        configured.iter().copied().filter(|b| health.get(b).is_none_or(|h| h.state.serves())).collect();
+    if !serving.is_empty() || configured.is_empty() {
+        return (serving, false);
+    }
+    match all_down {
+        AllDown::Fallback => (configured.to_vec(), true),
+        AllDown::FailClosed => (Vec::new(), false),
+    }
+}
+
+/// A configured backend as the probes see it: its address and the path probed on it (one
+/// backend may serve two frontends with different paths).
+pub type ProbeTarget = (SocketAddr, String);
+
+/// The backend table and the status records for a config and the health of its backends.
+pub fn desired_state(
+    config: &Config,
+    health: &BTreeMap<ProbeTarget, BackendHealth>,
+    all_down: AllDown,
+) -> (Desired, BTreeMap<ProbeKey, ProbeStatus>) {
+    let mut desired = Desired::from_config(config);
+    let mut statuses = BTreeMap::new();
+    for f in &config.frontends {
+        let by_addr: BTreeMap<SocketAddr, BackendHealth> = f
+            .backends
+            .iter()
+            .filter_map(|b| Some((*b, health.get(&(*b, f.health_path.clone()))?.clone())))
+            .collect();
+        let (live, fallback) = live_set(&f.backends, &by_addr, all_down);
+        let entry = desired.frontends.get_mut(&key_of(f.address, 0)).expect("from the same config");
+        entry.backends = live.iter().map(|b| backend_of(*b)).collect();
+        entry.flags = if fallback { FRONTEND_FALLBACK } else { 0 };
+        for b in &f.backends {
+            if !live.contains(b) {
+                desired.keep.insert(backend_of(*b));
+            }
+            let fk = key_of(f.address, 0);
+            let bk = backend_of(*b);
+            let key = ProbeKey {
+                frontend_addr_be: fk.addr_be,
+                backend_addr_be: bk.addr_be,
+                frontend_port_be: fk.port_be,
+                backend_port_be: bk.port_be,
+            };
+            statuses.insert(key, probe_status(by_addr.get(b), live.contains(b)));
+        }
+    }
+    (desired, statuses)
+}
+
+fn probe_status(h: Option<&BackendHealth>, serving: bool) -> ProbeStatus {
+    let mut reason = [0u8; PROBE_REASON_LEN];
+    let (state, latency_us, since) = match h {
+        Some(h) => {
+            if let Some(r) = &h.last_failure {
+                // Cut on a character boundary so status never shows half a character.
+                let mut end = r.len().min(PROBE_REASON_LEN);
+                while !r.is_char_boundary(end) {
+                    end -= 1;
+                }
+                reason[..end].copy_from_slice(&r.as_bytes()[..end]);
+            }
+            let latency = h.last_latency.map_or(0, |l| l.as_micros().min(u32::MAX as u128) as u32);
+            let since = h.since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            (h.state.code(), latency, since)
+        }
+        None => (PROBE_UNKNOWN, 0, 0),
+    };
+    ProbeStatus { state, serving: serving as u8, _pad: [0; 2], latency_us, since_unix_s: since, reason }
+}
+
+/// What a frontend serves when every backend is unhealthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AllDown {
+    /// All configured backends: a broken probe (a wrong CA, a network policy) must not cut the
+    /// node off from the API.
+    Fallback,
+    /// None: connects fail at once with EHOSTUNREACH.
+    FailClosed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::Phase;
+
+    const H: Hysteresis = DEFAULT_HYSTERESIS;
+
+    fn ready() -> ProbeEvent {
+        ProbeEvent::Ready { latency: Duration::from_millis(2) }
+    }
+    fn timeout() -> ProbeEvent {
+        ProbeEvent::Failed {
+            failure: ProbeFailure::Timeout { phase: Phase::Response },
+            latency: Duration::from_secs(3),
+        }
+    }
+    fn not_ready() -> ProbeEvent {
+        ProbeEvent::Failed {
+            failure: ProbeFailure::Status { code: 500, line: "[-]etcd failed: reason withheld".into() },
+            latency: Duration::from_millis(3),
+        }
+    }
+    fn lost() -> ProbeEvent {
+        ProbeEvent::ConnectionLost { failure: ProbeFailure::Closed }
+    }
+
+    fn run(events: &[ProbeEvent]) -> (BackendHealth, Vec<Change>) {
+        let mut b = BackendHealth::new(true, SystemTime::UNIX_EPOCH);
+        let changes = events.iter().map(|e| b.observe(e, H, SystemTime::UNIX_EPOCH)).collect();
+        (b, changes)
+    }
+
+    #[test]
+    fn the_first_result_decides_at_once() {
+        assert_eq!(run(&[ready()]).0.state, State::Up);
+        let (b, changes) = run(&[timeout()]);
+        assert_eq!((b.state, changes[0]), (State::Down, Change::WentDown));
+    }
+
+    #[test]
+    fn one_failure_does_not_flap_two_do() {
+        let (b, changes) = run(&[ready(), timeout()]);
+        assert_eq!(b.state, State::Up);
+        assert_eq!(changes, [Change::None, Change::None]);
+        let (b, changes) = run(&[ready(), timeout(), ready(), timeout(), timeout()]);
+        assert_eq!(b.state, State::Down);
+        assert_eq!(changes[4], Change::WentDown);
+    }
+
+    #[test]
+    fn a_lost_probe_connection_is_down_at_once() {
+        let (b, changes) = run(&[ready(), lost()]);
+        assert_eq!((b.state, changes[1]), (State::Down, Change::WentDown));
+        assert_eq!(b.last_failure.as_deref(), Some(ProbeFailure::Closed.to_string().as_str()));
+    }
+
+    #[test]
+    fn not_ready_but_answering_drains_then_a_death_is_down() {
+        let (b, changes) = run(&[ready(), not_ready(), not_ready()]);
+        assert_eq!((b.state, changes[2]), (State::Draining, Change::WentDraining));
+        assert!(b.last_failure.as_deref().unwrap().contains("[-]etcd failed"), "{:?}", b.last_failure);
+        let (b, changes) = run(&[ready(), not_ready(), not_ready(), lost()]);
+        assert_eq!((b.state, changes[3]), (State::Down, Change::WentDown));
+    }
+
+    #[test]
+    fn recovery_needs_rise_successes() {
+        let (b, changes) = run(&[ready(), lost(), ready()]);
+        assert_eq!(b.state, State::Down, "one success is not enough");
+        assert_eq!(changes[2], Change::None);
+        let (b, changes) = run(&[ready(), lost(), ready(), ready()]);
+        assert_eq!((b.state, changes[3]), (State::Up, Change::WentUp));
+    }
+
+    #[test]
+    fn unchecked_backends_always_serve() {
+        let b = BackendHealth::new(false, SystemTime::UNIX_EPOCH);
+        assert!(b.state.serves());
+        assert_eq!(b.state.code(), PROBE_UNCHECKED);
+    }
+
+    #[test]
+    fn desired_state_serves_the_healthy_keeps_the_rest_and_reports_all() {
+        let config = Config::from_flags(
+            &["127.0.0.1:6443".into()],
+            &["192.0.2.11:6443".into(), "192.0.2.12:6443".into()],
+            &Default::default(),
+        )
+        .unwrap();
+        let a: SocketAddr = "192.0.2.11:6443".parse().unwrap();
+        let mut health = BTreeMap::new();
+        let mut down = BackendHealth::new(true, SystemTime::UNIX_EPOCH);
+        down.observe(&not_ready(), H, SystemTime::UNIX_EPOCH);
+        health.insert((a, "/readyz".to_string()), down);
+        let (desired, statuses) = desired_state(&config, &health, AllDown::Fallback);
+        let f = desired.frontends.values().next().unwrap();
+        assert_eq!(f.backends, vec![backend_of("192.0.2.12:6443".parse().unwrap())]);
+        assert_eq!(f.flags, 0);
+        assert!(desired.keep.contains(&backend_of(a)));
+        let st: Vec<&ProbeStatus> = statuses.values().collect();
+        assert_eq!(st.len(), 2);
+        let down = st.iter().find(|s| s.state == PROBE_DRAINING).expect("a draining entry");
+        assert_eq!(down.serving, 0);
+        assert!(String::from_utf8_lossy(&down.reason).contains("[-]etcd failed"));
+        let unknown = st.iter().find(|s| s.state == PROBE_UNKNOWN).unwrap();
+        assert_eq!(unknown.serving, 1);
+    }
+
+    #[test]
+    fn live_set_falls_back_or_fails_closed_when_all_are_down() {
+        let a: SocketAddr = "192.0.2.11:6443".parse().unwrap();
+        let b: SocketAddr = "192.0.2.12:6443".parse().unwrap();
+        let mut health = BTreeMap::new();
+        let mut down = BackendHealth::new(true, SystemTime::UNIX_EPOCH);
+        down.observe(
+            &ProbeEvent::Failed { failure: ProbeFailure::Refused, latency: Duration::ZERO },
+            H,
+            SystemTime::UNIX_EPOCH,
+        );
+        health.insert(a, down.clone());
+        assert_eq!(live_set(&[a, b], &health, AllDown::Fallback), (vec![b], false), "unknown serves");
+        health.insert(b, down);
+        assert_eq!(live_set(&[a, b], &health, AllDown::Fallback), (vec![a, b], true));
+        assert_eq!(live_set(&[a, b], &health, AllDown::FailClosed), (vec![], false));
+        assert_eq!(live_set(&[], &health, AllDown::Fallback), (vec![], false), "an empty config stays empty");
+    }
+}

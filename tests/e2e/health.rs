@@ -1,0 +1,240 @@
+//! Failures of a master, and recovery, with health checks on: traffic leaves the failed
+//! master, long-lived connections to it are moved, and it comes back once healthy. Bounds are
+//! generous (correctness); `cargo xtask bench failover` measures the times.
+
+use std::{
+    io::{BufRead as _, BufReader, Lines},
+    process::ChildStdout,
+    sync::mpsc,
+    time::Duration,
+};
+
+use kha_lab::{FailureMode, bed::Bed, netns::KillOnDrop};
+use serde_json::Value;
+
+use crate::harness::{self, args, backends, https, start, wait_for};
+
+/// Fast probes so failures show within a second or two.
+fn probe_args(extra: &[&str]) -> Vec<String> {
+    let mut a = args(&[
+        "--frontend",
+        "127.0.0.1:6443",
+        "--probe-interval-ms",
+        "300",
+        "--probe-timeout-ms",
+        "1000",
+        "--drain-time",
+        "2",
+    ]);
+    a.extend(args(extra));
+    a
+}
+
+fn start_checked(bed: &mut Bed, extra: &[&str]) {
+    let mut a = probe_args(extra);
+    a.extend(backends(bed, |m| m.https_v4()));
+    start(bed, &a);
+}
+
+/// The probe state of `backend` under the first frontend, from `kha status -o json`.
+fn state_of(bed: &Bed, backend: &str) -> Option<(String, bool, Option<String>)> {
+    let s = bed.status()?;
+    let b = s["frontends"][0]["backends"].as_array()?.iter().find(|b| b["address"] == backend)?.clone();
+    Some((b["state"].as_str()?.to_string(), b["serving"].as_bool()?, b["reason"].as_str().map(String::from)))
+}
+
+fn wait_state(bed: &Bed, backend: &str, state: &str, serving: bool) {
+    wait_for(&format!("{backend} {state}"), Duration::from_secs(15), || {
+        state_of(bed, backend).is_some_and(|(s, v, _)| s == state && v == serving)
+    });
+}
+
+fn all_up(bed: &Bed) {
+    for m in bed.lab.masters() {
+        wait_state(bed, &m.https_v4().to_string(), "up", true);
+    }
+}
+
+/// A keep-alive client making a request every 100 ms, read record by record as it runs.
+struct LiveClient {
+    _child: KillOnDrop,
+    records: mpsc::Receiver<Value>,
+}
+
+impl LiveClient {
+    fn start(bed: &Bed, count: u32) -> Self {
+        let ca = bed.pki.ca_cert.display().to_string();
+        let mut child = bed
+            .spawn_lab_tool(
+                true,
+                &args(&[
+                    "client",
+                    "--url",
+                    "https://localhost:6443/version",
+                    "--connect-addr",
+                    "127.0.0.1:6443",
+                    "--ca",
+                    &ca,
+                    "--count",
+                    &count.to_string(),
+                    "--interval-ms",
+                    "100",
+                    "--keep-alive",
+                    "--timeout-ms",
+                    "30000",
+                    "--json",
+                ]),
+            )
+            .unwrap();
+        let lines: Lines<BufReader<ChildStdout>> = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v.get("summary").is_none()
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        LiveClient { _child: KillOnDrop(child), records: rx }
+    }
+
+    fn next(&self) -> Value {
+        self.records.recv_timeout(Duration::from_secs(40)).expect("a record from the client")
+    }
+}
+
+/// The first failure seen after a fault, and the first success after it from a master other
+/// than `failed`.
+fn failover(client: &LiveClient, failed: &str) -> (Value, Value) {
+    loop {
+        let r = client.next();
+        if r["error"].is_null() {
+            continue;
+        }
+        let failure = r;
+        loop {
+            let r = client.next();
+            if r["error"].is_null() {
+                assert_ne!(r["master"], failed, "answered by the failed master");
+                return (failure, r);
+            }
+        }
+    }
+}
+
+#[test]
+fn blackholed_master_leaves_and_its_long_lived_connection_moves() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_checked(&mut bed, &[]);
+    all_up(&bed);
+    let client = LiveClient::start(&bed, 400);
+    let first = client.next();
+    let victim = first["master"].as_str().expect("first answer").to_string();
+    let addr = bed.lab.master(&victim).unwrap().https_v4().to_string();
+    bed.lab.link_down(&victim).unwrap();
+
+    // The client's connection would hang for its whole 30 s timeout (TCP would retry for
+    // minutes); kha notices the silence in about 2 s and aborts it.
+    let (failure, recovered) = failover(&client, &victim);
+    eprintln!("blackhole: failed request {failure}, then {recovered}");
+    assert!(failure["latency_ms"].as_f64().unwrap() < 15_000.0, "the request hung: {failure}");
+    assert!(!failure["error"].as_str().unwrap().contains("ETIMEDOUT"), "{failure}");
+    assert!(recovered["master"].is_string());
+    let (state, serving, reason) = state_of(&bed, &addr).unwrap();
+    assert_eq!((state.as_str(), serving), ("down", false), "{reason:?}");
+    let st = bed.status().unwrap();
+    let terminated = st["counters"].as_array().unwrap().iter().find(|c| c["name"] == "terminated").unwrap();
+    assert!(terminated["value"].as_u64().unwrap() >= 1, "{st}");
+
+    bed.lab.link_up(&victim).unwrap();
+    wait_state(&bed, &addr, "up", true);
+}
+
+#[test]
+fn killed_master_costs_at_most_a_few_connects_and_comes_back() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_checked(&mut bed, &[]);
+    all_up(&bed);
+    bed.lab.kill_master("m2").unwrap();
+    let addr = bed.lab.master("m2").unwrap().https_v4().to_string();
+    // Connection refused: the probe connection dies at once, and a failed connect makes the
+    // kernel avoid the master before any probe runs.
+    let run = https(&bed, "127.0.0.1:6443", 60);
+    assert!(run.failed() <= 5, "too many failed requests after a kill: {:?}", run.summary);
+    assert_eq!(run.by_master("m2"), 0);
+    wait_state(&bed, &addr, "down", false);
+
+    bed.lab.restart_master("m2").unwrap();
+    wait_state(&bed, &addr, "up", true);
+    let run = https(&bed, "127.0.0.1:6443", 60);
+    assert_eq!(run.failed(), 0, "{:?}", run.summary);
+    assert!(run.by_master("m2") > 0, "m2 did not get traffic back: {:?}", run.summary);
+}
+
+#[test]
+fn not_ready_master_drains_then_returns() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_checked(&mut bed, &[]);
+    all_up(&bed);
+    let client = LiveClient::start(&bed, 400);
+    let victim = client.next()["master"].as_str().unwrap().to_string();
+    let addr = bed.lab.master(&victim).unwrap().https_v4().to_string();
+    bed.lab.set_mode(&victim, FailureMode::Readyz500).unwrap();
+    wait_state(&bed, &addr, "draining", false);
+    let (_, _, reason) = state_of(&bed, &addr).unwrap();
+    assert!(reason.as_deref().is_some_and(|r| r.contains("[-]etcd failed")), "{reason:?}");
+    // No new connection goes there while it drains...
+    let run = https(&bed, "127.0.0.1:6443", 30);
+    assert_eq!((run.failed(), run.by_master(&victim)), (0, 0), "{:?}", run.summary);
+    // ...and the long-lived one is moved after the drain time (2 s here).
+    let (_, recovered) = failover(&client, &victim);
+    assert!(recovered["master"].is_string());
+
+    bed.lab.set_mode(&victim, FailureMode::Normal).unwrap();
+    wait_state(&bed, &addr, "up", true);
+}
+
+#[test]
+fn hung_master_is_taken_out_and_its_connection_moves() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_checked(&mut bed, &[]);
+    all_up(&bed);
+    let client = LiveClient::start(&bed, 400);
+    let victim = client.next()["master"].as_str().unwrap().to_string();
+    let addr = bed.lab.master(&victim).unwrap().https_v4().to_string();
+    // Accepts and never answers: the probe times out, the client's request would hang.
+    bed.lab.set_mode(&victim, FailureMode::Hang).unwrap();
+    let (failure, _) = failover(&client, &victim);
+    assert!(failure["latency_ms"].as_f64().unwrap() < 15_000.0, "the request hung: {failure}");
+    wait_state(&bed, &addr, "down", false);
+    bed.lab.set_mode(&victim, FailureMode::Normal).unwrap();
+    wait_state(&bed, &addr, "up", true);
+}
+
+#[test]
+fn a_wrong_ca_falls_back_to_every_master_or_fails_closed() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    let other = kha_lab::pki::CertAuthority::new("another CA").unwrap();
+    let wrong = bed.lab.workdir().join("wrong-ca.pem");
+    std::fs::write(&wrong, other.cert_pem()).unwrap();
+    let wrong = wrong.display().to_string();
+    start_checked(&mut bed, &["--ca-file", &wrong]);
+    let m1 = bed.lab.master("m1").unwrap().https_v4().to_string();
+    wait_state(&bed, &m1, "down", true);
+    let st = bed.status().unwrap();
+    assert_eq!(st["frontends"][0]["fallback"], true, "{st}");
+    let (_, _, reason) = state_of(&bed, &m1).unwrap();
+    assert!(reason.as_deref().is_some_and(|r| r.contains("UnknownIssuer")), "{reason:?}");
+    // A broken probe must not cut the node off.
+    let run = https(&bed, "127.0.0.1:6443", 30);
+    assert_eq!(run.failed(), 0, "{:?}", run.summary);
+
+    bed.stop_agent(libc::SIGTERM).unwrap();
+    start_checked(&mut bed, &["--ca-file", &wrong, "--all-down", "fail-closed"]);
+    wait_state(&bed, &m1, "down", false);
+    let run = harness::connect(&bed, true, "127.0.0.1:6443", 3);
+    assert_eq!(run.summary["errors"]["connect:EHOSTUNREACH"], 3, "{:?}", run.summary);
+}
