@@ -9,10 +9,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::{
+    io::{BufRead as _, BufReader, Lines},
+    process::ChildStdout,
+    sync::mpsc,
+};
+
 use kha_lab::{
     bed::{Bed, ToolRun},
     netns::{self, KillOnDrop},
 };
+use serde_json::Value;
 
 /// A bed with `masters` masters, or `None` (test skipped) when not root. With
 /// `KHA_REQUIRE_BPF=1` (set in CI) a skip is a failure.
@@ -169,4 +176,55 @@ pub fn config_file(bed: &Bed, name: &str, toml: &str) -> PathBuf {
     let path = bed.lab.workdir().join(name);
     std::fs::write(&path, toml).expect("write config");
     path
+}
+
+/// A keep-alive client making a request every 100 ms, read record by record as it runs.
+pub struct LiveClient {
+    _child: KillOnDrop,
+    records: mpsc::Receiver<Value>,
+}
+
+impl LiveClient {
+    pub fn start(bed: &Bed, count: u32) -> Self {
+        let ca = bed.pki.ca_cert.display().to_string();
+        let mut child = bed
+            .spawn_lab_tool(
+                true,
+                &args(&[
+                    "client",
+                    "--url",
+                    "https://localhost:6443/version",
+                    "--connect-addr",
+                    "127.0.0.1:6443",
+                    "--ca",
+                    &ca,
+                    "--count",
+                    &count.to_string(),
+                    "--interval-ms",
+                    "100",
+                    "--keep-alive",
+                    "--timeout-ms",
+                    "30000",
+                    "--json",
+                ]),
+            )
+            .unwrap();
+        let lines: Lines<BufReader<ChildStdout>> = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v.get("summary").is_none()
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        LiveClient { _child: KillOnDrop(child), records: rx }
+    }
+
+    pub fn next(&self) -> Value {
+        self.records.recv_timeout(Duration::from_secs(40)).expect("a record from the client")
+    }
 }

@@ -2,20 +2,15 @@
 //! master, long-lived connections to it are moved, and it comes back once healthy. Bounds are
 //! generous (correctness); `cargo xtask bench failover` measures the times.
 
-use std::{
-    io::{BufRead as _, BufReader, Lines},
-    process::ChildStdout,
-    sync::mpsc,
-    time::Duration,
-};
+use std::time::Duration;
 
-use kha_lab::{FailureMode, bed::Bed, netns::KillOnDrop};
+use kha_lab::{FailureMode, bed::Bed};
 use serde_json::Value;
 
-use crate::harness::{self, args, backends, https, start, wait_for};
+use crate::harness::{self, LiveClient, args, backends, https, start, wait_for};
 
 /// Fast probes so failures show within a second or two.
-fn probe_args(extra: &[&str]) -> Vec<String> {
+pub fn probe_args(extra: &[&str]) -> Vec<String> {
     let mut a = args(&[
         "--frontend",
         "127.0.0.1:6443",
@@ -30,7 +25,7 @@ fn probe_args(extra: &[&str]) -> Vec<String> {
     a
 }
 
-fn start_checked(bed: &mut Bed, extra: &[&str]) {
+pub fn start_checked(bed: &mut Bed, extra: &[&str]) {
     let mut a = probe_args(extra);
     a.extend(backends(bed, |m| m.https_v4()));
     start(bed, &a);
@@ -43,66 +38,15 @@ fn state_of(bed: &Bed, backend: &str) -> Option<(String, bool, Option<String>)> 
     Some((b["state"].as_str()?.to_string(), b["serving"].as_bool()?, b["reason"].as_str().map(String::from)))
 }
 
-fn wait_state(bed: &Bed, backend: &str, state: &str, serving: bool) {
+pub fn wait_state(bed: &Bed, backend: &str, state: &str, serving: bool) {
     wait_for(&format!("{backend} {state}"), Duration::from_secs(15), || {
         state_of(bed, backend).is_some_and(|(s, v, _)| s == state && v == serving)
     });
 }
 
-fn all_up(bed: &Bed) {
+pub fn all_up(bed: &Bed) {
     for m in bed.lab.masters() {
         wait_state(bed, &m.https_v4().to_string(), "up", true);
-    }
-}
-
-/// A keep-alive client making a request every 100 ms, read record by record as it runs.
-struct LiveClient {
-    _child: KillOnDrop,
-    records: mpsc::Receiver<Value>,
-}
-
-impl LiveClient {
-    fn start(bed: &Bed, count: u32) -> Self {
-        let ca = bed.pki.ca_cert.display().to_string();
-        let mut child = bed
-            .spawn_lab_tool(
-                true,
-                &args(&[
-                    "client",
-                    "--url",
-                    "https://localhost:6443/version",
-                    "--connect-addr",
-                    "127.0.0.1:6443",
-                    "--ca",
-                    &ca,
-                    "--count",
-                    &count.to_string(),
-                    "--interval-ms",
-                    "100",
-                    "--keep-alive",
-                    "--timeout-ms",
-                    "30000",
-                    "--json",
-                ]),
-            )
-            .unwrap();
-        let lines: Lines<BufReader<ChildStdout>> = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && v.get("summary").is_none()
-                    && tx.send(v).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        LiveClient { _child: KillOnDrop(child), records: rx }
-    }
-
-    fn next(&self) -> Value {
-        self.records.recv_timeout(Duration::from_secs(40)).expect("a record from the client")
     }
 }
 
@@ -237,4 +181,53 @@ fn a_wrong_ca_falls_back_to_every_master_or_fails_closed() {
     wait_state(&bed, &m1, "down", false);
     let run = harness::connect(&bed, true, "127.0.0.1:6443", 3);
     assert_eq!(run.summary["errors"]["connect:EHOSTUNREACH"], 3, "{:?}", run.summary);
+}
+
+#[test]
+fn least_connections_spreads_long_lived_connections_evenly() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_checked(&mut bed, &["--policy", "least-connections"]);
+    all_up(&bed);
+    // Nine watch-like connections, opened one after the other: least-connections must put
+    // exactly three on each master (random would do so only 8.5 % of the time).
+    let clients: Vec<LiveClient> = (0..9)
+        .map(|_| {
+            let c = LiveClient::start(&bed, 100);
+            let first = c.next();
+            assert!(first["error"].is_null(), "{first}");
+            c
+        })
+        .collect();
+    let st = bed.status().unwrap();
+    let active: Vec<u64> = st["frontends"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["kernel"]["active"].as_u64().unwrap())
+        .collect();
+    assert_eq!(active, vec![3, 3, 3], "active connections per master from sock_ops: {st}");
+    drop(clients);
+}
+
+#[test]
+fn every_master_down_then_recovery() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_checked(&mut bed, &[]);
+    all_up(&bed);
+    for m in ["m1", "m2", "m3"] {
+        bed.lab.kill_master(m).unwrap();
+    }
+    let addr = |bed: &Bed, m: &str| bed.lab.master(m).unwrap().https_v4().to_string();
+    // Fallback: all are served again (connects are refused by the dead masters, not by kha).
+    wait_state(&bed, &addr(&bed, "m1"), "down", true);
+    assert_eq!(bed.status().unwrap()["frontends"][0]["fallback"], true);
+    let run = harness::connect(&bed, true, "127.0.0.1:6443", 3);
+    assert_eq!(run.summary["errors"]["connect:ECONNREFUSED"], 3, "{:?}", run.summary);
+    for m in ["m1", "m2", "m3"] {
+        bed.lab.restart_master(m).unwrap();
+    }
+    all_up(&bed);
+    assert_eq!(bed.status().unwrap()["frontends"][0]["fallback"], false);
+    let run = https(&bed, "127.0.0.1:6443", 30);
+    assert_eq!(run.failed(), 0, "{:?}", run.summary);
 }
