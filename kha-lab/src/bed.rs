@@ -297,6 +297,20 @@ impl Drop for Bed {
     }
 }
 
+/// The per-request records and the summary (`Null` if missing) of `kha-lab ... --json` output.
+pub fn parse_json_lines(stdout: &str) -> (Vec<Value>, Value) {
+    let mut records = Vec::new();
+    let mut summary = Value::Null;
+    for line in stdout.lines() {
+        match serde_json::from_str::<Value>(line) {
+            Ok(v) if v.get("summary").is_some() => summary = v["summary"].clone(),
+            Ok(v) => records.push(v),
+            Err(_) => {}
+        }
+    }
+    (records, summary)
+}
+
 /// The JSON lines of a `kha-lab client`/`connect` run.
 #[derive(Debug, Clone)]
 pub struct ToolRun {
@@ -307,22 +321,9 @@ pub struct ToolRun {
 }
 
 impl ToolRun {
-    fn parse(out: &Output) -> Self {
-        let mut records = Vec::new();
-        let mut summary = Value::Null;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            match serde_json::from_str::<Value>(line) {
-                Ok(v) if v.get("summary").is_some() => summary = v["summary"].clone(),
-                Ok(v) => records.push(v),
-                Err(_) => {}
-            }
-        }
-        ToolRun {
-            records,
-            summary,
-            exit: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+    pub fn parse(out: &Output) -> Self {
+        let (records, summary) = parse_json_lines(&String::from_utf8_lossy(&out.stdout));
+        ToolRun { records, summary, exit: out.status, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
     }
 
     pub fn ok(&self) -> u64 {

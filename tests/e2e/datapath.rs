@@ -1,8 +1,15 @@
 //! What the connect and getpeername hooks do on the real kernel.
 
-use kha_lab::topology::IDENT_PORT;
+use kha_lab::{bed::ToolRun, topology::IDENT_PORT};
 
 use crate::harness::{self, ExtraNetns, args, backends, connect, https, local_listener, peers, start};
+
+/// No failure, at least two masters answered, and getpeername reported `dialed` every time.
+fn assert_balanced(run: &ToolRun, dialed: &str) {
+    assert_eq!(run.failed(), 0, "{:?}", run.summary);
+    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
+    assert!(peers(run).iter().all(|p| p == dialed), "{:?}", peers(run));
+}
 
 #[test]
 fn v4_frontend_spreads_tls_sessions_over_every_master() {
@@ -50,10 +57,7 @@ fn v6_frontend_reaches_v6_masters() {
     a.extend(backends(&bed, |m| m.https_v6()));
     start(&mut bed, &a);
 
-    let run = https(&bed, "[::1]:6443", 30);
-    assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
-    assert!(peers(&run).iter().all(|p| p == "[::1]:6443"), "{:?}", peers(&run));
+    assert_balanced(&https(&bed, "[::1]:6443", 30), "[::1]:6443");
 }
 
 #[test]
@@ -63,10 +67,7 @@ fn v6_frontend_reaches_v4_masters_through_v4_mapped_addresses() {
     a.extend(backends(&bed, |m| m.https_v4()));
     start(&mut bed, &a);
 
-    let run = https(&bed, "[::1]:6443", 30);
-    assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
-    assert!(peers(&run).iter().all(|p| p == "[::1]:6443"), "{:?}", peers(&run));
+    assert_balanced(&https(&bed, "[::1]:6443", 30), "[::1]:6443");
 }
 
 #[test]
@@ -77,14 +78,8 @@ fn v6_socket_dialing_a_v4_mapped_frontend_is_balanced_too() {
     start(&mut bed, &a);
 
     // An AF_INET6 socket connecting to ::ffff:127.0.0.1 (Java and others do this).
-    let run = connect(&bed, true, &format!("[::ffff:127.0.0.1]:{IDENT_PORT}"), 30);
-    assert_eq!(run.failed(), 0, "{:?}", run.summary);
-    assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
-    assert!(
-        peers(&run).iter().all(|p| p == &format!("[::ffff:127.0.0.1]:{IDENT_PORT}")),
-        "{:?}",
-        peers(&run)
-    );
+    let dial = format!("[::ffff:127.0.0.1]:{IDENT_PORT}");
+    assert_balanced(&connect(&bed, true, &dial, 30), &dial);
 }
 
 #[test]
@@ -116,13 +111,8 @@ fn other_namespaces_and_other_cgroups_are_untouched() {
         .stdout(std::process::Stdio::piped());
     let out =
         kha_lab::netns::spawn_in(&pod.0, Some(&bed.cgroup.path), c).unwrap().wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary: serde_json::Value = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v.get("summary").cloned())
-        .expect("summary");
-    assert_eq!(summary["by_master"]["pod-local"], 10, "{summary}");
+    let run = kha_lab::bed::ToolRun::parse(&out);
+    assert_eq!(run.by_master("pod-local"), 10, "{:?}", run.summary);
 
     let status = bed.status().unwrap();
     let foreign =

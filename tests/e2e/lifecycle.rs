@@ -68,15 +68,9 @@ fn program_replacement_under_a_connect_loop_fails_no_connect() {
         client.try_wait().unwrap().is_none(),
         "the client finished before {swaps} swaps; raise its count"
     );
-    let out = std::mem::replace(&mut client.0, std::process::Command::new("true").spawn().unwrap())
-        .wait_with_output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary: serde_json::Value = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v.get("summary").cloned())
-        .expect("summary");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut client.stdout.take().unwrap(), &mut text).unwrap();
+    let (_, summary) = kha_lab::bed::parse_json_lines(&text);
     assert_eq!(summary["count"], count, "{summary}");
     assert_eq!(summary["failed"], 0, "connects failed during program replacement: {summary}");
     assert_eq!(
