@@ -17,6 +17,8 @@ pub const DEFAULT_FRONTENDS: [&str; 2] = ["127.0.0.1:6443", "[::1]:6443"];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub frontends: Vec<Frontend>,
+    /// The cluster CA the probes verify the backends with; `--ca-file` overrides it.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,9 +127,11 @@ pub enum ConfigError {
     HealthPath { field: String, value: String },
 }
 
-/// The config file: a list of frontends, each with its own backends.
+/// The config file: an optional CA and a list of frontends, each with its own backends.
 ///
 /// ```toml
+/// ca_file = "/etc/kubernetes/ssl/ca.crt"
+///
 /// [[frontend]]
 /// address = "127.0.0.1:6443"
 /// backends = ["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443"]
@@ -135,6 +139,7 @@ pub enum ConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    ca_file: Option<PathBuf>,
     #[serde(default)]
     frontend: Vec<FileFrontend>,
 }
@@ -177,7 +182,7 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        let config = Config { frontends };
+        let config = Config { frontends, ca_file: None };
         config.validate(
             |i, _| format!("--frontend {}", config.frontends[i].address),
             |_, j| format!("--backend[{j}]"),
@@ -221,7 +226,7 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        let config = Config { frontends };
+        let config = Config { frontends, ca_file: file.ca_file };
         config.validate(|i, _| format!("frontend[{i}]"), |i, j| format!("frontend[{i}].backends[{j}]"))?;
         Ok(config)
     }
@@ -365,6 +370,9 @@ mod tests {
         assert_eq!(c.frontends.len(), 3);
         assert_eq!(c.frontends[1].backends[0], sa("[2001:db8::11]:2379"));
         assert!(c.frontends[2].backends.is_empty(), "an empty set is allowed: connects fail fast");
+        assert_eq!(c.ca_file, None);
+        let c = toml("ca_file = \"/etc/kubernetes/ssl/ca.crt\"\n[[frontend]]\naddress = \"127.0.0.1:6443\"\n").unwrap();
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("/etc/kubernetes/ssl/ca.crt")));
     }
 
     #[test]

@@ -124,12 +124,15 @@ struct HealthArgs {
 const CA_CANDIDATES: [&str; 2] = ["/etc/kubernetes/ssl/ca.crt", "/etc/kubernetes/pki/ca.crt"];
 
 impl HealthArgs {
-    /// The probe settings, or `None` with --no-health-checks. Refuses to guess a CA.
-    fn probes(&self) -> Result<Option<agent::ProbeTemplate>> {
+    /// The probe settings, or `None` with --no-health-checks. The CA comes from --ca-file, else
+    /// the config file, else kubespray's or kubeadm's path; kha never probes without one unless
+    /// told to skip verification.
+    fn probes(&self, config: &Config) -> Result<Option<agent::ProbeTemplate>> {
         if self.no_health_checks {
             return Ok(None);
         }
-        let ca = match (&self.ca_file, self.insecure_skip_tls_verify) {
+        let ca_file = self.ca_file.clone().or_else(|| config.ca_file.clone());
+        let ca = match (&ca_file, self.insecure_skip_tls_verify) {
             (Some(ca), _) => Some(ca.clone()),
             (None, true) => None,
             (None, false) => Some(CA_CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists()).ok_or_else(|| {
@@ -190,7 +193,7 @@ fn run(args: RunArgs) -> Result<()> {
     for f in config.frontends.iter().filter(|f| f.backends.is_empty()) {
         log::warn!("frontend {} has no backends: connects to it fail with EHOSTUNREACH", f.address);
     }
-    let probes = args.health.probes()?;
+    let probes = args.health.probes(&config)?;
     loader::kernel_supported()?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
