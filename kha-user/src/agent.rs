@@ -25,6 +25,9 @@ use tokio::{
 };
 
 pub struct Settings {
+    /// Where the loop publishes its state for `/metrics`, `/healthz`, `/readyz`.
+    pub shared: Arc<std::sync::Mutex<crate::serve::Shared>>,
+    pub recorders: kha::observe::Recorders,
     /// `None`: health checks off, every configured backend is served.
     pub probes: Option<ProbeTemplate>,
     pub hysteresis: Hysteresis,
@@ -171,6 +174,9 @@ impl Agent {
     fn observe(&mut self, target: ProbeTarget, event: ProbeEvent) {
         let Some(h) = self.health.get_mut(&target) else { return };
         let change = h.observe(&event, self.settings.hysteresis, SystemTime::now());
+        if let ProbeEvent::Ready { latency } | ProbeEvent::Failed { latency, .. } = &event {
+            self.settings.recorders.probe(target.0, *latency);
+        }
         let backend = target.0;
         match change {
             Change::WentDown => {
@@ -223,8 +229,12 @@ impl Agent {
         match sync(&mut self.maps, &desired) {
             Ok(r) if r.writes > 0 => log::debug!("sync: {} map writes", r.writes),
             Ok(_) => {}
-            Err(e) => log::error!("sync failed, will retry: {e:#}"),
+            Err(e) => {
+                self.settings.recorders.map_update_errors.inc();
+                log::error!("sync failed, will retry: {e:#}");
+            }
         }
+        self.publish(&desired);
         if let Err(e) = self.maps.set_probe_statuses(&statuses) {
             log::warn!("cannot write probe status for `kha status`: {e:#}");
         }
@@ -232,6 +242,27 @@ impl Agent {
         if !victims.is_empty() {
             self.terminate(&victims);
         }
+    }
+
+    /// Hands the endpoints what they report.
+    fn publish(&self, desired: &kha::endpoints::Desired) {
+        let mut pairs = Vec::new();
+        let mut fallback = BTreeMap::new();
+        for f in &self.config.frontends {
+            let live = desired.frontends.get(&kha::endpoints::key_of(f.address, 0));
+            fallback.insert(f.address, live.is_some_and(|l| l.flags & kha_common::FRONTEND_FALLBACK != 0));
+            for b in &f.backends {
+                let state = self
+                    .health
+                    .get(&(*b, f.health_path.clone()))
+                    .map_or(kha::health::State::Unknown, |h| h.state);
+                let serving = live.is_some_and(|l| l.backends.contains(&backend_of(*b)));
+                pairs.push(kha::observe::PairState { frontend: f.address, backend: *b, state, serving });
+            }
+        }
+        let mut shared = self.settings.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.agent = kha::observe::Snapshot { pairs, fallback, alive: true };
+        shared.last_loop = Some(Instant::now());
     }
 
     fn terminate(&mut self, backends: &BTreeSet<std::net::SocketAddr>) {

@@ -371,7 +371,9 @@ mod tests {
         assert_eq!(c.frontends[1].backends[0], sa("[2001:db8::11]:2379"));
         assert!(c.frontends[2].backends.is_empty(), "an empty set is allowed: connects fail fast");
         assert_eq!(c.ca_file, None);
-        let c = toml("ca_file = \"/etc/kubernetes/ssl/ca.crt\"\n[[frontend]]\naddress = \"127.0.0.1:6443\"\n").unwrap();
+        let c =
+            toml("ca_file = \"/etc/kubernetes/ssl/ca.crt\"\n[[frontend]]\naddress = \"127.0.0.1:6443\"\n")
+                .unwrap();
         assert_eq!(c.ca_file.as_deref(), Some(Path::new("/etc/kubernetes/ssl/ca.crt")));
     }
 

@@ -8,6 +8,7 @@ pub mod endpoints;
 pub mod health;
 pub mod loader;
 pub mod maps;
+pub mod observe;
 pub mod probe;
 pub mod status;
 pub mod sync;

@@ -8,6 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 mod agent;
+mod serve;
 
 use kha::{
     config::{Config, FrontendDefaults},
@@ -77,6 +78,12 @@ struct RunArgs {
     /// How often the maps are checked against the desired state and repaired.
     #[arg(long, default_value = "10", value_name = "SECONDS")]
     resync_interval: u64,
+    /// Prometheus metrics at /metrics, or `none`.
+    #[arg(long, default_value = "127.0.0.1:9745")]
+    metrics_addr: String,
+    /// /healthz and /readyz of the agent (kubespray's loadbalancer_apiserver_healthcheck_port), or `none`.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    health_addr: String,
     #[command(flatten)]
     health: HealthArgs,
 }
@@ -194,6 +201,15 @@ fn run(args: RunArgs) -> Result<()> {
         log::warn!("frontend {} has no backends: connects to it fail with EHOSTUNREACH", f.address);
     }
     let probes = args.health.probes(&config)?;
+    let listen = |value: &str, flag: &str, what| -> Result<Option<std::net::TcpListener>> {
+        if value == "none" {
+            return Ok(None);
+        }
+        let addr = value.parse().with_context(|| format!("{flag} `{value}`: not IP:PORT or `none`"))?;
+        Ok(Some(serve::bind(addr, what)?))
+    };
+    let metrics_listener = listen(&args.metrics_addr, "--metrics-addr", "metrics")?;
+    let health_listener = listen(&args.health_addr, "--health-addr", "health endpoints")?;
     loader::kernel_supported()?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
@@ -227,7 +243,17 @@ fn run(args: RunArgs) -> Result<()> {
         log::info!("frontend {} -> [{}]", f.address, b.join(", "));
     }
 
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(serve::Shared::default()));
+    let recorders = kha::observe::Recorders::default();
+    let endpoints = serve::Endpoints {
+        shared: shared.clone(),
+        recorders: recorders.clone(),
+        pins: pins.clone(),
+        stall_after: Duration::from_secs(3 * args.resync_interval.max(1) + 5),
+    };
     let settings = agent::Settings {
+        shared,
+        recorders,
         probes,
         hysteresis: Hysteresis { rise: args.health.rise, fall: args.health.fall },
         all_down: args.health.all_down,
@@ -236,7 +262,15 @@ fn run(args: RunArgs) -> Result<()> {
         netns: args.netns.clone(),
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(agent::run(settings, config, maps, || load_config(&args)))?;
+    rt.block_on(async {
+        if let Some(l) = metrics_listener {
+            serve::start(l, endpoints.clone())?;
+        }
+        if let Some(l) = health_listener {
+            serve::start(l, endpoints)?;
+        }
+        agent::run(settings, config, maps, || load_config(&args)).await
+    })?;
     log::info!("stopping; the datapath stays attached and keeps balancing (`kha detach` removes it)");
     Ok(())
 }

@@ -52,6 +52,12 @@ pub fn start(bed: &mut Bed, extra: &[String]) {
     if !args.iter().any(|a| a == "--no-health-checks" || a == "--ca-file") {
         args.extend(["--ca-file".to_string(), bed.pki.ca_cert.display().to_string()]);
     }
+    // The host's own ports stay free unless a test asks for the endpoints.
+    for flag in ["--metrics-addr", "--health-addr"] {
+        if !args.iter().any(|a| a == flag) {
+            args.extend([flag.to_string(), "none".to_string()]);
+        }
+    }
     bed.start_agent(&args).unwrap_or_else(|e| panic!("agent did not start: {e}\n{}", bed.agent_log_text()));
 }
 

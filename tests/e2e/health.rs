@@ -231,3 +231,66 @@ fn every_master_down_then_recovery() {
     let run = https(&bed, "127.0.0.1:6443", 30);
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
 }
+
+/// `GET path` on a local port: (status code, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn metrics_and_health_endpoints_report_the_real_state() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    let (metrics, health) = (free_port(), free_port());
+    let (m, h) = (format!("127.0.0.1:{metrics}"), format!("127.0.0.1:{health}"));
+    start_checked(&mut bed, &["--metrics-addr", &m, "--health-addr", &h]);
+    all_up(&bed);
+    assert_eq!(http_get(health, "/healthz").0, 200);
+    assert_eq!(http_get(health, "/readyz").0, 200);
+    assert_eq!(https(&bed, "127.0.0.1:6443", 12).failed(), 0);
+
+    let m1 = bed.lab.master("m1").unwrap().https_v4().to_string();
+    let (code, text) = http_get(metrics, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        text.contains(&format!("kha_backend_up{{frontend=\"127.0.0.1:6443\",backend=\"{m1}\"}} 1")),
+        "{text}"
+    );
+    let chosen: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("kha_connections_chosen_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(chosen >= 12, "kernel counters in /metrics: {text}");
+    assert!(text.contains("kha_probe_duration_seconds_count{"), "{text}");
+
+    bed.lab.kill_master("m1").unwrap();
+    wait_state(&bed, &m1, "down", false);
+    let (_, text) = http_get(metrics, "/metrics");
+    assert!(
+        text.contains(&format!("kha_backend_up{{frontend=\"127.0.0.1:6443\",backend=\"{m1}\"}} 0")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("backend=\"{m1}\",state=\"down\"}} 1")), "{text}");
+
+    for name in ["m2", "m3"] {
+        bed.lab.kill_master(name).unwrap();
+    }
+    let m3 = bed.lab.master("m3").unwrap().https_v4().to_string();
+    wait_state(&bed, &m3, "down", true);
+    let (code, body) = http_get(health, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(http_get(health, "/healthz").0, 200, "the agent itself is fine");
+    let (_, text) = http_get(metrics, "/metrics");
+    assert!(text.contains("kha_frontend_fallback{frontend=\"127.0.0.1:6443\"} 1"), "{text}");
+}

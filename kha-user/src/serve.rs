@@ -1,0 +1,134 @@
+//! The agent's HTTP endpoints: `/metrics` on `--metrics-addr`, `/healthz` and `/readyz` on
+//! `--health-addr` (both localhost by default). Deliberately tiny: GET only, one request per
+//! connection, bounded in size and time.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use kha::{
+    endpoints::socket_addr,
+    loader::{self, PinDir},
+    maps::KhaMaps,
+    observe::{self, Kernel, Recorders},
+    sync::BackendTable as _,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// What the agent loop publishes for the endpoints.
+#[derive(Default)]
+pub struct Shared {
+    pub agent: observe::Snapshot,
+    pub last_loop: Option<Instant>,
+}
+
+#[derive(Clone)]
+pub struct Endpoints {
+    pub shared: Arc<Mutex<Shared>>,
+    pub recorders: Recorders,
+    pub pins: PinDir,
+    /// The agent loop counts as stalled when it has not run for this long.
+    pub stall_after: Duration,
+}
+
+/// Binds before anything is attached, so a taken port fails the start with a clear error
+/// and leaves nothing behind.
+pub fn bind(addr: SocketAddr, what: &'static str) -> Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr} for {what}; pick another address, or `none`"))?;
+    listener.set_nonblocking(true)?;
+    log::info!("{what} on http://{addr}");
+    Ok(listener)
+}
+
+/// Serves on a listener from `bind`, in the background.
+pub fn start(listener: std::net::TcpListener, ep: Endpoints) -> Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let ep = ep.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), handle(stream, &ep)).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn handle(mut stream: TcpStream, ep: &Endpoints) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = stream.read(&mut buf[n..]).await?;
+        if read == 0 {
+            break;
+        }
+        n += read;
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (code, content_type, body) =
+        if method != "GET" { (405, "text/plain", "GET only\n".to_string()) } else { route(path, ep) };
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let response = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn route(path: &str, ep: &Endpoints) -> (u16, &'static str, String) {
+    let agent = {
+        let s = ep.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let alive = s.last_loop.is_some_and(|t| t.elapsed() < ep.stall_after);
+        observe::Snapshot { alive, ..s.agent.clone() }
+    };
+    let status = |(ok, text): (bool, String)| (if ok { 200 } else { 503 }, "text/plain", text);
+    match path {
+        "/metrics" => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            observe::render_metrics(&agent, &kernel(ep), &ep.recorders),
+        ),
+        "/healthz" | "/livez" => status(observe::healthz(&agent, &kernel(ep))),
+        "/readyz" => status(observe::readyz(&agent)),
+        _ => (404, "text/plain", "not found: /metrics, /healthz, /readyz\n".into()),
+    }
+}
+
+/// The kernel's counters, read from the pinned maps at scrape time.
+fn kernel(ep: &Endpoints) -> Kernel {
+    let attached = loader::link_status(&ep.pins).len() == loader::HOOKS.len();
+    let Ok(maps) = KhaMaps::open_pinned(&ep.pins.maps()) else {
+        return Kernel { attached, ..Default::default() };
+    };
+    let mut k = Kernel { attached, ..Default::default() };
+    if let Ok(snapshot) = maps.snapshot() {
+        for (id, b) in &snapshot.backends {
+            if let Ok(stats) = maps.backend_stats(*id) {
+                k.backends.insert(socket_addr(&b.addr_be, b.port_be), stats);
+            }
+        }
+    }
+    k.terminated = maps
+        .stats()
+        .ok()
+        .and_then(|s| s.iter().find(|(n, _)| *n == "terminated").map(|(_, v)| *v))
+        .unwrap_or(0);
+    k
+}
