@@ -298,7 +298,10 @@ fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
     });
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
-        Output::Text => print!("{}", status::render_text(&s)),
+        Output::Text => {
+            use std::io::IsTerminal as _;
+            print!("{}", status::render_text(&s, std::io::stdout().is_terminal()))
+        }
     }
     Ok(())
 }

@@ -250,6 +250,32 @@ mod tests {
     }
 
     #[test]
+    fn the_sample_dashboard_uses_only_metrics_the_agent_exports() {
+        let mut kernel = Kernel { attached: true, ..Default::default() };
+        kernel.backends.insert("192.0.2.11:6443".parse().unwrap(), BackendStats::default());
+        let rec = Recorders::default();
+        rec.probe("192.0.2.11:6443".parse().unwrap(), Duration::from_millis(3));
+        let text = render_metrics(&agent(), &kernel, &rec);
+        let exported: std::collections::BTreeSet<&str> =
+            text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/grafana-dashboard.json")).expect("valid JSON");
+        let mut used = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("kha_") {
+                        assert!(exported.contains(word), "dashboard uses {word}, not exported: {exported:?}");
+                        used += 1;
+                    }
+                }
+            }
+        }
+        assert!(used >= 10);
+    }
+
+    #[test]
     fn health_endpoints_tell_the_truth() {
         let kernel = Kernel { attached: true, ..Default::default() };
         assert!(healthz(&agent(), &kernel).0);

@@ -152,7 +152,15 @@ pub fn build(inp: Inputs<'_>) -> Status {
     }
 }
 
-pub fn render_text(s: &Status) -> String {
+/// Plain text for pipes and files, ANSI colour on a terminal (`color`).
+pub fn render_text(s: &Status, color: bool) -> String {
+    // Pad first, then colour, so the escape codes do not break the columns.
+    let paint = |text: String, code: &str| if color { format!("\x1b[{code}m{text}\x1b[0m") } else { text };
+    let state_color = |state: &str| match state {
+        "up" | "serving" | "unchecked" => "32",
+        "draining" | "unknown" => "33",
+        _ => "31",
+    };
     let mut out = String::new();
     let state = if s.attached {
         "attached"
@@ -161,6 +169,7 @@ pub fn render_text(s: &Status) -> String {
     } else {
         "PARTLY ATTACHED"
     };
+    let state = paint(state.to_string(), if s.attached { "32" } else { "31;1" });
     let _ = writeln!(
         out,
         "datapath: {state} (pins {}, cgroup id {}, netns cookie {})",
@@ -183,6 +192,7 @@ pub fn render_text(s: &Status) -> String {
         } else {
             ""
         };
+        let note = paint(note.to_string(), "31;1");
         let _ = writeln!(
             out,
             "frontend {}  policy {}  backends {serving}/{}{note}",
@@ -196,9 +206,9 @@ pub fn render_text(s: &Status) -> String {
             let k = b.kernel.as_ref();
             let _ = write!(
                 out,
-                "  {:<42} {:<9} {:<7} probe {:<8} conns active {} chosen {} failed {} rto {} srtt {}us",
+                "  {:<42} {} {:<7} probe {:<8} conns active {} chosen {} failed {} rto {} srtt {}us",
                 b.address,
-                b.state,
+                paint(format!("{:<9}", b.state), state_color(b.state)),
                 if b.serving { "serving" } else { "out" },
                 latency,
                 k.map_or(0, |k| k.active),
@@ -208,7 +218,7 @@ pub fn render_text(s: &Status) -> String {
                 k.map_or(0, |k| k.srtt_us),
             );
             if b.suspect {
-                let _ = write!(out, "  SUSPECT");
+                let _ = write!(out, "  {}", paint("SUSPECT".into(), "33"));
             }
             if let Some(r) = &b.reason {
                 let _ = write!(out, "  last failure: {r}");
@@ -265,7 +275,7 @@ mod tests {
         kernel.insert(2, (BackendStats { chosen: 7, active: 3, ..Default::default() }, true));
         let s = status(&snap, &BTreeMap::new(), &kernel);
         assert!(!s.attached);
-        let text = render_text(&s);
+        let text = render_text(&s, false);
         assert!(text.contains("NOT ATTACHED"), "{text}");
         assert!(text.contains("frontend 127.0.0.1:6443  policy p2c  backends 2/2"), "{text}");
         assert!(
@@ -317,7 +327,7 @@ mod tests {
             },
         );
         let s = status(&snap, &probes, &BTreeMap::new());
-        let text = render_text(&s);
+        let text = render_text(&s, false);
         assert!(text.contains("FALLBACK"), "{text}");
         assert!(text.contains("192.0.2.11:6443") && text.contains("down") && text.contains("out"), "{text}");
         assert!(text.contains("last failure: HTTP 500: [-]et") && text.contains("1.5ms"), "{text}");
@@ -332,6 +342,8 @@ mod tests {
         snap.backends.clear();
         let s = status(&snap, &BTreeMap::new(), &BTreeMap::new());
         assert!(!s.frontends[0].consistent);
-        assert!(render_text(&s).contains("INCONSISTENT"));
+        assert!(render_text(&s, false).contains("INCONSISTENT"));
+        let colored = render_text(&s, true);
+        assert!(colored.contains("\x1b[31;1m") && colored.contains("INCONSISTENT"), "{colored}");
     }
 }
