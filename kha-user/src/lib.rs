@@ -6,6 +6,7 @@
 pub mod config;
 pub mod endpoints;
 pub mod health;
+pub mod kubespray;
 pub mod loader;
 pub mod maps;
 pub mod observe;

@@ -44,6 +44,10 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Show the apiserver endpoints kubespray's variables give masters, non-masters and external clients.
+    Endpoints(kha::kubespray::EndpointsArgs),
+    /// Write the kha config for a non-master node from a kubespray inventory.
+    Config(kha::kubespray::ConfigArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -176,6 +180,12 @@ fn main() {
         Command::Run(args) => run(*args),
         Command::Status { pin_dir, output } => show_status(&pin_dir, output),
         Command::Detach { pin_dir } => detach(&pin_dir),
+        Command::Endpoints(args) => {
+            kha::kubespray::endpoints_command(&args).map(|t| print!("{t}")).map_err(Into::into)
+        }
+        Command::Config(args) => {
+            kha::kubespray::config_command(&args).map(|t| print!("{t}")).map_err(Into::into)
+        }
     };
     if let Err(e) = result {
         eprintln!("kha: error: {e:#}");
