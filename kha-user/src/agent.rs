@@ -37,9 +37,12 @@ pub struct Settings {
     pub netns: Option<PathBuf>,
 }
 
+/// The TLS client config for a frontend's probe settings (its own files, or the global ones).
+pub type TlsFor = Arc<dyn Fn(&kha::config::ProbeTls) -> Result<Arc<rustls::ClientConfig>> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct ProbeTemplate {
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls_for: TlsFor,
     pub interval: Duration,
     pub timeout: Duration,
 }
@@ -122,24 +125,32 @@ pub async fn run(
 impl Agent {
     /// Starts a probe for every configured (backend, path) that has none, stops the rest.
     fn reconcile_probes(&mut self) {
-        let targets: BTreeSet<ProbeTarget> = self
-            .config
-            .frontends
-            .iter()
-            .flat_map(|f| f.backends.iter().map(|b| (*b, f.health_path.clone())))
-            .collect();
-        self.probes.retain(|t, _| targets.contains(t));
-        self.health.retain(|t, _| targets.contains(t));
-        for t in targets {
+        // The first frontend naming a (backend, path) decides its probe's TLS.
+        let mut targets: BTreeMap<ProbeTarget, &kha::config::ProbeTls> = BTreeMap::new();
+        for f in &self.config.frontends {
+            for b in &f.backends {
+                targets.entry((*b, f.health_path.clone())).or_insert(&f.probe_tls);
+            }
+        }
+        self.probes.retain(|t, _| targets.contains_key(t));
+        self.health.retain(|t, _| targets.contains_key(t));
+        for (t, tls) in targets {
             let checked = self.settings.probes.is_some();
             self.health.entry(t.clone()).or_insert_with(|| BackendHealth::new(checked, SystemTime::now()));
             let Some(template) = &self.settings.probes else { continue };
             if self.probes.contains_key(&t) {
                 continue;
             }
+            let tls = match (template.tls_for)(tls) {
+                Ok(tls) => tls,
+                Err(e) => {
+                    log::error!("no probe for {} {}: {e:#}; it is served unchecked", t.0, t.1);
+                    continue;
+                }
+            };
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let (ev_tx, mut ev_rx) = mpsc::channel(16);
-            let mut s = ProbeSettings::new(template.tls.clone());
+            let mut s = ProbeSettings::new(tls);
             s.path = t.1.clone();
             s.interval = template.interval;
             s.timeout = template.timeout;

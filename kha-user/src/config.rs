@@ -30,6 +30,17 @@ pub struct Frontend {
     pub policy: u8,
     /// HTTP path the probes GET on each backend (`/readyz`; etcd: `/health`).
     pub health_path: String,
+    /// TLS for this frontend's probes where it differs from the global settings (etcd has
+    /// its own CA and wants a client certificate).
+    pub probe_tls: ProbeTls,
+}
+
+/// Probe TLS files of one frontend; `None` fields fall back to the global ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ProbeTls {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 /// Per-frontend settings that flags give to every frontend, and a config file to frontends
@@ -125,6 +136,8 @@ pub enum ConfigError {
         "{field}: `{value}` is not an HTTP path such as /readyz (it must start with / and have no spaces)"
     )]
     HealthPath { field: String, value: String },
+    #[error("{field}: client_cert and client_key go together; give both or neither")]
+    ClientCertPair { field: String },
 }
 
 /// The config file: an optional CA and a list of frontends, each with its own backends.
@@ -152,6 +165,9 @@ struct FileFrontend {
     backends: Vec<String>,
     policy: Option<String>,
     health_path: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -179,6 +195,7 @@ impl Config {
                     backends: backends.clone(),
                     policy: defaults.policy,
                     health_path: defaults.health_path.clone(),
+                    probe_tls: ProbeTls::default(),
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -222,6 +239,16 @@ impl Config {
                     health_path: match &f.health_path {
                         Some(p) => check_path(&format!("frontend[{i}].health_path"), p)?,
                         None => defaults.health_path.clone(),
+                    },
+                    probe_tls: match (&f.client_cert, &f.client_key) {
+                        (Some(_), None) | (None, Some(_)) => {
+                            return Err(ConfigError::ClientCertPair { field: format!("frontend[{i}]") });
+                        }
+                        _ => ProbeTls {
+                            ca_file: f.ca_file.clone(),
+                            client_cert: f.client_cert.clone(),
+                            client_key: f.client_key.clone(),
+                        },
                     },
                 })
             })
@@ -477,6 +504,14 @@ mod tests {
         let e =
             toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nhealth_path = \"readyz now\"\n").unwrap_err();
         assert!(matches!(e, ConfigError::HealthPath { .. }), "{e}");
+        let c = toml(
+            "[[frontend]]\naddress = \"127.0.0.1:2379\"\nca_file = \"/etc/ssl/etcd/ssl/ca.pem\"\n\
+             client_cert = \"/etc/ssl/etcd/ssl/node-n1.pem\"\nclient_key = \"/etc/ssl/etcd/ssl/node-n1-key.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.frontends[0].probe_tls.ca_file.as_deref(), Some(Path::new("/etc/ssl/etcd/ssl/ca.pem")));
+        let e = toml("[[frontend]]\naddress = \"127.0.0.1:2379\"\nclient_cert = \"/x.pem\"\n").unwrap_err();
+        assert!(matches!(e, ConfigError::ClientCertPair { .. }), "{e}");
         for (i, name) in kha_common::POLICY_NAMES.iter().enumerate() {
             assert_eq!(parse_policy("--policy", name).unwrap(), i as u8);
         }

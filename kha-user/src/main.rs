@@ -10,8 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod agent;
 mod serve;
 
+use std::sync::Arc;
+
 use kha::{
-    config::{Config, FrontendDefaults},
+    config::{Config, FrontendDefaults, ProbeTls},
     endpoints::Desired,
     health::{AllDown, DEFAULT_HYSTERESIS, Hysteresis},
     loader::{self, DEFAULT_PIN_DIR, PinDir},
@@ -159,14 +161,29 @@ impl HealthArgs {
                 "--insecure-skip-tls-verify: probes accept any certificate; a wrong host answering would look healthy"
             );
         }
-        let tls = kha::probe::tls_config(
-            ca.as_deref(),
-            self.client_cert.as_deref(),
-            self.client_key.as_deref(),
-            self.insecure_skip_tls_verify,
-        )?;
+        let (cert, key, insecure) =
+            (self.client_cert.clone(), self.client_key.clone(), self.insecure_skip_tls_verify);
+        // A frontend's own files (etcd's CA and client certificate) win over the global ones.
+        let tls_for = move |own: &ProbeTls| -> Result<Arc<rustls::ClientConfig>> {
+            let ca = own.ca_file.as_ref().or(ca.as_ref());
+            let (cert, key) = match (&own.client_cert, &own.client_key) {
+                (Some(c), Some(k)) => (Some(c), Some(k)),
+                _ => (cert.as_ref(), key.as_ref()),
+            };
+            let insecure = insecure && own.ca_file.is_none();
+            Ok(kha::probe::tls_config(
+                ca.map(|p| p.as_path()),
+                cert.map(|p| p.as_path()),
+                key.map(|p| p.as_path()),
+                insecure,
+            )?)
+        };
+        // Every file is read now, so a bad one stops the start before anything is attached.
+        for f in &config.frontends {
+            tls_for(&f.probe_tls).with_context(|| format!("probe TLS of frontend {}", f.address))?;
+        }
         Ok(Some(agent::ProbeTemplate {
-            tls,
+            tls_for: Arc::new(tls_for),
             interval: Duration::from_millis(self.probe_interval_ms.max(100)),
             timeout: Duration::from_millis(self.probe_timeout_ms.max(100)),
         }))

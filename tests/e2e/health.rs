@@ -294,3 +294,37 @@ fn metrics_and_health_endpoints_report_the_real_state() {
     let (_, text) = http_get(metrics, "/metrics");
     assert!(text.contains("kha_frontend_fallback{frontend=\"127.0.0.1:6443\"} 1"), "{text}");
 }
+
+#[test]
+fn a_frontend_may_bring_its_own_ca() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    let other = kha_lab::pki::CertAuthority::new("another CA").unwrap();
+    let wrong = bed.lab.workdir().join("wrong-ca.pem");
+    std::fs::write(&wrong, other.cert_pem()).unwrap();
+    let backends: Vec<String> = bed.lab.masters().iter().map(|m| format!("\"{}\"", m.https_v4())).collect();
+    // The global CA (--ca-file) is wrong; the frontend's own (as etcd's would be) is right.
+    let config = harness::config_file(
+        &bed,
+        "own-ca.toml",
+        &format!(
+            "[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [{}]\nca_file = \"{}\"\n",
+            backends.join(", "),
+            bed.pki.ca_cert.display()
+        ),
+    );
+    let wrong = wrong.display().to_string();
+    let config = config.display().to_string();
+    start(&mut bed, &args(&["--config", &config, "--ca-file", &wrong, "--probe-interval-ms", "300"]));
+    all_up(&bed);
+    // And without it, the same probes fail: the frontend's CA is what made them pass.
+    bed.stop_agent(libc::SIGTERM).unwrap();
+    let plain = harness::config_file(
+        &bed,
+        "global-ca.toml",
+        &format!("[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [{}]\n", backends.join(", ")),
+    );
+    let plain = plain.display().to_string();
+    start(&mut bed, &args(&["--config", &plain, "--ca-file", &wrong, "--probe-interval-ms", "300"]));
+    let m1 = bed.lab.master("m1").unwrap().https_v4().to_string();
+    wait_state(&bed, &m1, "down", true);
+}

@@ -18,6 +18,8 @@ pub const KUBESPRAY_CA_FILE: &str = "/etc/kubernetes/ssl/ca.crt";
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const APISERVER_HEALTH_PATH: &str = "/readyz";
 pub const ETCD_HEALTH_PATH: &str = "/health";
+/// kubespray's etcd CA and client certificates (per node: `node-<inventory_hostname>`).
+pub const KUBESPRAY_ETCD_CA_FILE: &str = "/etc/ssl/etcd/ssl/ca.pem";
 
 /// A `[[frontend]]` table to write.
 struct Table {
@@ -159,9 +161,9 @@ pub fn generate(vars: &Vars, inventory: &Inventory, etcd: bool) -> Result<String
                     "https://127.0.0.1:{ETCD_CLIENT_PORT} (kubespray: etcd_access_addresses, etcd_client_url; add 127.0.0.1 to etcd_cert_alt_ips)."
                 ),
                 "Not for an etcd member, where etcd itself listens on 127.0.0.1:2379.".to_owned(),
-                "The probes use the ca_file above (and --client-cert): etcd's certificates come from".to_owned(),
-                "kubespray's etcd CA (/etc/ssl/etcd/ssl/ca.pem) and etcd wants a client certificate, so".to_owned(),
-                "give kha a CA bundle and client certificate etcd accepts, or its members will probe down.".to_owned(),
+                "The probes verify etcd with kubespray's etcd CA. etcd asks for a client certificate: set".to_owned(),
+                "client_cert/client_key to this node's (kubespray: /etc/ssl/etcd/ssl/node-<hostname>.pem and".to_owned(),
+                "node-<hostname>-key.pem), or the members probe down and are served only by the all-down fallback.".to_owned(),
             ],
             false,
         ));
@@ -179,6 +181,11 @@ pub fn generate(vars: &Vars, inventory: &Inventory, etcd: bool) -> Result<String
         }
         let _ = writeln!(out, "]");
         let _ = writeln!(out, "health_path = {}", quoted(t.health_path));
+        if t.health_path == ETCD_HEALTH_PATH {
+            let _ = writeln!(out, "ca_file = {}", quoted(KUBESPRAY_ETCD_CA_FILE));
+            let _ = writeln!(out, "# client_cert = \"/etc/ssl/etcd/ssl/node-HOSTNAME.pem\"");
+            let _ = writeln!(out, "# client_key = \"/etc/ssl/etcd/ssl/node-HOSTNAME-key.pem\"");
+        }
     }
 
     Config::from_toml(&out, &FrontendDefaults::default())

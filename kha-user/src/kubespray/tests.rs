@@ -688,6 +688,10 @@ fn config_with_etcd() {
     assert_eq!(etcd.address, "127.0.0.1:2379".parse().unwrap());
     assert_eq!(etcd.backends, sa(&["10.1.0.11:2379", "10.0.0.12:2379", "192.0.2.13:2379"]));
     assert_eq!(etcd.health_path, "/health");
+    // etcd's own CA for its probes; the apiserver frontends keep the cluster CA.
+    assert_eq!(etcd.probe_tls.ca_file.as_deref(), Some(std::path::Path::new("/etc/ssl/etcd/ssl/ca.pem")));
+    assert_eq!(c.frontends[0].probe_tls.ca_file, None);
+    assert!(text.contains("# client_cert = "), "{text}");
     // An IPv6 member brings [::1]:2379.
     let inv = INVENTORY.replace("access_ip: 10.1.0.11", "access_ip: '2001:db8::11'");
     let c = parsed(&config_of(&[], &inv, &[], true).unwrap());
