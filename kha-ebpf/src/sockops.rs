@@ -35,6 +35,11 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     // access that LLVM merged across branches.
     let srtt_us = unsafe { (*ctx.ops).srtt_us } >> 3; // the kernel keeps srtt scaled by 8
     let new_state = ctx.arg(1);
+    // Of the state changes (about five per connection) only the close counts: leave before any
+    // map lookup for the others.
+    if op == BPF_SOCK_OPS_STATE_CB && new_state != TCP_CLOSE {
+        return Ok(());
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let conn = KHA_CONNS.get_ptr_mut(&cookie).ok_or(())?;
     let id = unsafe { (*conn).backend_id };

@@ -8,6 +8,7 @@
 //! - [`client`], [`connect`]: the node-side HTTPS client and raw TCP
 //!   connector behind `kha-lab client` / `kha-lab connect`, with JSON output
 //!   documented in their module docs.
+//! - [`load`]: bounded load generators behind `kha-lab load`, used by `cargo xtask bench`.
 //! - [`netns`], [`topology`]: namespaces, processes inside them, and [`Lab`],
 //!   the node + N masters topology (root only).
 //!
@@ -19,6 +20,7 @@ pub mod client;
 pub mod connect;
 pub mod errno;
 pub mod http;
+pub mod load;
 pub mod master;
 pub mod mode;
 pub mod netns;

@@ -18,7 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use kha_lab::client::{self, ClientOptions, HttpsUrl, Reuse};
 use kha_lab::connect::{self, ConnectOptions};
 use kha_lab::master::{self, MasterConfig};
-use kha_lab::mode;
+use kha_lab::{load, mode};
 use kha_lab::{http, tls};
 
 /// Upper bound on --count, so a typo cannot start an endless run.
@@ -43,6 +43,8 @@ enum Cmd {
     Client(ClientArgs),
     /// Make N raw TCP connects and report errno, getpeername and getsockname.
     Connect(ConnectArgs),
+    /// Benchmark load, bounded in count and time; prints one JSON report (kha_lab::load).
+    Load(LoadArgs),
 }
 
 #[derive(Args)]
@@ -123,18 +125,64 @@ struct ConnectArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct LoadArgs {
+    #[arg(value_enum)]
+    mode: load::Mode,
+    /// Address to dial (repeatable: each operation picks one at random).
+    #[arg(long = "target", required = true)]
+    targets: Vec<SocketAddr>,
+    /// Workers, each with one operation in flight.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Stop after this many operations...
+    #[arg(long, default_value_t = 1000)]
+    count: u64,
+    /// ...or after this long.
+    #[arg(long, default_value_t = 2000)]
+    duration_ms: u64,
+    /// Deadline for one operation (bulk: the whole transfer).
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// CA certificate (PEM) to trust; needed by https, keepalive and bulk.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// TLS server name for every target.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    #[arg(long, default_value = "/version")]
+    path: String,
+    /// https: share a session cache and resume sessions.
+    #[arg(long)]
+    resume: bool,
+    /// bulk: bytes to fetch.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Run on this CPU only.
+    #[arg(long)]
+    cpu: Option<usize>,
+}
+
 fn main() -> anyhow::Result<ExitCode> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    // The load generator makes its own threads and runtimes, outside this one.
+    let command = match cli.command {
+        Cmd::Load(args) => return run_load(args),
+        other => other,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting tokio")?;
     runtime.block_on(async {
-        match cli.command {
+        match command {
             Cmd::Master(args) => run_master(args).await.map(|()| ExitCode::SUCCESS),
             Cmd::Client(args) => run_client(args).await,
             Cmd::Connect(args) => run_connect(args).await,
+            Cmd::Load(_) => unreachable!("handled before the runtime starts"),
         }
     })
 }
@@ -276,6 +324,31 @@ async fn run_connect(args: ConnectArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(SOME_FAILED)
     })
+}
+
+fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    let tls = match &args.ca {
+        Some(ca) => Some(tls::client_config_from_ca_file(ca).context("loading CA")?),
+        None => None,
+    };
+    let opts = load::LoadOptions {
+        mode: args.mode,
+        targets: args.targets,
+        concurrency: args.concurrency,
+        count: args.count,
+        duration: Duration::from_millis(args.duration_ms),
+        timeout: Duration::from_millis(args.timeout_ms),
+        server_name: args.server_name,
+        path: args.path,
+        resume: args.resume,
+        bytes: args.bytes,
+        tls,
+        seed: args.seed,
+        cpu: args.cpu,
+    };
+    let report = load::run(&opts)?;
+    println!("{}", serde_json::to_string(&report).context("encoding the report")?);
+    Ok(if report.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(SOME_FAILED) })
 }
 
 /// Serializes as `{"summary": ...}`, displays as the summary's text.

@@ -6,6 +6,7 @@
 //! | `GET /readyz`, `/livez`, `/healthz`  | 200 `text/plain` `ok`                         |
 //! | `GET /readyz` in mode `readyz-500`   | 500 `text/plain` [`READYZ_FAILED_BODY`]       |
 //! | `GET /version`                       | 200 `application/json`, kube-apiserver's shape|
+//! | `GET /bulk?bytes=N` (N <= [`MAX_BULK_BYTES`]) | 200 `application/octet-stream`, N bytes streamed (a large LIST or watch, for benchmarks) |
 //! | other paths / other methods          | 404 / 405 with a JSON `Status` body           |
 //!
 //! Every response carries [`MASTER_HEADER`] (`X-Kha-Lab-Master: <name>`): a client going
@@ -40,6 +41,10 @@ pub const MASTER_HEADER: &str = "X-Kha-Lab-Master";
 pub const READYZ_FAILED_BODY: &str = "[-]etcd failed: reason withheld\nreadyz check failed";
 /// The Kubernetes version the fake apiserver claims to be.
 pub const GIT_VERSION: &str = "v1.31.0";
+/// Largest body `/bulk` streams.
+pub const MAX_BULK_BYTES: u64 = 64 << 30;
+/// `/bulk` writes its body in pieces of this size.
+const BULK_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -348,6 +353,15 @@ async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Sha
             return;
         }
         let keep_alive = request.keep_alive();
+        if let Some(n) = bulk_bytes(&request) {
+            if !stream_bulk(&mut tls, n, keep_alive, &shared).await {
+                return;
+            }
+            if !keep_alive {
+                break;
+            }
+            continue;
+        }
         let bytes =
             route(&request, mode, &shared.name).encode(keep_alive, request.method != "HEAD");
         let written = timeout(t.write, async {
@@ -363,6 +377,49 @@ async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Sha
         }
     }
     let _ = timeout(t.write, tls.shutdown()).await;
+}
+
+/// `N` of a valid `GET /bulk?bytes=N`; anything else is left to [`route`].
+fn bulk_bytes(request: &Request) -> Option<u64> {
+    if request.method != "GET" || request.path() != "/bulk" {
+        return None;
+    }
+    let (_, query) = request.target.split_once('?')?;
+    let n: u64 = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("bytes="))?
+        .parse()
+        .ok()?;
+    (n <= MAX_BULK_BYTES).then_some(n)
+}
+
+/// Streams a `/bulk` answer of `n` bytes; false when the connection must be dropped.
+async fn stream_bulk<S: tokio::io::AsyncWrite + Unpin>(
+    tls: &mut S,
+    n: u64,
+    keep_alive: bool,
+    shared: &Shared,
+) -> bool {
+    static CHUNK: [u8; BULK_CHUNK] = [b'k'; BULK_CHUNK];
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nCache-Control: no-cache, private\r\n\
+         {MASTER_HEADER}: {}\r\nContent-Length: {n}\r\nConnection: {}\r\n\r\n",
+        shared.name,
+        if keep_alive { "keep-alive" } else { "close" },
+    );
+    let t = shared.timeouts.write;
+    if !matches!(timeout(t, tls.write_all(head.as_bytes())).await, Ok(Ok(()))) {
+        return false;
+    }
+    let mut left = n;
+    while left > 0 {
+        let len = left.min(BULK_CHUNK as u64) as usize;
+        if !matches!(timeout(t, tls.write_all(&CHUNK[..len])).await, Ok(Ok(()))) {
+            return false;
+        }
+        left -= len as u64;
+    }
+    matches!(timeout(t, tls.flush()).await, Ok(Ok(())))
 }
 
 async fn serve_ident(mut sock: TcpStream, shared: Arc<Shared>) {
@@ -392,6 +449,13 @@ pub fn route(request: &Request, mode: FailureMode, name: &str) -> Response {
                 Response::new(200, "text/plain; charset=utf-8", "ok")
             }
             "/version" => Response::new(200, "application/json", version_body()),
+            // A valid `/bulk?bytes=N` is streamed by `serve_https` before it gets here.
+            "/bulk" => status_response(
+                400,
+                "BadRequest",
+                &format!("/bulk needs ?bytes=N with N at most {MAX_BULK_BYTES}"),
+                name,
+            ),
             _ => status_response(
                 404,
                 "NotFound",

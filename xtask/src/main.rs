@@ -1,5 +1,6 @@
 //! `cargo xtask`: everything a checkout needs, from a fresh machine to a running lab.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -27,6 +28,8 @@ enum Command {
     },
     /// Set up, build and run the demo lab; with --config, run kha on this node instead.
     Demo(demo::DemoArgs),
+    /// Benchmark kha against direct connects, nginx and haproxy (docs/benchmarks.md).
+    Bench(bench::BenchArgs),
     /// Set up, build and run every test: unit tests, then the root end-to-end tests.
     Test {
         /// Only end-to-end tests whose name contains this.
@@ -41,6 +44,7 @@ fn main() {
         Command::Build => setup::setup().and_then(|()| cmd::build_debug()),
         Command::Run { args } => run(args),
         Command::Demo(args) => demo::demo(args),
+        Command::Bench(args) => bench::bench(args),
         Command::Test { filter } => test(filter),
     };
     if let Err(e) = result {
@@ -75,8 +79,10 @@ fn test(filter: Option<String>) -> Result<()> {
         // The README's first command, shortened: it must keep working.
         if cmd::is_root() {
             demo::demo(demo::DemoArgs { config: None, requests: 4, interval_ms: 10 })?;
+            // The benchmark harness must keep producing every figure (never judged on speed).
+            bench::quick_check()?;
         } else if ci {
-            anyhow::bail!("the demo smoke test needs root");
+            anyhow::bail!("the demo and bench smoke tests need root");
         }
     }
     Ok(())

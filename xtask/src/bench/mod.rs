@@ -1,0 +1,200 @@
+//! `cargo xtask bench`: kha against the userspace proxies it replaces (nginx and haproxy as
+//! kubespray configures them) and against the client dialing the masters itself, on the
+//! same masters and the same client, in one run of interleaved rounds.
+//!
+//! - [`figures`]: contenders and the catalog of figures.
+//! - [`lab`]: the bed (masters, kha's agent), scaling listeners, the proxies' services.
+//! - [`proxy`]: nginx and haproxy: install, config (kubespray's), start, stop.
+//! - [`run`]: the rounds; each load is a `kha-lab load` process (`kha_lab::load`).
+//! - [`procfs`]: CPU and memory of a load balancer; kha's program run time.
+//! - [`report`], [`plot`], [`machine`]: `target/bench/results.{json,md,svg}`.
+//!
+//! How to read and reproduce the results: `docs/benchmarks.md`.
+
+mod figures;
+mod lab;
+mod machine;
+mod plot;
+mod procfs;
+mod proxy;
+mod report;
+mod run;
+
+use std::{collections::BTreeMap, path::PathBuf, sync::atomic::Ordering, time::Instant};
+
+use anyhow::{Context as _, Result};
+
+use crate::{cmd, setup};
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct BenchArgs {
+    /// Everything with small counts, in about a minute: checks the harness; the figures
+    /// mean little.
+    #[arg(long)]
+    pub quick: bool,
+    /// Rounds (default: 5; --quick: 2).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=50))]
+    pub rounds: Option<u64>,
+    /// Use release builds of kha and kha-lab also with --quick (a full run always does).
+    #[arg(long)]
+    pub release: bool,
+    /// Where to write results.{json,md,svg} (default: target/bench, --quick: target/bench/quick).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Counts and durations of one kind of run.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: &'static str,
+    pub rounds: usize,
+    /// Connects per contender and round (connect, first byte), bounded by `connect_ms`.
+    pub connect_count: u64,
+    pub connect_ms: u64,
+    /// Connects per contender, case and round in the scaling figures.
+    pub scale_count: u64,
+    /// Length of each HTTPS rate run and of the kept-alive latency run.
+    pub https_ms: u64,
+    pub keepalive_ms: u64,
+    /// Upper bound on requests of a time-bound run.
+    pub max_count: u64,
+    pub bulk_bytes: u64,
+    pub bulk_timeout_ms: u64,
+}
+
+impl Profile {
+    pub fn full() -> Self {
+        Profile {
+            name: "full",
+            rounds: 5,
+            connect_count: 5000,
+            connect_ms: 10_000,
+            scale_count: 3000,
+            https_ms: 2000,
+            keepalive_ms: 2000,
+            max_count: 5_000_000,
+            bulk_bytes: 1 << 30,
+            bulk_timeout_ms: 120_000,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Profile {
+            name: "quick",
+            rounds: 2,
+            connect_count: 300,
+            connect_ms: 2000,
+            scale_count: 200,
+            https_ms: 250,
+            keepalive_ms: 250,
+            max_count: 1_000_000,
+            bulk_bytes: 16 << 20,
+            bulk_timeout_ms: 30_000,
+        }
+    }
+
+    fn settings(&self, binaries: &str) -> BTreeMap<String, String> {
+        let mut s = BTreeMap::new();
+        s.insert("binaries".into(), binaries.into());
+        s.insert("connects per run".into(), self.connect_count.to_string());
+        s.insert("scaling connects per run".into(), self.scale_count.to_string());
+        s.insert("HTTPS run".into(), format!("{} ms", self.https_ms));
+        s.insert("kept-alive run".into(), format!("{} ms", self.keepalive_ms));
+        s.insert("bulk".into(), format!("{} MiB", self.bulk_bytes >> 20));
+        s
+    }
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    run::STOP.store(true, Ordering::SeqCst);
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let dir = run_bench(&args)?;
+    let md = std::fs::read_to_string(dir.join(report::MARKDOWN)).unwrap_or_default();
+    println!("{md}");
+    println!("written: {}/{{{},{},{}}}", dir.display(), report::JSON, report::MARKDOWN, report::PLOT);
+    Ok(())
+}
+
+/// Runs `cargo xtask bench --quick` and checks that every figure was produced for every
+/// contender in every round (never how fast anything was). Needs root.
+#[allow(dead_code, reason = "called by `cargo xtask test`")]
+pub fn quick_check() -> Result<()> {
+    let dir = run_bench(&BenchArgs { quick: true, ..BenchArgs::default() })?;
+    report::verify(&dir)?;
+    println!("bench --quick: every figure produced for every contender ({})", dir.display());
+    Ok(())
+}
+
+fn run_bench(args: &BenchArgs) -> Result<PathBuf> {
+    setup::setup()?;
+    cmd::require_root(
+        "the bench creates network namespaces, attaches eBPF programs and runs nginx and haproxy",
+    )?;
+    let mut profile = if args.quick { Profile::quick() } else { Profile::full() };
+    if let Some(r) = args.rounds {
+        profile.rounds = r as usize;
+    }
+    // Release for real figures: a debug TLS stack in the masters and the client would be
+    // what is measured. --quick only checks the harness and uses the debug build the tests use.
+    let release = args.release || !args.quick;
+    let kind = if release { "release" } else { "debug" };
+    if release {
+        cmd::cargo(&["build", "--quiet", "--release", "-p", "kha-user", "-p", "kha-lab"])?;
+    } else {
+        cmd::build_debug()?;
+    }
+    let bin = cmd::target_dir().join(kind);
+    // SAFETY: no other thread runs yet; the bed reads these to find the binaries.
+    unsafe {
+        std::env::set_var("KHA_LAB_BIN", bin.join("kha-lab"));
+        std::env::set_var("KHA_BIN", bin.join("kha"));
+    }
+    proxy::ensure_installed()?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let d = cmd::target_dir().join("bench");
+        if args.quick { d.join("quick") } else { d }
+    });
+    run::STOP.store(false, Ordering::SeqCst);
+    // Ctrl-C reaches the whole process group: the load tool, masters and proxies stop by
+    // themselves, and this process lives on to remove the lab and restore the sysctl.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let load_before = loadavg();
+    let started = Instant::now();
+    eprintln!(
+        "xtask: bench: {} run, {} rounds, {kind} binaries; building the lab",
+        profile.name, profile.rounds
+    );
+    let values = {
+        let mut lab = lab::BenchLab::create().context("setting up the bench")?;
+        run::run(&mut lab, &profile)?
+        // The lab drops here: proxies, listeners, agent, pins, namespaces, cgroup.
+    };
+    let mut settings = profile.settings(kind);
+    // Other work on the machine moves the figures: say how busy it was.
+    settings.insert("load average before".into(), load_before);
+    settings.insert("load average after".into(), loadavg());
+    let report = report::Report::build(
+        profile.name,
+        profile.rounds,
+        started.elapsed().as_secs_f64(),
+        machine::describe(),
+        settings,
+        &values,
+        run::spread_text(&values),
+    );
+    report.write(&out)?;
+    Ok(out)
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
