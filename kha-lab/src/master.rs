@@ -352,6 +352,10 @@ async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Sha
             hold(&mut tls, t.hang_max).await;
             return;
         }
+        if mode == FailureMode::Endless {
+            let _ = timeout(t.hang_max, dribble(&mut tls, &shared.name)).await;
+            return;
+        }
         let keep_alive = request.keep_alive();
         if let Some(n) = bulk_bytes(&request) {
             if !stream_bulk(&mut tls, n, keep_alive, &shared).await {
@@ -377,6 +381,22 @@ async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Sha
         }
     }
     let _ = timeout(t.write, tls.shutdown()).await;
+}
+
+/// A 200 whose body never ends: one byte every 200 ms until the peer goes away.
+async fn dribble<S: tokio::io::AsyncWrite + Unpin>(tls: &mut S, name: &str) {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n{MASTER_HEADER}: {name}\r\nContent-Length: {MAX_BULK_BYTES}\r\n\r\n"
+    );
+    if tls.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    loop {
+        if tls.write_all(b"k").await.is_err() || tls.flush().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `N` of a valid `GET /bulk?bytes=N`; anything else is left to [`route`].

@@ -29,6 +29,9 @@ pub enum FailureMode {
     /// Connections are accepted but never answered: no TLS handshake for new
     /// ones, no response to further requests on open ones.
     Hang,
+    /// Every request gets a 200 whose body never ends: one byte every 200 ms,
+    /// as a stuck stream would send. Size limits do not catch it; timeouts must.
+    Endless,
 }
 
 impl FailureMode {
@@ -37,6 +40,7 @@ impl FailureMode {
             FailureMode::Normal => "normal",
             FailureMode::Readyz500 => "readyz-500",
             FailureMode::Hang => "hang",
+            FailureMode::Endless => "endless",
         }
     }
 }
@@ -48,7 +52,7 @@ impl fmt::Display for FailureMode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown failure mode {0:?} (expected normal, readyz-500 or hang)")]
+#[error("unknown failure mode {0:?} (expected normal, readyz-500, hang or endless)")]
 pub struct UnknownMode(pub String);
 
 impl FromStr for FailureMode {
@@ -58,6 +62,7 @@ impl FromStr for FailureMode {
         match s.trim() {
             "normal" | "" => Ok(FailureMode::Normal),
             "readyz-500" => Ok(FailureMode::Readyz500),
+            "endless" => Ok(FailureMode::Endless),
             "hang" => Ok(FailureMode::Hang),
             other => Err(UnknownMode(other.to_owned())),
         }
@@ -145,6 +150,7 @@ mod tests {
             FailureMode::Normal,
             FailureMode::Readyz500,
             FailureMode::Hang,
+            FailureMode::Endless,
         ] {
             assert_eq!(mode.to_string().parse::<FailureMode>(), Ok(mode));
         }

@@ -328,3 +328,25 @@ fn a_frontend_may_bring_its_own_ca() {
     let m1 = bed.lab.master("m1").unwrap().https_v4().to_string();
     wait_state(&bed, &m1, "down", true);
 }
+
+#[test]
+fn a_never_ending_response_takes_the_master_out() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_checked(&mut bed, &[]);
+    all_up(&bed);
+    let victim = "m2";
+    let addr = bed.lab.master(victim).unwrap().https_v4().to_string();
+    // 200 and then one byte every 200 ms, forever. The probe refuses it by its bounds (the
+    // announced length, else its deadline) instead of waiting on it.
+    bed.lab.set_mode(victim, FailureMode::Endless).unwrap();
+    wait_state(&bed, &addr, "down", false);
+    let (_, _, reason) = state_of(&bed, &addr).unwrap();
+    assert!(
+        reason.as_deref().is_some_and(|r| r.contains("larger than") || r.to_lowercase().contains("time")),
+        "{reason:?}"
+    );
+    let run = https(&bed, "127.0.0.1:6443", 30);
+    assert_eq!((run.failed(), run.by_master(victim)), (0, 0), "{:?}", run.summary);
+    bed.lab.set_mode(victim, FailureMode::Normal).unwrap();
+    wait_state(&bed, &addr, "up", true);
+}
