@@ -69,15 +69,21 @@ fn failover(client: &LiveClient, failed: &str) -> (Value, Value) {
     }
 }
 
-#[test]
-fn blackholed_master_leaves_and_its_long_lived_connection_moves() {
-    let Some(mut bed) = harness::bed(3) else { return };
+/// A checked bed with every master up and a keep-alive client on one of them: the bed, the
+/// client, the master it landed on, and that master's address.
+fn watched() -> Option<(Bed, LiveClient, String, String)> {
+    let mut bed = harness::bed(3)?;
     start_checked(&mut bed, &[]);
     all_up(&bed);
     let client = LiveClient::start(&bed, 400);
-    let first = client.next();
-    let victim = first["master"].as_str().expect("first answer").to_string();
+    let victim = client.next()["master"].as_str().expect("a first answer").to_string();
     let addr = bed.lab.master(&victim).unwrap().https_v4().to_string();
+    Some((bed, client, victim, addr))
+}
+
+#[test]
+fn blackholed_master_leaves_and_its_long_lived_connection_moves() {
+    let Some((bed, client, victim, addr)) = watched() else { return };
     bed.lab.link_down(&victim).unwrap();
 
     // The client's connection would hang for its whole 30 s timeout (TCP would retry for
@@ -120,12 +126,7 @@ fn killed_master_costs_at_most_a_few_connects_and_comes_back() {
 
 #[test]
 fn not_ready_master_drains_then_returns() {
-    let Some(mut bed) = harness::bed(3) else { return };
-    start_checked(&mut bed, &[]);
-    all_up(&bed);
-    let client = LiveClient::start(&bed, 400);
-    let victim = client.next()["master"].as_str().unwrap().to_string();
-    let addr = bed.lab.master(&victim).unwrap().https_v4().to_string();
+    let Some((mut bed, client, victim, addr)) = watched() else { return };
     bed.lab.set_mode(&victim, FailureMode::Readyz500).unwrap();
     wait_state(&bed, &addr, "draining", false);
     let (_, _, reason) = state_of(&bed, &addr).unwrap();
@@ -143,12 +144,7 @@ fn not_ready_master_drains_then_returns() {
 
 #[test]
 fn hung_master_is_taken_out_and_its_connection_moves() {
-    let Some(mut bed) = harness::bed(3) else { return };
-    start_checked(&mut bed, &[]);
-    all_up(&bed);
-    let client = LiveClient::start(&bed, 400);
-    let victim = client.next()["master"].as_str().unwrap().to_string();
-    let addr = bed.lab.master(&victim).unwrap().https_v4().to_string();
+    let Some((mut bed, client, victim, addr)) = watched() else { return };
     // Accepts and never answers: the probe times out, the client's request would hang.
     bed.lab.set_mode(&victim, FailureMode::Hang).unwrap();
     let (failure, _) = failover(&client, &victim);
