@@ -8,16 +8,14 @@ use aya_ebpf::{
 };
 use kha_common::{
     AddrBe, Backend, Conn, STAT_ALL_SUSPECT, STAT_FOREIGN_NETNS, STAT_INCONSISTENT, STAT_NO_BACKEND,
-    STAT_REWRITTEN, STAT_SUSPECT_SKIPPED, ServiceKey, SockState, addr_from_words, is_v4_mapped,
+    STAT_REWRITTEN, STAT_SUSPECT_SKIPPED, ServiceKey, addr_from_words, is_v4_mapped,
     select::{Candidate, Dice, SlotView, choose, nonzero},
     v4_mapped, v4_of_mapped, words_from_addr,
 };
 
 use crate::{
     PROCEED,
-    maps::{
-        KHA_BACKENDS, KHA_BE_HEALTH, KHA_CONFIG, KHA_CONNS, KHA_SOCKS, KHA_SVC, add, backend_stats, count,
-    },
+    maps::{KHA_BACKENDS, KHA_BE_HEALTH, KHA_CONFIG, KHA_CONNS, KHA_SVC, add, backend_stats, count},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -156,8 +154,9 @@ fn refuse(stat: u32) -> i32 {
     REJECT
 }
 
-/// Keeps what getpeername must report and what sock_ops counts by. Best effort: without
-/// socket storage the connect still goes to the backend; getpeername then reports the backend.
+/// Keeps what getpeername must report and what sock_ops counts by. Best effort: if the
+/// entry cannot be written the connect still goes to the backend; getpeername then reports the
+/// backend and sock_ops does not count it.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend_id: u32, backend: &Backend) {
     count(STAT_REWRITTEN);
@@ -165,17 +164,14 @@ fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend_id: u32, backend: &
         add(unsafe { &raw mut (*stats).chosen }, 1);
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = KHA_CONNS.insert(&cookie, &Conn { backend_id, established: 0 }, 0);
-    let mut state = SockState {
+    // Overwrites the entry of a socket that connects again after a failed connect.
+    let conn = Conn {
         frontend_addr_be: key.addr_be,
         backend_addr_be: backend.addr_be,
         frontend_port_be: key.port_be,
         backend_port_be: backend.port_be,
         backend_id,
+        established: 0,
     };
-    let slot = KHA_SOCKS.get_or_insert_ptr_mut(ctx, Some(&mut state));
-    if !slot.is_null() {
-        // The socket may have been connected through kha before (connect after a failed one).
-        unsafe { *slot = state };
-    }
+    let _ = KHA_CONNS.insert(&cookie, &conn, 0);
 }

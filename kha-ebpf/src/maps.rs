@@ -4,13 +4,13 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use kha_common::{
     BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
     MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ProbeKey, ProbeStatus, SERVICES_CAPACITY,
-    STATS_LEN, ServiceKey, ServiceValue, SockState,
+    STATS_LEN, ServiceKey, ServiceValue,
 };
 
 #[btf_map(pin_by_name)]
@@ -21,9 +21,6 @@ pub static KHA_BACKENDS: HashMap<u32, Backend, MAX_BACKENDS> = HashMap::new();
 
 #[btf_map(pin_by_name)]
 pub static KHA_CONFIG: Array<DatapathConfig, 1> = Array::new();
-
-#[btf_map(pin_by_name)]
-pub static KHA_SOCKS: SkStorage<SockState> = SkStorage::new();
 
 #[btf_map(pin_by_name)]
 pub static KHA_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();

@@ -1,14 +1,14 @@
 //! getpeername4/getpeername6: a socket kha rewrote reports the frontend it asked for, as it
 //! would through a proxy, so clients that log or check their peer see what they configured.
 
-use aya_ebpf::programs::SockAddrContext;
+use aya_ebpf::{EbpfContext, helpers::generated::bpf_get_socket_cookie, programs::SockAddrContext};
 use kha_common::{
-    STAT_PEERNAME, SockState, addr_from_words, is_v4_mapped, v4_mapped, v4_of_mapped, words_from_addr,
+    Conn, STAT_PEERNAME, addr_from_words, is_v4_mapped, v4_mapped, v4_of_mapped, words_from_addr,
 };
 
 use crate::{
     PROCEED,
-    maps::{KHA_SOCKS, count},
+    maps::{KHA_CONNS, count},
 };
 
 pub fn try_getpeername4(ctx: &SockAddrContext) -> Result<i32, ()> {
@@ -40,12 +40,9 @@ pub fn try_getpeername6(ctx: &SockAddrContext) -> Result<i32, ()> {
 /// The socket's kha state, if kha rewrote it and it is still connected where kha sent it (a
 /// socket may connect again elsewhere after a failed connect).
 #[inline(always)]
-fn rewritten(ctx: &SockAddrContext, peer: &[u8; 16], peer_port_be: u16) -> Result<SockState, ()> {
-    let state = KHA_SOCKS.get_ptr_mut(ctx);
-    if state.is_null() {
-        return Err(());
-    }
-    let state = unsafe { *state };
+fn rewritten(ctx: &SockAddrContext, peer: &[u8; 16], peer_port_be: u16) -> Result<Conn, ()> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let state = *unsafe { KHA_CONNS.get(&cookie) }.ok_or(())?;
     if state.backend_addr_be != *peer || state.backend_port_be != peer_port_be {
         return Err(());
     }
