@@ -19,6 +19,7 @@ pub mod bed;
 pub mod client;
 pub mod connect;
 pub mod errno;
+pub mod fake_apiserver;
 pub mod http;
 pub mod load;
 pub mod master;

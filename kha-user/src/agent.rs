@@ -35,6 +35,23 @@ pub struct Settings {
     pub drain: Duration,
     pub resync: Duration,
     pub netns: Option<PathBuf>,
+    /// `--discover`: what the watcher reports, merged with the static config.
+    pub discovery: Option<Discovery>,
+}
+
+pub struct Discovery {
+    pub feed: kha::discovery::Feed,
+    pub updates: mpsc::Receiver<kha::discovery::Update>,
+}
+
+/// The next discovery update; never, without discovery.
+async fn next_update(
+    rx: &mut Option<mpsc::Receiver<kha::discovery::Update>>,
+) -> Option<kha::discovery::Update> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The TLS client config for a frontend's probe settings (its own files, or the global ones).
@@ -63,7 +80,7 @@ struct Agent {
 }
 
 pub async fn run(
-    settings: Settings,
+    mut settings: Settings,
     config: Config,
     maps: KhaMaps,
     reload: impl Fn() -> Result<Config>,
@@ -78,6 +95,10 @@ pub async fn run(
             let ns = Arc::new(File::open(path)?);
             Arc::new(move |addr| loader::socket_in_netns(&ns, addr)) as MakeSocket
         }
+    };
+    let (mut feed, mut updates) = match settings.discovery.take() {
+        Some(d) => (Some(d.feed), Some(d.updates)),
+        None => (None, None),
     };
     let mut resync = tokio::time::interval(settings.resync);
     let mut drain_tick = tokio::time::interval(Duration::from_millis(200));
@@ -100,11 +121,19 @@ pub async fn run(
             _ = hup.recv() => match reload() {
                 Ok(c) => {
                     log::info!("SIGHUP: config reloaded");
+                    let c = match &mut feed {
+                        Some(f) => f.set_base(c),
+                        None => c,
+                    };
                     agent.replace_config(c);
                 }
                 Err(e) => log::error!("SIGHUP: keeping the running config: {e:#}"),
             },
             Some((target, event)) = rx.recv() => agent.observe(target, event),
+            Some(update) = next_update(&mut updates) => match feed.as_mut().and_then(|f| f.update(update)) {
+                Some(c) => agent.replace_config(c),
+                None => continue,
+            },
             _ = resync.tick() => {}
             _ = drain_tick.tick() => {
                 let now = Instant::now();

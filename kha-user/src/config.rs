@@ -33,6 +33,10 @@ pub struct Frontend {
     /// TLS for this frontend's probes where it differs from the global settings (etcd has
     /// its own CA and wants a client certificate).
     pub probe_tls: ProbeTls,
+    /// Fed by `kha run --discover`: the masters found in the `kubernetes` service's
+    /// EndpointSlices replace `backends`, which stay the bootstrap and fallback (see
+    /// [`crate::discovery`]). Config files opt in per frontend; with flags, all are fed.
+    pub discover: bool,
 }
 
 /// Probe TLS files of one frontend; `None` fields fall back to the global ones.
@@ -168,6 +172,8 @@ struct FileFrontend {
     ca_file: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
+    #[serde(default)]
+    discover: bool,
 }
 
 impl Config {
@@ -196,6 +202,7 @@ impl Config {
                     policy: defaults.policy,
                     health_path: defaults.health_path.clone(),
                     probe_tls: ProbeTls::default(),
+                    discover: false,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -250,6 +257,7 @@ impl Config {
                             client_key: f.client_key.clone(),
                         },
                     },
+                    discover: f.discover,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -515,6 +523,19 @@ mod tests {
         for (i, name) in kha_common::POLICY_NAMES.iter().enumerate() {
             assert_eq!(parse_policy("--policy", name).unwrap(), i as u8);
         }
+    }
+
+    #[test]
+    fn discover_is_per_frontend_and_off_by_default() {
+        let c = toml(
+            "[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [\"192.0.2.11:6443\"]\ndiscover = true\n\
+             [[frontend]]\naddress = \"127.0.0.1:2379\"\n",
+        )
+        .unwrap();
+        assert_eq!((c.frontends[0].discover, c.frontends[1].discover), (true, false));
+        assert!(!Config::from_flags(&[], &s(&["192.0.2.11:6443"]), &d()).unwrap().frontends[0].discover);
+        let e = toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\ndiscover = \"yes\"\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
     }
 
     #[test]

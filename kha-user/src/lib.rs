@@ -4,6 +4,7 @@
 //! and `maps` are the only modules that touch the kernel.
 
 pub mod config;
+pub mod discovery;
 pub mod endpoints;
 pub mod health;
 pub mod kubespray;

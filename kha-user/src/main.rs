@@ -92,6 +92,24 @@ struct RunArgs {
     health_addr: String,
     #[command(flatten)]
     health: HealthArgs,
+    #[command(flatten)]
+    discovery: DiscoveryArgs,
+}
+
+#[derive(Args)]
+struct DiscoveryArgs {
+    /// Serve the masters listed in the `kubernetes` service's EndpointSlices (namespace
+    /// `default`), followed as they change; the static backends stay the bootstrap and fallback.
+    /// Feeds every --frontend, or the config file's frontends with `discover = true`.
+    #[arg(long)]
+    discover: bool,
+    /// Kubeconfig --discover reaches the API with (the kubelet's, as kubespray and kubeadm
+    /// install it).
+    #[arg(long, default_value = kha::discovery::DEFAULT_KUBECONFIG, requires = "discover")]
+    kubeconfig: PathBuf,
+    /// Where --discover keeps the last discovered set for the next start (discovered.json).
+    #[arg(long, default_value = kha::discovery::DEFAULT_STATE_DIR, requires = "discover")]
+    state_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -191,7 +209,10 @@ impl HealthArgs {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // kube-rs logs every retry of a failing watch at error level; discovery reports a failure
+    // once, with its cause (RUST_LOG=kube_client=debug shows kube-rs's own lines).
+    let filter = "info,kube_client=off,kube_runtime=off";
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter)).init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
@@ -215,15 +236,38 @@ fn load_config(args: &RunArgs) -> Result<Config> {
         policy: kha::config::parse_policy("--policy", &args.policy)?,
         health_path: args.health.health_path.clone(),
     };
-    Ok(match &args.config {
+    let mut config = match &args.config {
         Some(path) => Config::from_file(path, &defaults)?,
         None => Config::from_flags(&args.frontend, &args.backend, &defaults)?,
-    })
+    };
+    match &args.config {
+        // Flags describe one service, the apiserver: discovery feeds all its frontends.
+        None => config.frontends.iter_mut().for_each(|f| f.discover = args.discovery.discover),
+        Some(path) if args.discovery.discover && !config.frontends.iter().any(|f| f.discover) => bail!(
+            "--discover: no frontend in {} has `discover = true`, so discovery would feed nothing",
+            path.display()
+        ),
+        Some(_) if !args.discovery.discover => {
+            for f in config.frontends.iter().filter(|f| f.discover) {
+                log::warn!("frontend {} has `discover = true` but kha runs without --discover", f.address);
+            }
+        }
+        Some(_) => {}
+    }
+    Ok(config)
 }
 
 fn run(args: RunArgs) -> Result<()> {
     // Everything that can be wrong with the input is refused before the kernel is touched.
     let config = load_config(&args)?;
+    // With --discover the static lists are the bootstrap: joined by the set the last run found.
+    let feed = args.discovery.discover.then(|| {
+        kha::discovery::Feed::new(
+            config.clone(),
+            kha::discovery::state::load_or_warn(&args.discovery.state_dir),
+        )
+    });
+    let config = feed.as_ref().map_or(config, |f| f.effective().clone());
     for f in config.frontends.iter().filter(|f| f.backends.is_empty()) {
         log::warn!("frontend {} has no backends: connects to it fail with EHOSTUNREACH", f.address);
     }
@@ -278,6 +322,21 @@ fn run(args: RunArgs) -> Result<()> {
         pins: pins.clone(),
         stall_after: Duration::from_secs(3 * args.resync_interval.max(1) + 5),
     };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let discovery = feed.map(|feed| {
+        let _runtime = rt.enter();
+        log::info!(
+            "discovery: watching the kubernetes service's EndpointSlices through {}",
+            args.discovery.kubeconfig.display()
+        );
+        agent::Discovery {
+            feed,
+            updates: kha::discovery::watch::spawn(kha::discovery::watch::WatchSettings::new(
+                args.discovery.kubeconfig.clone(),
+                Some(args.discovery.state_dir.clone()),
+            )),
+        }
+    });
     let settings = agent::Settings {
         shared,
         recorders,
@@ -287,8 +346,8 @@ fn run(args: RunArgs) -> Result<()> {
         drain: Duration::from_secs(args.health.drain_time),
         resync: Duration::from_secs(args.resync_interval.max(1)),
         netns: args.netns.clone(),
+        discovery,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         if let Some(l) = metrics_listener {
             serve::start(l, endpoints.clone())?;

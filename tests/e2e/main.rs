@@ -3,6 +3,7 @@
 //! there. Run through `cargo xtask test`, one test at a time.
 
 mod datapath;
+mod discovery;
 mod harness;
 mod health;
 mod lifecycle;

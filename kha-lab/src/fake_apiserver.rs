@@ -1,0 +1,38 @@
+//! The fake kube-apiserver of kha's discovery tests ([`kha::discovery::fake`]), for the
+//! end-to-end tests, which reach kha's library through kha-lab: HTTPS on 127.0.0.1 serving the
+//! `kubernetes` service's EndpointSlices (list and watch), stopped or failing on demand.
+
+use std::path::{Path, PathBuf};
+
+pub use kha::discovery::fake::{FakeApiserver, FakeError, FakeTls, SLICES_PATH};
+
+use crate::pki::PkiPaths;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FakeApiError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] FakeError),
+    #[error("no master certificate in the lab PKI")]
+    NoCertificate,
+}
+
+/// A fake apiserver with the lab's first master certificate (it names 127.0.0.1, as every lab
+/// server certificate does), and a kubeconfig in `dir` that trusts the lab CA.
+pub fn start_for_lab(pki: &PkiPaths, dir: &Path) -> Result<(FakeApiserver, PathBuf), FakeApiError> {
+    let read =
+        |path: &Path| std::fs::read(path).map_err(|source| FakeApiError::Read { path: path.into(), source });
+    let master = pki.masters.first().ok_or(FakeApiError::NoCertificate)?;
+    let (cert, key) = (read(&master.cert)?, read(&master.key)?);
+    let api = FakeApiserver::start(FakeTls { cert_pem: &cert, key_pem: &key, client_ca_pem: None })?;
+    let path = dir.join("kubeconfig-fake");
+    let kubeconfig = api
+        .write_kubeconfig(&path, &pki.ca_cert, None)
+        .map_err(|source| FakeApiError::Read { path: path.clone(), source })?;
+    Ok((api, kubeconfig))
+}
