@@ -79,8 +79,9 @@ fn test(filter: Option<String>) -> Result<()> {
         // The README's first command, shortened: it must keep working.
         if cmd::is_root() {
             demo::demo(demo::DemoArgs { config: None, requests: 4, interval_ms: 10 })?;
-            // The benchmark harness must keep producing every figure (never judged on speed).
+            // The benchmark harnesses must keep producing every figure (never judged on speed).
             bench::quick_check()?;
+            bench::failover_quick_check()?;
         } else if ci {
             anyhow::bail!("the demo and bench smoke tests need root");
         }

@@ -8,9 +8,11 @@
 //! - [`run`]: the rounds; each load is a `kha-lab load` process (`kha_lab::load`).
 //! - [`procfs`]: CPU and memory of a load balancer; kha's program run time.
 //! - [`report`], [`plot`], [`machine`]: `target/bench/results.{json,md,svg}`.
+//! - [`failover`]: `cargo xtask bench failover`, `target/bench/failover.{json,md}`.
 //!
 //! How to read and reproduce the results: `docs/benchmarks.md`.
 
+mod failover;
 mod figures;
 mod lab;
 mod machine;
@@ -26,19 +28,34 @@ use anyhow::{Context as _, Result};
 
 use crate::{cmd, setup};
 
+#[allow(unused_imports, reason = "called by `cargo xtask test`")]
+pub use failover::failover_quick_check;
+
+/// What `cargo xtask bench` runs.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suite {
+    /// Failed masters: failed requests, time until traffic and long-lived connections leave
+    /// (kha with health checks, nginx, haproxy).
+    Failover,
+}
+
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct BenchArgs {
+    /// `failover`: the failover bench instead of the main figures.
+    #[arg(value_enum)]
+    pub suite: Option<Suite>,
     /// Everything with small counts, in about a minute: checks the harness; the figures
     /// mean little.
     #[arg(long)]
     pub quick: bool,
-    /// Rounds (default: 5; --quick: 2).
+    /// Rounds (default: 5; --quick: 2; failover: 2, --quick: 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=50))]
     pub rounds: Option<u64>,
     /// Use release builds of kha and kha-lab also with --quick (a full run always does).
     #[arg(long)]
     pub release: bool,
-    /// Where to write results.{json,md,svg} (default: target/bench, --quick: target/bench/quick).
+    /// Where to write results.{json,md,svg} or failover.{json,md} (default: target/bench,
+    /// --quick: target/bench/quick).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -110,6 +127,13 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.suite == Some(Suite::Failover) {
+        let dir = failover::run(&args)?;
+        let md = std::fs::read_to_string(dir.join(failover::MARKDOWN)).unwrap_or_default();
+        println!("{md}");
+        println!("written: {}/{{{},{}}}", dir.display(), failover::JSON, failover::MARKDOWN);
+        return Ok(());
+    }
     let dir = run_bench(&args)?;
     let md = std::fs::read_to_string(dir.join(report::MARKDOWN)).unwrap_or_default();
     println!("{md}");
