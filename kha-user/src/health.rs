@@ -114,7 +114,8 @@ impl BackendHealth {
             self.failures += 1;
             self.successes = 0;
             let down = if failure.is_some_and(still_answers) { State::Draining } else { State::Down };
-            let lost = matches!(event, ProbeEvent::ConnectionLost { .. });
+            let lost =
+                matches!(event, ProbeEvent::ConnectionLost { .. }) || failure.is_some_and(connection_died);
             match self.state {
                 State::Unknown => down,
                 State::Up if lost || self.failures >= h.fall => down,
@@ -140,6 +141,13 @@ impl BackendHealth {
             _ => Change::None,
         }
     }
+}
+
+/// A failure that says the connection died under the probe rather than that the master was
+/// slow: the kernel gave up on it (blackholed) or the master reset it (its process died).
+/// Like a lost idle connection, it takes the backend down at once.
+fn connection_died(f: &ProbeFailure) -> bool {
+    matches!(f, ProbeFailure::Abandoned { .. } | ProbeFailure::Reset)
 }
 
 /// An answer that is not "ready" but is an answer: the process is alive and serving.
@@ -290,6 +298,21 @@ mod tests {
         let (b, changes) = run(&[ready(), lost()]);
         assert_eq!((b.state, changes[1]), (State::Down, Change::WentDown));
         assert_eq!(b.last_failure.as_deref(), Some(ProbeFailure::Closed.to_string().as_str()));
+    }
+
+    #[test]
+    fn a_connection_that_dies_under_a_probe_is_down_at_once() {
+        use crate::probe::Phase;
+        let abandoned = ProbeEvent::Failed {
+            failure: ProbeFailure::Abandoned { phase: Phase::Response },
+            latency: Duration::from_millis(1500),
+        };
+        let (b, changes) = run(&[ready(), abandoned]);
+        assert_eq!((b.state, changes[1]), (State::Down, Change::WentDown));
+        let reset = ProbeEvent::Failed { failure: ProbeFailure::Reset, latency: Duration::from_millis(1) };
+        assert_eq!(run(&[ready(), reset]).0.state, State::Down);
+        // A slow answer is not a death: it needs `fall` in a row.
+        assert_eq!(run(&[ready(), timeout()]).0.state, State::Up);
     }
 
     #[test]

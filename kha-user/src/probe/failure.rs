@@ -149,9 +149,12 @@ pub enum ProbeFailure {
     Refused,
     /// No route, or the host is known down (`EHOSTUNREACH`, `ENETUNREACH`, ...).
     Unreachable(Errno),
-    /// No answer within the probe timeout, or the kernel gave up on the connection
-    /// (`ETIMEDOUT` from keepalive or `TCP_USER_TIMEOUT`).
+    /// No answer within the probe timeout.
     Timeout { phase: Phase },
+    /// The kernel gave up on the connection (`ETIMEDOUT` from keepalive or
+    /// `TCP_USER_TIMEOUT`): nothing acknowledged our packets for 1.5 s, the peer is gone or
+    /// blackholed. Unlike [`ProbeFailure::Timeout`] this says the connection is dead, not slow.
+    Abandoned { phase: Phase },
     /// The server reset the connection (`ECONNRESET`, `EPIPE`).
     Reset,
     /// The TLS handshake or a TLS record failed; for a certificate problem this carries the
@@ -181,8 +184,11 @@ impl fmt::Display for ProbeFailure {
         match self {
             ProbeFailure::Refused => f.write_str("connection refused"),
             ProbeFailure::Unreachable(errno) => write!(f, "unreachable ({errno})"),
-            ProbeFailure::Timeout { phase: Phase::Idle } => {
+            ProbeFailure::Abandoned { phase: Phase::Idle } => {
                 f.write_str("connection timed out while idle: no answer to TCP keepalive")
+            }
+            ProbeFailure::Abandoned { phase } => {
+                write!(f, "connection timed out ({phase}): the master acknowledged nothing for 1.5 s")
             }
             ProbeFailure::Timeout { phase } => write!(f, "timed out during {phase}"),
             ProbeFailure::Reset => f.write_str("connection reset by the server"),
@@ -209,7 +215,7 @@ pub(crate) fn classify(err: &io::Error, phase: Phase) -> ProbeFailure {
         Some(e @ (libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN)) => {
             ProbeFailure::Unreachable(Errno(e))
         }
-        Some(libc::ETIMEDOUT) => ProbeFailure::Timeout { phase },
+        Some(libc::ETIMEDOUT) => ProbeFailure::Abandoned { phase },
         Some(libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED) => ProbeFailure::Reset,
         Some(e) => ProbeFailure::Io { kind: err.kind(), errno: Some(Errno(e)) },
         None => match err.kind() {
@@ -236,7 +242,8 @@ mod tests {
         assert_eq!(f, ProbeFailure::Unreachable(Errno(libc::EHOSTUNREACH)));
         assert_eq!(f.to_string(), "unreachable (EHOSTUNREACH)");
         let e = io::Error::from_raw_os_error(libc::ETIMEDOUT);
-        assert_eq!(classify(&e, Phase::Idle), ProbeFailure::Timeout { phase: Phase::Idle });
+        assert_eq!(classify(&e, Phase::Idle), ProbeFailure::Abandoned { phase: Phase::Idle });
+        assert_eq!(classify(&e, Phase::Response), ProbeFailure::Abandoned { phase: Phase::Response });
         let e = io::Error::from_raw_os_error(libc::ECONNRESET);
         assert_eq!(classify(&e, Phase::Response), ProbeFailure::Reset);
         let e = io::Error::from_raw_os_error(libc::EMFILE);
@@ -267,7 +274,8 @@ mod tests {
     fn display_is_one_line() {
         let failures = [
             ProbeFailure::Timeout { phase: Phase::Handshake },
-            ProbeFailure::Timeout { phase: Phase::Idle },
+            ProbeFailure::Abandoned { phase: Phase::Idle },
+            ProbeFailure::Abandoned { phase: Phase::Response },
             ProbeFailure::Status { code: 500, line: "[-]etcd failed: reason withheld".into() },
             ProbeFailure::Status { code: 503, line: String::new() },
             ProbeFailure::Malformed(Malformed::StatusLine(snippet(b"\x00\x01garbage\n"))),
@@ -279,6 +287,7 @@ mod tests {
             [
                 "timed out during TLS handshake",
                 "connection timed out while idle: no answer to TCP keepalive",
+                "connection timed out (waiting for the response): the master acknowledged nothing for 1.5 s",
                 "HTTP 500: [-]etcd failed: reason withheld",
                 "HTTP 503",
                 "malformed response: status line is not HTTP/1.x: \"\\x00\\x01garbage\\n\"",
