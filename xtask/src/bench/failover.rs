@@ -49,10 +49,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     BenchArgs, machine,
-    proxy::{self, Proxy, Upstream},
+    proxy::{Proxy, Upstream},
     run::STOP,
 };
-use crate::{cmd, setup};
 
 pub const JSON: &str = "failover.json";
 pub const MARKDOWN: &str = "failover.md";
@@ -694,32 +693,14 @@ impl World {
 
 /// Runs the failover bench; returns the directory written to.
 pub fn run(args: &BenchArgs) -> Result<PathBuf> {
-    setup::setup()?;
-    cmd::require_root(
+    let (bin, kind, out) = super::prepare(
+        args,
         "the failover bench creates network namespaces, attaches eBPF programs and runs nginx and haproxy",
     )?;
     let mut plan = if args.quick { Plan::quick() } else { Plan::full() };
     if let Some(r) = args.rounds {
         plan.rounds = r as usize;
     }
-    let release = args.release || !args.quick;
-    let kind = if release { "release" } else { "debug" };
-    if release {
-        cmd::cargo(&["build", "--quiet", "--release", "-p", "kha-user", "-p", "kha-lab"])?;
-    } else {
-        cmd::build_debug()?;
-    }
-    let bin = cmd::target_dir().join(kind);
-    // SAFETY: no other thread runs yet; the bed reads these to find the binaries.
-    unsafe {
-        std::env::set_var("KHA_LAB_BIN", bin.join("kha-lab"));
-        std::env::set_var("KHA_BIN", bin.join("kha"));
-    }
-    proxy::ensure_installed()?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        let d = cmd::target_dir().join("bench");
-        if args.quick { d.join("quick") } else { d }
-    });
     let mut settings = kha_settings(&bin.join("kha"))?;
     settings.insert("binaries".into(), kind.into());
     STOP.store(false, Ordering::SeqCst);

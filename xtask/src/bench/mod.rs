@@ -151,17 +151,13 @@ pub fn quick_check() -> Result<()> {
     Ok(())
 }
 
-fn run_bench(args: &BenchArgs) -> Result<PathBuf> {
+/// What both benches do first: set-up, root, the build they measure (release for real
+/// figures: a debug TLS stack in the masters and the client would be what is measured; --quick
+/// only checks the harness and uses the debug build the tests use), the binaries' paths for the
+/// bed, the proxies, and the output directory. Returns (binaries dir, "release"/"debug", out).
+pub(crate) fn prepare(args: &BenchArgs, why: &str) -> Result<(PathBuf, &'static str, PathBuf)> {
     setup::setup()?;
-    cmd::require_root(
-        "the bench creates network namespaces, attaches eBPF programs and runs nginx and haproxy",
-    )?;
-    let mut profile = if args.quick { Profile::quick() } else { Profile::full() };
-    if let Some(r) = args.rounds {
-        profile.rounds = r as usize;
-    }
-    // Release for real figures: a debug TLS stack in the masters and the client would be
-    // what is measured. --quick only checks the harness and uses the debug build the tests use.
+    cmd::require_root(why)?;
     let release = args.release || !args.quick;
     let kind = if release { "release" } else { "debug" };
     if release {
@@ -180,6 +176,18 @@ fn run_bench(args: &BenchArgs) -> Result<PathBuf> {
         let d = cmd::target_dir().join("bench");
         if args.quick { d.join("quick") } else { d }
     });
+    Ok((bin, kind, out))
+}
+
+fn run_bench(args: &BenchArgs) -> Result<PathBuf> {
+    let (_, kind, out) = prepare(
+        args,
+        "the bench creates network namespaces, attaches eBPF programs and runs nginx and haproxy",
+    )?;
+    let mut profile = if args.quick { Profile::quick() } else { Profile::full() };
+    if let Some(r) = args.rounds {
+        profile.rounds = r as usize;
+    }
     run::STOP.store(false, Ordering::SeqCst);
     // Ctrl-C reaches the whole process group: the load tool, masters and proxies stop by
     // themselves, and this process lives on to remove the lab and restore the sysctl.
