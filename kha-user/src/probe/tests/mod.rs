@@ -312,45 +312,36 @@ async fn stray_bytes_on_the_idle_connection_are_a_lost_connection() {
     probe.stop().await;
 }
 
-#[tokio::test]
-async fn connection_close_reconnects_without_a_failure() {
+/// Three probes against `reply`, each of which must be ready; returns how many connections
+/// the server accepted for them.
+async fn three_ready_probes(reply: Reply) -> usize {
     let fx = Fixture::new();
-    let server = fx.server(Reply::OkThenClose).await;
+    let server = fx.server(reply).await;
     let mut probe = Probe::spawn(server.addr, fx.settings());
     for _ in 0..3 {
         let event = probe.next().await;
         assert!(is_ready(&event), "{event:?}");
     }
-    assert_eq!(server.accepts(), 3);
+    let accepts = server.accepts();
     probe.stop().await;
+    accepts
+}
+
+#[tokio::test]
+async fn connection_close_reconnects_without_a_failure() {
+    assert_eq!(three_ready_probes(Reply::OkThenClose).await, 3);
 }
 
 #[tokio::test]
 async fn an_unannounced_close_right_after_the_response_is_clean() {
-    let fx = Fixture::new();
-    let server = fx.server(Reply::OkThenCloseUnannounced).await;
-    let mut probe = Probe::spawn(server.addr, fx.settings());
-    for _ in 0..3 {
-        let event = probe.next().await;
-        assert!(is_ready(&event), "{event:?}");
-    }
-    assert!(server.accepts() >= 3);
-    probe.stop().await;
+    assert!(three_ready_probes(Reply::OkThenCloseUnannounced).await >= 3);
 }
 
 /// A kept-alive connection found closed when the next request goes out is retried once on a
 /// new connection, not reported.
 #[tokio::test]
 async fn a_kept_alive_connection_closed_under_the_request_is_retried() {
-    let fx = Fixture::new();
-    let server = fx.server(Reply::OnePerConnection).await;
-    let mut probe = Probe::spawn(server.addr, fx.settings());
-    for _ in 0..3 {
-        let event = probe.next().await;
-        assert!(is_ready(&event), "{event:?}");
-    }
-    assert_eq!(server.accepts(), 3);
-    probe.stop().await;
+    assert_eq!(three_ready_probes(Reply::OnePerConnection).await, 3);
 }
 
 #[tokio::test]
