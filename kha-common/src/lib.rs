@@ -6,7 +6,15 @@
 //! new map name (`_V2`), because pinned maps outlive the agent that created them.
 #![no_std]
 
+// The host-side helpers (feature `user`) need std; the kernel build never sees them.
+#[cfg(feature = "user")]
+extern crate std;
+
 pub mod addr;
+#[cfg(feature = "user")]
+pub mod cgroup;
+#[cfg(feature = "user")]
+pub mod errno;
 pub mod maps;
 pub mod select;
 

@@ -45,6 +45,10 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_CONNS,
 ];
 
+/// The programs kha attaches, each under a pinned link of its own (the agent's
+/// `loader::HOOKS`; the lab waits for this many links).
+pub const HOOK_COUNT: usize = 5;
+
 pub const MAX_FRONTENDS: usize = 128;
 pub const MAX_BACKENDS_PER_FRONTEND: usize = 255;
 /// Backend ids are `1..=MAX_BACKENDS`; per-backend arrays have `MAX_BACKENDS + 1` entries.

@@ -33,8 +33,10 @@ pub enum BedError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no cgroup v2 mount to make a child cgroup in")]
-    NoCgroup(#[source] kha::loader::LoaderError),
+    #[error("no cgroup v2 mount to make a child cgroup in (mount one: mount -t cgroup2 none /sys/fs/cgroup)")]
+    NoCgroup,
+    #[error("reading /proc/mounts")]
+    Mounts(#[source] std::io::Error),
     #[error("binary {0} not found: build it first (cargo xtask build)")]
     MissingBinary(String),
     #[error("generating certificates")]
@@ -52,7 +54,7 @@ pub struct ChildCgroup {
 
 impl ChildCgroup {
     pub fn create(name: &str) -> Result<Self, BedError> {
-        let root = kha::loader::default_cgroup().map_err(BedError::NoCgroup)?;
+        let root = kha_common::cgroup::cgroup2_mount().map_err(BedError::Mounts)?.ok_or(BedError::NoCgroup)?;
         let path = root.join(name);
         fs::create_dir(&path).map_err(|source| BedError::Io {
             what: "creating cgroup",
@@ -89,7 +91,7 @@ pub struct Bed {
 }
 
 /// Programs kha attaches, each under its own pinned link.
-pub const HOOK_COUNT: usize = kha::loader::HOOKS.len();
+pub const HOOK_COUNT: usize = kha_common::HOOK_COUNT;
 
 /// Where `kha` is: `$KHA_BIN`, else next to `kha-lab`.
 pub fn find_kha_bin(lab_bin: &Path) -> PathBuf {
@@ -275,10 +277,13 @@ impl Bed {
                 })
                 .unwrap_or_default()
         };
+        let kha_bin = find_kha_lab_bin().map(|lab| find_kha_bin(&lab));
         for pins in dirs(Path::new("/sys/fs/bpf")) {
-            let _ = kha::loader::detach(&kha::loader::PinDir::new(&pins));
+            if let Some(kha) = &kha_bin {
+                let _ = detach(kha, &pins);
+            }
         }
-        if let Ok(root) = kha::loader::default_cgroup() {
+        if let Ok(Some(root)) = kha_common::cgroup::cgroup2_mount() {
             for cg in dirs(&root) {
                 let _ = fs::remove_dir(cg);
             }
@@ -290,10 +295,26 @@ impl Drop for Bed {
     fn drop(&mut self) {
         drop(self.agent.take());
         if self.pin_dir.exists()
-            && let Err(e) = kha::loader::detach(&kha::loader::PinDir::new(&self.pin_dir))
+            && let Err(e) = detach(&self.kha_bin, &self.pin_dir)
         {
             log::warn!("bed cleanup: detaching {}: {e}", self.pin_dir.display());
         }
+    }
+}
+
+/// `kha detach --pin-dir PINS`: what the agent pinned there is removed by the agent's own code.
+fn detach(kha_bin: &Path, pins: &Path) -> Result<(), String> {
+    let out = Command::new(kha_bin)
+        .arg("detach")
+        .arg("--pin-dir")
+        .arg(pins)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", kha_bin.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
     }
 }
 

@@ -6,7 +6,7 @@ use std::io;
 /// The symbolic name of a Linux errno value, for the values networking code
 /// can plausibly return (the agent's table, so lab reports and kha agree).
 pub fn errno_name(errno: i32) -> Option<&'static str> {
-    kha::probe::Errno(errno).name()
+    kha_common::errno::name(errno)
 }
 
 /// A short, stable key for an I/O error: the errno name when the kernel gave

@@ -397,5 +397,8 @@ fn detach(pin_dir: &Path) -> Result<()> {
     let _lock = if pins.root.exists() { Some(loader::lock_pin_dir(&pins.root)?) } else { None };
     let d = loader::detach(&pins).with_context(|| format!("detaching {}", pins.root.display()))?;
     println!("detached: {} links and {} maps removed from {}", d.links, d.maps, pins.root.display());
+    if let Some(mount) = d.kept_mount {
+        println!("kept {}: it is a mount point (a bpffs of its own), left mounted and empty of kha's pins; unmount it yourself if nothing else uses it: umount {}", mount.display(), mount.display());
+    }
     Ok(())
 }

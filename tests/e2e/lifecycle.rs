@@ -130,3 +130,45 @@ fn kha_common_maps(bed: &Bed) -> Vec<u64> {
         })
         .collect()
 }
+
+/// A bpffs this test mounted; unmounted and removed on drop, also after a failed assertion.
+struct BpffsMount(std::path::PathBuf);
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn detach_leaves_a_bpffs_mount_point_it_pinned_into() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    let mount = BpffsMount(bed.lab.workdir().join("bpffs"));
+    std::fs::create_dir_all(&mount.0).unwrap();
+    let st = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount.0).status().unwrap();
+    assert!(st.success(), "mount -t bpf failed: {st}");
+    bed.pin_dir = mount.0.clone();
+    start_ident(&mut bed);
+    bed.stop_agent(libc::SIGTERM).unwrap();
+    let prog_ids = bed.prog_ids();
+    assert_eq!(prog_ids.len(), kha_lab::bed::HOOK_COUNT, "pinned into the mount point");
+
+    let out = bed.kha(&["detach"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "detach failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("it is a mount point"), "detach must say it kept the mount: {stdout}");
+    assert!(mount.0.is_dir(), "the mount point itself stays");
+    // A fresh bpffs holds the kernel's own `maps.debug` and `progs.debug` (BPF preload).
+    let left: Vec<_> = std::fs::read_dir(&mount.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".debug"))
+        .collect();
+    assert!(left.is_empty(), "kha's pins left in the mount: {left:?}");
+    assert_eq!(cgroup_programs(&bed.cgroup.path).trim(), "", "programs still attached to the cgroup");
+    wait_for("kha's programs freed", Duration::from_secs(10), || {
+        prog_ids.iter().all(|id| !bpf_object_exists("prog", *id))
+    });
+}

@@ -37,6 +37,22 @@ pub fn status(mut c: Command) -> Result<()> {
     Ok(())
 }
 
+/// As [`status`], but the output is shown only when the command fails (apt's hundreds of
+/// lines say nothing a user needs when all goes well).
+pub fn status_quiet(mut c: Command) -> Result<()> {
+    let what = format!("{c:?}");
+    let out = c.output().with_context(|| format!("cannot start {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 pub fn cargo(args: &[&str]) -> Result<()> {
     cargo_env(args, &[])
 }
@@ -50,9 +66,15 @@ pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     status(c)
 }
 
-/// The debug build the demo and the tests use.
+/// The debug build the demo and the tests use. The first one compiles a few hundred crates
+/// and the eBPF programs: say so, and let cargo show its progress.
 pub fn build_debug() -> Result<()> {
-    cargo(&["build", "--quiet", "-p", "kha-user", "-p", "kha-lab"])
+    let first = !target_dir().join("debug/kha").exists();
+    if first {
+        eprintln!("build: the agent, its eBPF programs and the lab (debug; the first build takes 2-4 minutes on 2 cores)");
+    }
+    let quiet: &[&str] = if first { &[] } else { &["--quiet"] };
+    cargo(&[&["build", "-p", "kha-user", "-p", "kha-lab"], quiet].concat())
 }
 
 pub fn is_root() -> bool {

@@ -1,7 +1,17 @@
 //! `cargo xtask setup`: installs what is missing, quickly when nothing is. Every other
-//! command runs it first, so a fresh machine needs nothing by hand.
+//! command runs it first, so a fresh machine needs nothing by hand. The pinned Rust toolchain
+//! is the one thing it cannot install (cargo needs it to build this very program): `./x`
+//! installs that first.
+//!
+//! A first run takes minutes, so every step says what it does and about how long it takes;
+//! a later run says nothing unless something was missing.
 
-use std::process::Command;
+use std::{
+    fs,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -14,11 +24,25 @@ const BPF_LINKER: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// As in rust-toolchain.toml.
 const TOOLCHAIN: &str = "1.98";
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 pub fn setup() -> Result<()> {
-    packages()?;
-    toolchain()?;
+    debian_packages("the build", &PACKAGES, "about a minute")?;
     bpf_linker()
+}
+
+/// One step of the set-up: says what it does and its usual duration, runs, says how long it
+/// took.
+pub fn step<T>(what: &str, usual: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    eprintln!("setup: {what} (usually {usual}) ...");
+    let started = Instant::now();
+    let out = f().with_context(|| format!("setup: {what}"))?;
+    eprintln!("setup: {what}: done in {}", secs(started.elapsed()));
+    Ok(out)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.0} s", d.as_secs_f64())
 }
 
 fn installed(pkg: &str) -> bool {
@@ -28,35 +52,48 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-fn packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.into_iter().filter(|p| !installed(p)).collect();
+/// Installs the Debian packages of `packages` that are missing, for `purpose`. Their system
+/// services must not start (the bench's nginx and haproxy would take ports): where no
+/// `policy-rc.d` forbids it already, one is in place for the install and removed after.
+pub fn debian_packages(purpose: &str, packages: &[&str], usual: &str) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
+    if Command::new("dpkg-query").arg("--version").output().is_err() {
+        bail!("{purpose} needs the Debian packages {} and this is not a Debian-based system (no dpkg-query): install their equivalents by hand", missing.join(" "));
+    }
     if !cmd::is_root() {
         bail!(
-            "missing Debian packages {missing:?}; install them as root: apt-get install {}",
+            "{purpose} needs the Debian packages {}: run this as root, or install them first (apt-get install {})",
+            missing.join(" "),
             missing.join(" ")
         );
     }
-    eprintln!("xtask: installing {}", missing.join(" "));
-    let mut update = Command::new("apt-get");
-    update.args(["update", "-qq"]);
-    cmd::status(update)?;
-    let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    cmd::status(install)
-}
-
-/// The toolchain named in rust-toolchain.toml, with rust-src for build-std. A no-op when
-/// present; needed where rustup does not install toolchains on first use (RUSTUP_AUTO_INSTALL=0).
-fn toolchain() -> Result<()> {
-    let mut c = cmd::command("rustup");
-    c.args(["toolchain", "install"]).stdout(std::process::Stdio::null());
-    cmd::status(c).context("installing the pinned Rust toolchain")
+    step(&format!("installing Debian packages {} for {purpose}", missing.join(" ")), usual, || {
+        let ours = !Path::new(POLICY_RC_D).exists();
+        if ours {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::write(POLICY_RC_D, "#!/bin/sh\n# kha's set-up: no service starts while installing\nexit 101\n")
+                .with_context(|| format!("writing {POLICY_RC_D}"))?;
+            fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))?;
+        }
+        let result = (|| {
+            let mut update = Command::new("apt-get");
+            update.args(["update", "-qq"]);
+            cmd::status_quiet(update)?;
+            let mut install = Command::new("apt-get");
+            install
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            cmd::status_quiet(install)
+        })();
+        if ours {
+            let _ = fs::remove_file(POLICY_RC_D);
+        }
+        result
+    })
 }
 
 fn bpf_linker() -> Result<()> {
@@ -64,19 +101,21 @@ fn bpf_linker() -> Result<()> {
     if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER)) {
         return Ok(());
     }
-    eprintln!("xtask: installing bpf-linker {BPF_LINKER} against LLVM 22 (about a minute)");
-    let mut c = cmd::command("cargo");
-    c.args([
-        "install",
-        &format!("bpf-linker@{BPF_LINKER}"),
-        "--locked",
-        "--no-default-features",
-        "--features",
-        "llvm-22",
-    ])
-    // /usr/bin/llvm-config may be another LLVM; point the build at 22.
-    .env("LLVM_PREFIX", LLVM_PREFIX)
-    .env("RUSTUP_TOOLCHAIN", TOOLCHAIN)
-    .current_dir(std::env::temp_dir());
-    cmd::status(c)
+    step(&format!("building bpf-linker {BPF_LINKER} against LLVM 22 (cargo install)"), "1-2 minutes", || {
+        let mut c = cmd::command("cargo");
+        c.args([
+            "install",
+            "--quiet",
+            &format!("bpf-linker@{BPF_LINKER}"),
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        // /usr/bin/llvm-config may be another LLVM; point the build at 22.
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("RUSTUP_TOOLCHAIN", TOOLCHAIN)
+        .current_dir(std::env::temp_dir());
+        cmd::status(c)
+    })
 }

@@ -35,10 +35,9 @@
 //! missing file is normal; an unreadable or corrupt one is ignored with a warning.
 //!
 //! Modules: [`slices`] (EndpointSlices -> endpoints, pure), [`feed`] (the merge rule, pure),
-//! [`state`] (the state file), [`watch`] (the kube-rs watcher task), [`fake`] (a fake API server
-//! for the tests).
+//! [`state`] (the state file), [`watch`] (the kube-rs watcher task). The fake API server of
+//! the tests lives in the lab (`kha_lab::fake_apiserver`).
 
-pub mod fake;
 pub mod feed;
 pub mod slices;
 pub mod state;

@@ -11,10 +11,10 @@ use std::{
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use tokio::sync::mpsc;
 
+use kha_lab::fake_apiserver::{FakeApiserver, FakeTls, SLICES_PATH};
+
 use super::{
-    Feed, Update,
-    fake::{FakeApiserver, FakeTls, SLICES_PATH},
-    state,
+    Feed, Update, state,
     watch::{DiscoveryError, WatchSettings, spawn},
 };
 use crate::config::{Config, FrontendDefaults};

@@ -35,19 +35,11 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
 /// `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn default_cgroup() -> Result<PathBuf, LoaderError> {
     let mounts = Path::new("/proc/mounts");
-    let text = std::fs::read_to_string(mounts).map_err(setup_err(mounts, "cannot read mounts"))?;
-    parse_cgroup2_mount(&text).ok_or_else(|| {
+    let found = kha_common::cgroup::cgroup2_mount().map_err(setup_err(mounts, "cannot read mounts"))?;
+    found.ok_or_else(|| {
         LoaderError::Unsupported(
             "no cgroup v2 hierarchy is mounted; kha attaches to a cgroup v2 directory. Mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or pass --cgroup".into(),
         )
-    })
-}
-
-fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir.replace("\\040", " ")))
     })
 }
 
@@ -97,6 +89,16 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
         pin_dir.display(),
         probe.display()
     )))
+}
+
+/// Whether `dir` is where a file system is mounted (it lives on another device than its
+/// parent). A mount point cannot be removed (EBUSY), and a bpffs there is not kha's to take.
+pub fn is_mount_point(dir: &Path) -> bool {
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
+    match (dev(dir), dev(&dir.join(".."))) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
 }
 
 /// Refuses kernels older than [`MIN_KERNEL`], naming the feature, before a verifier error can
@@ -216,18 +218,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
-        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(parse_cgroup2_mount(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(parse_cgroup2_mount("tmpfs /tmp tmpfs rw 0 0\n"), None);
-    }
-
-    #[test]
     fn parses_kernel_releases() {
         assert_eq!(parse_release("6.18.44-fc-v657"), Some((6, 18)));
         assert_eq!(parse_release("5.4.0-150-generic"), Some((5, 4)));
         assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
         assert_eq!(parse_release("garbage"), None);
+    }
+
+    #[test]
+    fn tells_mount_points_from_plain_directories() {
+        assert!(is_mount_point(Path::new("/proc")));
+        let plain = std::env::temp_dir().join(format!("kha-mnt-test-{}", std::process::id()));
+        std::fs::create_dir_all(&plain).unwrap();
+        assert!(!is_mount_point(&plain));
+        std::fs::remove_dir(&plain).unwrap();
+        assert!(!is_mount_point(Path::new("/no/such/dir")));
     }
 
     #[test]

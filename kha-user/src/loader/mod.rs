@@ -40,7 +40,7 @@ pub struct Hook {
 
 /// In attach order: getpeername and sock_ops first, so every socket the connect hooks rewrite
 /// is answered and counted from its first connect; in detach order the reverse.
-pub const HOOKS: [Hook; 5] = [
+pub const HOOKS: [Hook; kha_common::HOOK_COUNT] = [
     Hook { program: "kha_peername4", link: "getpeername4", attach_type: 29 },
     Hook { program: "kha_peername6", link: "getpeername6", attach_type: 30 },
     Hook { program: "kha_sockops", link: "sockops", attach_type: 3 },
@@ -310,10 +310,14 @@ pub fn link_status(pins: &PinDir) -> Vec<LinkStatus> {
 pub struct Detached {
     pub links: usize,
     pub maps: usize,
+    /// The pin dir, left in place because it is a mount point (a bpffs mounted there, or
+    /// `/sys/fs/bpf` itself): the mount may be the host's or hold other programs' pins.
+    pub kept_mount: Option<PathBuf>,
 }
 
-/// Detaches every kha link and removes every pin under `pins`, then the directories.
-/// Programs and maps are freed by the kernel once nothing refers to them.
+/// Detaches every kha link and removes every pin under `pins`, then the directories, except a
+/// pin dir that is a mount point. Programs and maps are freed by the kernel once nothing
+/// refers to them.
 pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
     let mut report = Detached::default();
     for hook in HOOKS.iter().rev() {
@@ -339,6 +343,10 @@ pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
         }
     }
     for dir in [pins.links(), pins.maps(), pins.root.clone()] {
+        if dir == pins.root && checks::is_mount_point(&dir) {
+            report.kept_mount = Some(dir);
+            continue;
+        }
         match std::fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -42,42 +42,7 @@ pub struct Errno(pub i32);
 impl Errno {
     /// The symbolic name, for the values networking code can plausibly return.
     pub fn name(self) -> Option<&'static str> {
-        Some(match self.0 {
-            libc::EPERM => "EPERM",
-            libc::ENOENT => "ENOENT",
-            libc::EINTR => "EINTR",
-            libc::EIO => "EIO",
-            libc::EBADF => "EBADF",
-            libc::EAGAIN => "EAGAIN",
-            libc::ENOMEM => "ENOMEM",
-            libc::EACCES => "EACCES",
-            libc::EINVAL => "EINVAL",
-            libc::ENFILE => "ENFILE",
-            libc::EMFILE => "EMFILE",
-            libc::EPIPE => "EPIPE",
-            libc::ENOTSOCK => "ENOTSOCK",
-            libc::EPROTO => "EPROTO",
-            libc::EPROTONOSUPPORT => "EPROTONOSUPPORT",
-            libc::EOPNOTSUPP => "EOPNOTSUPP",
-            libc::EAFNOSUPPORT => "EAFNOSUPPORT",
-            libc::EADDRINUSE => "EADDRINUSE",
-            libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
-            libc::ENETDOWN => "ENETDOWN",
-            libc::ENETUNREACH => "ENETUNREACH",
-            libc::ENETRESET => "ENETRESET",
-            libc::ECONNABORTED => "ECONNABORTED",
-            libc::ECONNRESET => "ECONNRESET",
-            libc::ENOBUFS => "ENOBUFS",
-            libc::EISCONN => "EISCONN",
-            libc::ENOTCONN => "ENOTCONN",
-            libc::ETIMEDOUT => "ETIMEDOUT",
-            libc::ECONNREFUSED => "ECONNREFUSED",
-            libc::EHOSTDOWN => "EHOSTDOWN",
-            libc::EHOSTUNREACH => "EHOSTUNREACH",
-            libc::EALREADY => "EALREADY",
-            libc::EINPROGRESS => "EINPROGRESS",
-            _ => return None,
-        })
+        kha_common::errno::name(self.0)
     }
 }
 

@@ -23,7 +23,6 @@ use super::procfs;
 /// roles/kubernetes/node/templates/loadbalancer/{nginx.conf.j2,haproxy.cfg.j2}.
 const PACKAGES: [&str; 3] = ["nginx", "libnginx-mod-stream", "haproxy"];
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
-const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 /// One proxied service: a localhost listener and the servers behind it.
 #[derive(Debug, Clone)]
@@ -36,47 +35,10 @@ pub struct Upstream {
     pub check_port: Option<u16>,
 }
 
-fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-}
-
-/// Installs nginx, its stream module and haproxy from Debian when missing. Their system
-/// services must not start: where no `policy-rc.d` forbids it already, one is put in place
-/// for the install and removed after.
+/// Installs nginx, its stream module and haproxy from Debian when missing, their system
+/// services kept from starting.
 pub fn ensure_installed() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.into_iter().filter(|p| !installed(p)).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: bench: installing {}", missing.join(" "));
-    let ours = !Path::new(POLICY_RC_D).exists();
-    if ours {
-        fs::write(
-            POLICY_RC_D,
-            "#!/bin/sh\n# cargo xtask bench: no service starts while installing\nexit 101\n",
-        )
-        .with_context(|| format!("writing {POLICY_RC_D}"))?;
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))?;
-    }
-    let result = (|| {
-        let mut update = Command::new("apt-get");
-        update.args(["update", "-qq"]);
-        crate::cmd::status(update)?;
-        let mut install = Command::new("apt-get");
-        install
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        crate::cmd::status(install)
-    })();
-    if ours {
-        let _ = fs::remove_file(POLICY_RC_D);
-    }
-    result
+    crate::setup::debian_packages("the bench's proxies", &PACKAGES, "about 30 s")
 }
 
 /// kubespray's nginx.conf.j2 `stream {}` part, one `upstream`/`server` pair per service;

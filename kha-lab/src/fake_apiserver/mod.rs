@@ -1,10 +1,12 @@
-//! The fake kube-apiserver of kha's discovery tests ([`kha::discovery::fake`]), for the
-//! end-to-end tests, which reach kha's library through kha-lab: HTTPS on 127.0.0.1 serving the
-//! `kubernetes` service's EndpointSlices (list and watch), stopped or failing on demand.
+//! The fake kube-apiserver of kha's discovery tests (kha-user's unit tests and the end-to-end
+//! tests): HTTPS on 127.0.0.1 serving the `kubernetes` service's EndpointSlices (list and
+//! watch), stopped or failing on demand ([`server`]), and its set-up with the lab's PKI.
 
 use std::path::{Path, PathBuf};
 
-pub use kha::discovery::fake::{FakeApiserver, FakeError, FakeTls, SLICES_PATH};
+mod server;
+
+pub use server::{FakeApiserver, FakeError, FakeTls, SLICES_PATH};
 
 use crate::pki::PkiPaths;
 
