@@ -99,8 +99,19 @@ pub fn find_kha_bin(lab_bin: &Path) -> PathBuf {
 }
 
 impl Bed {
-    /// A lab with `masters` running masters, a fresh cgroup and pin dir; no agent yet.
+    /// A lab with `masters` running (simulated) masters, a fresh cgroup and pin dir; no agent
+    /// yet.
     pub fn create(masters: usize) -> Result<Self, BedError> {
+        Self::build(masters, true)
+    }
+
+    /// As [`Bed::create`], but the master namespaces are left empty for a real control plane
+    /// ([`crate::real`]).
+    pub fn create_empty(masters: usize) -> Result<Self, BedError> {
+        Self::build(masters, false)
+    }
+
+    fn build(masters: usize, simulated: bool) -> Result<Self, BedError> {
         Self::cleanup_orphans();
         let lab_bin = find_kha_lab_bin().ok_or_else(|| BedError::MissingBinary("kha-lab".into()))?;
         let kha_bin = find_kha_bin(&lab_bin);
@@ -111,7 +122,9 @@ impl Bed {
         let pki = Pki::generate(&lab.identities())?;
         let dir = lab.workdir().join("pki");
         let pki = pki.write_to(&dir)?;
-        lab.start_masters(&lab_bin, &pki)?;
+        if simulated {
+            lab.start_masters(&lab_bin, &pki)?;
+        }
         let cgroup = ChildCgroup::create(lab.prefix())?;
         let pin_dir = Path::new("/sys/fs/bpf").join(lab.prefix());
         let agent_log = lab.workdir().join("agent.log");

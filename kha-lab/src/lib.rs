@@ -11,6 +11,7 @@
 //! - [`load`]: bounded load generators behind `kha-lab load`, used by `cargo xtask bench`.
 //! - [`netns`], [`topology`]: namespaces, processes inside them, and [`Lab`],
 //!   the node + N masters topology (root only).
+//! - [`real`]: a real control plane (etcd + kube-apiserver per master) in a lab's namespaces.
 //!
 //! Everything but `netns`/`topology` works unprivileged, which is how the
 //! unit tests run.
@@ -26,6 +27,7 @@ pub mod master;
 pub mod mode;
 pub mod netns;
 pub mod pki;
+pub mod real;
 pub mod tls;
 pub mod topology;
 

@@ -27,6 +27,7 @@ pub const COMMON_SANS: &[&str] = &[
     "kubernetes",
     "kubernetes.default",
     "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +145,24 @@ impl CertAuthority {
     }
 }
 
+impl CertAuthority {
+    /// A client certificate with common name `cn` and organizations `orgs`, as Kubernetes
+    /// reads them: the user name and its groups (`system:nodes`, `system:masters`).
+    pub fn issue_client(&self, cn: &str, orgs: &[&str]) -> Result<IssuedCert, PkiError> {
+        let gen_err = |source| PkiError::Generate { what: format!("client certificate {cn:?}"), source };
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        for o in orgs {
+            params.distinguished_name.push(DnType::OrganizationName, *o);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let cert = params.signed_by(&key, &self.cert, &self.key).map_err(gen_err)?;
+        Ok(IssuedCert { name: cn.to_owned(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
 /// The lab CA and one server certificate per master.
 pub struct Pki {
     pub ca_cert_pem: String,
@@ -219,7 +238,7 @@ impl Pki {
     }
 }
 
-fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+pub(crate) fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let write = || -> io::Result<()> {

@@ -17,6 +17,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd;
 
+pub mod controlplane;
+
 /// Debian packages: LLVM 22 for bpf-linker (rustc 1.98 emits LLVM 22 bitcode), bpftool to
 /// inspect maps and programs, iproute2 for the lab's namespaces.
 const PACKAGES: [&str; 3] = ["llvm-22-dev", "bpftool", "iproute2"];

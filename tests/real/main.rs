@@ -1,0 +1,87 @@
+//! kha in front of a real control plane: three masters, each with an etcd member and a
+//! kube-apiserver (built from pinned Go modules by `cargo xtask setup`), kubectl and a client-go
+//! watcher (`kha-watch`) on the node dialing `https://localhost:6443` through kha.
+//!
+//! Apiservers take tens of seconds to start on 2 cores, so this binary starts one control
+//! plane and runs every scenario against it, in order (its own harness: libtest would start
+//! one per test). A scenario that fails is reported and the rest still run; the last line is
+//! `real: N passed, N failed`. Root only; with `KHA_REQUIRE_BPF=1` (CI) a skip is a failure.
+//!
+//! The cluster runs with `--anonymous-auth=false`, the stricter setting: kha's probes carry the
+//! node's client certificate, and one scenario shows what a probe without one meets.
+
+mod scenarios;
+mod world;
+
+use std::{
+    panic::{AssertUnwindSafe, catch_unwind},
+    time::Instant,
+};
+
+type Scenario = (&'static str, fn(&mut world::World));
+
+const SCENARIOS: &[Scenario] = &[
+    ("kubectl_and_client_go_through_both_frontends", scenarios::clients_through_both_frontends),
+    ("probes_carry_the_node_certificate", scenarios::probes_with_the_node_certificate),
+    ("a_401_apiserver_is_alive", scenarios::unauthorized_probes_keep_masters_up),
+    ("a_killed_apiserver_moves_its_watches", scenarios::killed_apiserver_moves_watches),
+    ("rolling_restart_without_shutdown_delay", scenarios::rolling_restart_no_delay),
+];
+
+fn main() {
+    // `cargo test` passes libtest's flags (--test-threads=1, --quiet); a bare word filters.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let why = "the real control plane tests need root (network namespaces, cgroup BPF programs)";
+        if std::env::var("KHA_REQUIRE_BPF").is_ok_and(|v| v == "1") {
+            eprintln!("real: {why}, and KHA_REQUIRE_BPF=1 forbids skipping");
+            println!("real: 0 passed, 1 failed");
+            std::process::exit(1);
+        }
+        eprintln!("real: skipping: {why}");
+        return;
+    }
+    let chosen: Vec<&Scenario> =
+        SCENARIOS.iter().filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f))).collect();
+    if chosen.is_empty() {
+        println!("real: 0 passed, 0 failed (no scenario matches {filter:?})");
+        return;
+    }
+    let started = Instant::now();
+    let mut world = match catch_unwind(world::World::start) {
+        Ok(w) => w,
+        Err(_) => {
+            println!("real: 0 passed, {} failed (the control plane did not start)", chosen.len());
+            std::process::exit(1);
+        }
+    };
+    eprintln!("real: control plane ready in {:.1} s", started.elapsed().as_secs_f64());
+    let (mut passed, mut failed) = (0, 0);
+    let total = chosen.len();
+    for (name, scenario) in chosen {
+        let t0 = Instant::now();
+        eprintln!("real: --- {name}");
+        match catch_unwind(AssertUnwindSafe(|| scenario(&mut world))) {
+            Ok(()) => {
+                passed += 1;
+                eprintln!("real: ok {name} ({:.1} s)", t0.elapsed().as_secs_f64());
+            }
+            Err(_) => {
+                failed += 1;
+                eprintln!("real: FAILED {name} ({:.1} s)", t0.elapsed().as_secs_f64());
+                // Leave the next scenario a whole control plane and a running agent.
+                if catch_unwind(AssertUnwindSafe(|| world.restore())).is_err() {
+                    eprintln!("real: cannot restore the control plane; the remaining scenarios fail unrun");
+                    failed = total - passed;
+                    break;
+                }
+            }
+        }
+    }
+    drop(world);
+    println!("real: {passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,249 @@
+//! The scenarios, in the order they run. Each leaves the world as it found it: every master
+//! serving, the agent probing with the node's certificate.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::world::{Watcher, World, wait_for};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn chosen_total(w: &World) -> u64 {
+    let s = w.bed.status().unwrap_or_default();
+    s["frontends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|f| f["backends"].as_array().into_iter().flatten())
+        .filter_map(|b| b["kernel"]["chosen"].as_u64())
+        .sum()
+}
+
+/// kubectl through both frontends with the node identity and full TLS verification of the
+/// name `localhost`; the real `kubernetes` EndpointSlice; a client-go watcher seeing an object
+/// created through kha.
+pub fn clients_through_both_frontends(w: &mut World) {
+    w.wait_all_up(Duration::from_secs(30));
+    let before = chosen_total(w);
+    for kc in [&w.node_v4, &w.node_v6] {
+        let o = w.kubectl(kc, &["get", "--raw", "/readyz"]);
+        assert!(o.status.success(), "{}: {}", kc.display(), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(stdout(&o).trim(), "ok");
+        let o = w.kubectl(kc, &["version", "-o", "json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let server = v["serverVersion"]["gitVersion"].as_str().unwrap_or_default().to_owned();
+        assert!(server.starts_with("v1.3"), "server version through kha: {v}");
+        eprintln!("real: {} -> kube-apiserver {server}", kc.display());
+    }
+    assert!(chosen_total(w) >= before + 4, "the kubectl connections did not go through kha");
+
+    // The lease reconciler keeps one endpoint per live apiserver; each apiserver adds itself
+    // within its reconcile interval (10 s).
+    let mut masters: Vec<String> = w.bed.lab.masters().iter().map(|m| m.https_v4().ip().to_string()).collect();
+    masters.sort();
+    let mut slice = Value::Null;
+    let mut addrs: Vec<String> = Vec::new();
+    wait_for("the kubernetes EndpointSlice to list every apiserver", Duration::from_secs(30), || {
+        let o = w.kubectl(&w.admin_v4, &["get", "endpointslice", "-n", "default", "kubernetes", "-o", "json"]);
+        slice = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        addrs = slice["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["addresses"][0].as_str().map(String::from))
+            .collect();
+        addrs.sort();
+        addrs == masters
+    });
+    let labels = &slice["metadata"]["labels"];
+    assert_eq!(labels["kubernetes.io/service-name"], "kubernetes", "{slice}");
+    eprintln!("real: the kubernetes EndpointSlice: {addrs:?}, managed by {}", labels["endpointslice.kubernetes.io/managed-by"]);
+
+    let watcher = w.watcher(Duration::from_secs(40));
+    wait_for("kha-watch synced through kha", Duration::from_secs(30), || watcher.synced());
+    let name = format!("kha-real-{}", std::process::id());
+    let o = w.kubectl(&w.admin_v4, &["create", "configmap", &name, "-n", "default", "--from-literal=k=v"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let object = format!("default/{name}");
+    wait_for("the watcher sees the new configmap", Duration::from_secs(15), || {
+        watcher.records.lock().unwrap().iter().any(|(_, v)| v["event"] == "add" && v["object"] == object.as_str())
+    });
+    let peer = watcher.current_peer().expect("the watch connection in ss");
+    assert!(w.master_of(&peer).is_some(), "the watch sits on a master ({peer}), not on the frontend");
+    let _ = w.kubectl(&w.admin_v4, &["delete", "configmap", &name, "-n", "default"]);
+}
+
+pub fn probes_with_the_node_certificate(w: &mut World) {
+    w.wait_all_up(Duration::from_secs(30));
+    for m in w.bed.lab.masters() {
+        let (state, serving, reason) = w.backend(m.https_v4()).expect("backend in status");
+        assert_eq!((state.as_str(), serving), ("up", true), "{}: {reason:?}", m.name);
+    }
+}
+
+/// `--anonymous-auth=false` and no client certificate: every probe gets 401. An apiserver that
+/// answers 401 is alive; kha must not take it out, drain it or terminate its connections.
+pub fn unauthorized_probes_keep_masters_up(w: &mut World) {
+    let watcher = w.watcher(Duration::from_secs(60));
+    wait_for("kha-watch synced", Duration::from_secs(30), || watcher.synced());
+    let terminated = w.counter("terminated");
+    w.restart_agent(false);
+    let addrs: Vec<_> = w.bed.lab.masters().iter().map(|m| m.https_v4()).collect();
+    // Several probe rounds (2 s apart by default): none may take a master out.
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut reasons = Vec::new();
+    while Instant::now() < until {
+        for a in &addrs {
+            if let Some((state, serving, reason)) = w.backend(*a) {
+                assert!(serving, "{a} taken out on a 401 ({state}: {reason:?})");
+                reasons.push(reason);
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        reasons.iter().flatten().any(|r| r.contains("401")),
+        "the status should say the probes are not authorized: {:?}",
+        reasons.last()
+    );
+    assert_eq!(w.counter("terminated"), terminated, "connections terminated on a 401");
+    assert_eq!(watcher.count("watch_end") + watcher.count("watch_stop"), 0, "a watch was broken");
+    w.restart_agent(true);
+    w.wait_all_up(Duration::from_secs(30));
+}
+
+/// Watchers whose master is the one `peers` says `watcher` is on.
+fn on_master(w: &World, watchers: &[Watcher], master: &str) -> Vec<usize> {
+    (0..watchers.len())
+        .filter(|i| watchers[*i].current_peer().and_then(|p| w.master_of(&p)).as_deref() == Some(master))
+        .collect()
+}
+
+fn start_watchers(w: &World, n: usize, life: Duration) -> Vec<Watcher> {
+    let ws: Vec<Watcher> = (0..n).map(|_| w.watcher(life)).collect();
+    wait_for("every watcher synced", Duration::from_secs(45), || ws.iter().all(Watcher::synced));
+    ws
+}
+
+/// SIGKILL of the apiserver that holds a watch: the watch moves to another master within
+/// kha's detection window.
+pub fn killed_apiserver_moves_watches(w: &mut World) {
+    w.wait_all_up(Duration::from_secs(30));
+    let watchers = start_watchers(w, 3, Duration::from_secs(90));
+    let peer = watchers[0].current_peer().expect("peer");
+    let victim = w.master_of(&peer).expect("victim master");
+    let moved = on_master(w, &watchers, &victim);
+    let t0 = Instant::now();
+    w.cp.kill_apiserver(&victim).expect("kill");
+    for i in &moved {
+        let wt = &watchers[*i];
+        wait_for("the watch re-established on another master", Duration::from_secs(20), || {
+            wt.first_after("watch_start", t0).is_some()
+                && wt.current_peer().and_then(|p| w.master_of(&p)).is_some_and(|m| m != victim)
+        });
+        let gap = wt.first_after("watch_start", t0).expect("watch_start") - t0;
+        eprintln!("real: watcher {i} moved off killed {victim} after {:.2} s", gap.as_secs_f64());
+        assert!(gap < Duration::from_secs(10), "watch gap {gap:?}");
+    }
+    w.cp.start_apiserver(&victim, Duration::ZERO).expect("restart");
+    w.wait_all_up(Duration::from_secs(30));
+}
+
+/// Figures of one run of the request loop and the watchers.
+struct Figures {
+    requests: u64,
+    failed: u64,
+    longest_gap: Duration,
+    relists: usize,
+}
+
+/// Each watcher's longest time between a watch ending and the next one starting.
+fn longest_gap(watchers: &[Watcher]) -> Duration {
+    let mut longest = Duration::ZERO;
+    for wt in watchers {
+        let recs = wt.records.lock().unwrap();
+        let mut broken: Option<Instant> = None;
+        for (t, v) in recs.iter() {
+            match v["event"].as_str() {
+                Some("watch_end" | "watch_stop" | "watch_error") if broken.is_none() => broken = Some(*t),
+                Some("watch_start") => {
+                    if let Some(b) = broken.take() {
+                        longest = longest.max(*t - b);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    longest
+}
+
+/// SIGTERM to every apiserver in turn (kubeadm's default: no shutdown delay), while a loop of
+/// kubectl runs (a new connection each) and three watchers run through kha.
+pub fn rolling_restart_no_delay(w: &mut World) {
+    let f = rolling_restart(w, Duration::ZERO);
+    eprintln!(
+        "real: rolling restart, no shutdown delay: {} requests, {} failed; longest watch gap {:.2} s; {} relists",
+        f.requests,
+        f.failed,
+        f.longest_gap.as_secs_f64(),
+        f.relists
+    );
+    assert!(f.requests >= 10, "the request loop barely ran: {} requests", f.requests);
+    assert!(f.longest_gap < Duration::from_secs(30), "a watch stayed broken for {:?}", f.longest_gap);
+}
+
+/// Restarts every apiserver in turn with SIGTERM; the apiservers it starts again get
+/// `delay` as their shutdown delay (the first round's processes have what they were started
+/// with).
+fn rolling_restart(w: &mut World, delay: Duration) -> Figures {
+    w.wait_all_up(Duration::from_secs(30));
+    let watchers = start_watchers(w, 3, Duration::from_secs(300));
+    let relists_before: usize = watchers.iter().map(|wt| wt.count("list")).sum();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (requests, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let runner = w.kubectl_runner();
+    let kubeconfig = w.node_v4.clone();
+    let loop_thread = {
+        let (stop, requests, failed) = (stop.clone(), requests.clone(), failed.clone());
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let o = runner.run(&kubeconfig, &["get", "--raw", "/readyz"]);
+                requests.fetch_add(1, Ordering::SeqCst);
+                if !o.status.success() {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    eprintln!("real: request failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+                }
+                thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    for name in w.cp.names() {
+        let took = w.cp.terminate_apiserver(&name).expect("SIGTERM");
+        eprintln!("real: {name}'s apiserver exited {:.1} s after SIGTERM", took.as_secs_f64());
+        w.cp.start_apiserver(&name, delay).expect("start again");
+        w.wait_all_up(Duration::from_secs(30));
+    }
+    // Let the watchers settle on the last restart.
+    thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    loop_thread.join().expect("request loop");
+    let relists = watchers.iter().map(|wt| wt.count("list")).sum::<usize>() - relists_before;
+    Figures {
+        requests: requests.load(Ordering::SeqCst),
+        failed: failed.load(Ordering::SeqCst),
+        longest_gap: longest_gap(&watchers),
+        relists,
+    }
+}
