@@ -25,7 +25,10 @@ const SCENARIOS: &[Scenario] = &[
     ("probes_carry_the_node_certificate", scenarios::probes_with_the_node_certificate),
     ("a_401_apiserver_is_alive", scenarios::unauthorized_probes_keep_masters_up),
     ("a_killed_apiserver_moves_its_watches", scenarios::killed_apiserver_moves_watches),
+    ("a_lost_etcd_member_moves_its_watches", scenarios::lost_etcd_member_moves_watches),
+    ("a_blackholed_master_moves_its_watches", scenarios::blackholed_master_moves_watches),
     ("rolling_restart_without_shutdown_delay", scenarios::rolling_restart_no_delay),
+    ("rolling_restart_with_shutdown_delay", scenarios::rolling_restart_with_shutdown_delay),
 ];
 
 fn main() {

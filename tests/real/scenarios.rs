@@ -138,23 +138,9 @@ fn start_watchers(w: &World, n: usize, life: Duration) -> Vec<Watcher> {
 /// SIGKILL of the apiserver that holds a watch: the watch moves to another master within
 /// kha's detection window.
 pub fn killed_apiserver_moves_watches(w: &mut World) {
-    w.wait_all_up(Duration::from_secs(30));
-    let watchers = start_watchers(w, 3, Duration::from_secs(90));
-    let peer = watchers[0].current_peer().expect("peer");
-    let victim = w.master_of(&peer).expect("victim master");
-    let moved = on_master(w, &watchers, &victim);
-    let t0 = Instant::now();
-    w.cp.kill_apiserver(&victim).expect("kill");
-    for i in &moved {
-        let wt = &watchers[*i];
-        wait_for("the watch re-established on another master", Duration::from_secs(20), || {
-            wt.first_after("watch_start", t0).is_some()
-                && wt.current_peer().and_then(|p| w.master_of(&p)).is_some_and(|m| m != victim)
-        });
-        let gap = wt.first_after("watch_start", t0).expect("watch_start") - t0;
-        eprintln!("real: watcher {i} moved off killed {victim} after {:.2} s", gap.as_secs_f64());
-        assert!(gap < Duration::from_secs(10), "watch gap {gap:?}");
-    }
+    let (victim, moved, watchers, t0) =
+        fail_a_watched_master(w, |w, m| w.cp.kill_apiserver(m).expect("kill"));
+    report_moves(w, &victim, &moved, &watchers, t0, Duration::from_secs(10), "was killed");
     w.cp.start_apiserver(&victim, Duration::ZERO).expect("restart");
     w.wait_all_up(Duration::from_secs(30));
 }
@@ -219,7 +205,9 @@ fn rolling_restart(w: &mut World, delay: Duration) -> Figures {
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(600);
             while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                let o = runner.run(&kubeconfig, &["get", "--raw", "/readyz"]);
+                // `/version`, not `/readyz`: an apiserver in its shutdown delay rightly answers
+                // `/readyz` with 500 while it still serves everything else.
+                let o = runner.run(&kubeconfig, &["get", "--raw", "/version"]);
                 requests.fetch_add(1, Ordering::SeqCst);
                 if !o.status.success() {
                     failed.fetch_add(1, Ordering::SeqCst);
@@ -245,5 +233,76 @@ fn rolling_restart(w: &mut World, delay: Duration) -> Figures {
         failed: failed.load(Ordering::SeqCst),
         longest_gap: longest_gap(&watchers),
         relists,
+    }
+}
+
+/// The same with a typical shutdown delay: `/readyz` fails while the apiserver still serves,
+/// so kha can move every client before the listener closes.
+pub fn rolling_restart_with_shutdown_delay(w: &mut World) {
+    // The running apiservers were started without a delay: one round gives each the delay,
+    // the measured round then terminates processes that have it.
+    for name in w.cp.names() {
+        w.cp.terminate_apiserver(&name).expect("SIGTERM");
+        w.cp.start_apiserver(&name, SHUTDOWN_DELAY).expect("start with a shutdown delay");
+    }
+    let f = rolling_restart(w, Duration::ZERO);
+    eprintln!(
+        "real: rolling restart, {}s shutdown delay: {} requests, {} failed; longest watch gap {:.2} s; {} relists",
+        SHUTDOWN_DELAY.as_secs(),
+        f.requests,
+        f.failed,
+        f.longest_gap.as_secs_f64(),
+        f.relists
+    );
+    assert!(f.requests >= 10, "the request loop barely ran: {} requests", f.requests);
+    assert_eq!(f.failed, 0, "requests failed although every apiserver announced its shutdown");
+    assert!(f.longest_gap < Duration::from_secs(30), "a watch stayed broken for {:?}", f.longest_gap);
+}
+
+/// kubespray and kubeadm users commonly set 15 s; kha needs the delay to exceed its detection
+/// (two failed probes) plus its drain.
+const SHUTDOWN_DELAY: Duration = Duration::from_secs(15);
+
+/// The etcd member of the master holding a watch is killed: that apiserver's `/readyz` fails
+/// on etcd while it still answers; kha drains it and the watch moves.
+pub fn lost_etcd_member_moves_watches(w: &mut World) {
+    let (victim, moved, watchers, t0) = fail_a_watched_master(w, |w, m| w.cp.kill_etcd(m).expect("kill etcd"));
+    report_moves(w, &victim, &moved, &watchers, t0, Duration::from_secs(40), "lost its etcd member");
+    w.cp.start_etcd(&victim).expect("restart etcd");
+    w.wait_all_up(Duration::from_secs(60));
+}
+
+/// The master's link goes down: nothing answers, sockets hang; kha's probes time out and kha
+/// terminates the hanging connections so the watch moves.
+pub fn blackholed_master_moves_watches(w: &mut World) {
+    let (victim, moved, watchers, t0) =
+        fail_a_watched_master(w, |w, m| w.bed.lab.link_down(m).expect("link down"));
+    report_moves(w, &victim, &moved, &watchers, t0, Duration::from_secs(40), "was blackholed");
+    w.bed.lab.link_up(&victim).expect("link up");
+    w.wait_all_up(Duration::from_secs(60));
+}
+
+type Failed = (String, Vec<usize>, Vec<Watcher>, Instant);
+
+fn fail_a_watched_master(w: &mut World, fail: impl FnOnce(&mut World, &str)) -> Failed {
+    w.wait_all_up(Duration::from_secs(30));
+    let watchers = start_watchers(w, 3, Duration::from_secs(120));
+    let peer = watchers[0].current_peer().expect("peer");
+    let victim = w.master_of(&peer).expect("victim master");
+    let moved = on_master(w, &watchers, &victim);
+    let t0 = Instant::now();
+    fail(w, &victim);
+    (victim, moved, watchers, t0)
+}
+
+fn report_moves(w: &World, victim: &str, moved: &[usize], watchers: &[Watcher], t0: Instant, bound: Duration, what: &str) {
+    for i in moved {
+        let wt = &watchers[*i];
+        wait_for("the watch re-established on another master", bound, || {
+            wt.first_after("watch_start", t0).is_some()
+                && wt.current_peer().and_then(|p| w.master_of(&p)).is_some_and(|m| m != victim)
+        });
+        let gap = wt.first_after("watch_start", t0).expect("watch_start") - t0;
+        eprintln!("real: watcher {i} moved off {victim}, which {what}, after {:.2} s", gap.as_secs_f64());
     }
 }
