@@ -25,8 +25,9 @@ pub const MAP_BACKEND_STATS: &str = "KHA_BE_STATS";
 pub const MAP_BACKEND_HEALTH: &str = "KHA_BE_HEALTH";
 /// Sockets kha redirected and that are not closed yet: `socket cookie -> Conn`. getpeername
 /// answers from it, sock_ops counts per backend with it, and the agent finds the sockets to
-/// terminate in it. (Socket storage would free itself with the socket, but creating it cost
-/// 0.9 µs per connect, more than everything else kha does there.)
+/// terminate in it. sock_ops removes an entry at TCP_CLOSE, sock_release that of a socket whose
+/// connect failed before its SYN. (Socket storage would free itself with the socket, but
+/// creating it cost 0.9 µs per connect, more than everything else kha does there.)
 pub const MAP_CONNS: &str = "KHA_CONNS";
 
 /// What the agent's probes say of each configured (frontend, backend) pair, for `kha status`:
@@ -47,7 +48,7 @@ pub const ALL_MAPS: [&str; 8] = [
 
 /// The programs kha attaches, each under a pinned link of its own (the agent's
 /// `loader::HOOKS`; the lab waits for this many links).
-pub const HOOK_COUNT: usize = 5;
+pub const HOOK_COUNT: usize = 6;
 
 pub const MAX_FRONTENDS: usize = 128;
 pub const MAX_BACKENDS_PER_FRONTEND: usize = 255;
@@ -234,10 +235,19 @@ pub struct Conn {
     pub frontend_port_be: u16,
     pub backend_port_be: u16,
     pub backend_id: u32,
-    /// 1 once ESTABLISHED.
+    /// Where the connect is: `CONN_UNSENT`, `CONN_SYN_SENT` or `CONN_ESTABLISHED`.
     pub established: u32,
 }
 const _: () = assert!(core::mem::size_of::<Conn>() == 44);
+
+/// `Conn::established` from the SYN on: counted in `BackendStats::active` until the close.
+pub const CONN_SYN_SENT: u32 = 0;
+/// `Conn::established` once ESTABLISHED (still counted in `active`).
+pub const CONN_ESTABLISHED: u32 = 1;
+/// `Conn::established` as the connect hook writes it: no SYN yet, so not counted; the connect
+/// may still fail before one (no route, no free local port). After 0 and 1 so that entries
+/// written before this state existed keep their meaning.
+pub const CONN_UNSENT: u32 = 2;
 
 /// Key of `KHA_PROBES`.
 #[repr(C, align(4))]
@@ -258,8 +268,12 @@ pub const PROBE_DOWN: u8 = 2;
 pub const PROBE_DRAINING: u8 = 3;
 /// Health checks are off: always served.
 pub const PROBE_UNCHECKED: u8 = 4;
+/// The probe connection was lost: no new connections, existing ones kept, until the immediate
+/// reconnect finds it ready again (up) or confirms the failure (down). A new value in the same
+/// `u8`, not a new layout: a `kha status` from before shows it as `?`.
+pub const PROBE_SUSPECT: u8 = 5;
 /// Indexed by `PROBE_*`.
-pub const PROBE_STATE_NAMES: [&str; 5] = ["unknown", "up", "down", "draining", "unchecked"];
+pub const PROBE_STATE_NAMES: [&str; 6] = ["unknown", "up", "down", "draining", "unchecked", "suspect"];
 pub const PROBE_REASON_LEN: usize = 112;
 
 /// Value of `KHA_PROBES`.

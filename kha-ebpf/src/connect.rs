@@ -7,8 +7,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use kha_common::{
-    AddrBe, Backend, Conn, STAT_ALL_SUSPECT, STAT_FOREIGN_NETNS, STAT_INCONSISTENT, STAT_NO_BACKEND,
-    STAT_REWRITTEN, STAT_SUSPECT_SKIPPED, ServiceKey, addr_from_words, is_v4_mapped,
+    AddrBe, Backend, CONN_UNSENT, Conn, STAT_ALL_SUSPECT, STAT_FOREIGN_NETNS, STAT_INCONSISTENT,
+    STAT_NO_BACKEND, STAT_REWRITTEN, STAT_SUSPECT_SKIPPED, ServiceKey, addr_from_words, is_v4_mapped,
     select::{Candidate, Dice, SlotView, choose, nonzero},
     v4_mapped, v4_of_mapped, words_from_addr,
 };
@@ -164,14 +164,15 @@ fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend_id: u32, backend: &
         add(unsafe { &raw mut (*stats).chosen }, 1);
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Overwrites the entry of a socket that connects again after a failed connect.
+    // Overwrites the entry of a socket that connects again after a failed connect. Not counted
+    // in `active` until sock_ops sees the SYN: the connect may still fail before one.
     let conn = Conn {
         frontend_addr_be: key.addr_be,
         backend_addr_be: backend.addr_be,
         frontend_port_be: key.port_be,
         backend_port_be: backend.port_be,
         backend_id,
-        established: 0,
+        established: CONN_UNSENT,
     };
     let _ = KHA_CONNS.insert(&cookie, &conn, 0);
 }

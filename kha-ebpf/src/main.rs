@@ -10,11 +10,12 @@
 mod connect;
 mod maps;
 mod peername;
+mod release;
 mod sockops;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 
 /// Return value of a cgroup sock_addr program that lets the syscall proceed.
@@ -43,6 +44,13 @@ pub fn kha_peername6(ctx: SockAddrContext) -> i32 {
 #[sock_ops]
 pub fn kha_sockops(ctx: SockOpsContext) -> u32 {
     let _ = sockops::try_sockops(&ctx);
+    1
+}
+
+/// Runs for every socket of the cgroup when it is released (closed for the last time).
+#[cgroup_sock(sock_release)]
+pub fn kha_release(ctx: SockContext) -> i32 {
+    let _ = release::try_sock_release(&ctx);
     1
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockOpsContext,
 };
-use kha_common::BackendStats;
+use kha_common::{BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT};
 
 use crate::maps::{KHA_BE_HEALTH, KHA_CONNS, add, backend_stats};
 
@@ -46,18 +46,27 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     let stats = backend_stats(id).ok_or(())?;
     match op {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            unsafe { (*conn).established = CONN_SYN_SENT };
             add(unsafe { &raw mut (*stats).active }, 1);
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            unsafe { (*conn).established = 1 };
+            unsafe { (*conn).established = CONN_ESTABLISHED };
             add(unsafe { &raw mut (*stats).established }, 1);
             smooth_rtt(stats, srtt_us);
         }
         BPF_SOCK_OPS_RTO_CB => add(unsafe { &raw mut (*stats).rto }, 1),
         BPF_SOCK_OPS_STATE_CB if new_state == TCP_CLOSE => {
+            let state = unsafe { (*conn).established };
+            let _ = KHA_CONNS.remove(&cookie);
+            if state == CONN_UNSENT {
+                // The callbacks stay armed on a socket after a failed connect; this close is of
+                // a later connect on it that failed before its SYN (no free local port): never
+                // counted, and no fault of the backend's.
+                return Ok(());
+            }
             add(unsafe { &raw mut (*stats).active }, u64::MAX); // -1
-            if unsafe { (*conn).established } == 0 {
+            if state == CONN_SYN_SENT {
                 // Refused, reset or timed out before ESTABLISHED: avoid this backend for the
                 // next connects until the agent's probe confirms or clears it.
                 add(unsafe { &raw mut (*stats).failed }, 1);
@@ -67,7 +76,6 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
             } else {
                 smooth_rtt(stats, srtt_us);
             }
-            let _ = KHA_CONNS.remove(&cookie);
         }
         _ => {}
     }

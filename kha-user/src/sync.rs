@@ -116,6 +116,12 @@ mod tests {
         for (k, f) in &new.frontends {
             assert_eq!(t.state.resolve(k).as_ref(), Some(&f.backends));
         }
-        assert_eq!(t.state.backends.len(), 1, "old backends are gone");
+        // The old set stays readable for connects that read slot 0 before the flip...
+        assert_eq!(t.state.backends.len(), 3);
+        // ...until the next change writes over its region.
+        sync(&mut t, &desired(&["192.0.2.14:6443"])).unwrap();
+        let left: Vec<_> =
+            t.state.backends.values().map(|b| crate::endpoints::socket_addr(&b.addr_be, b.port_be)).collect();
+        assert_eq!(left, ["192.0.2.13:6443".parse().unwrap(), "192.0.2.14:6443".parse().unwrap()]);
     }
 }

@@ -2,6 +2,7 @@
 //! namespaces for a node and three masters, a child cgroup, a pin dir) and attaches only
 //! there. Run through `cargo xtask test`, one test at a time.
 
+mod conns;
 mod datapath;
 mod discovery;
 mod harness;

@@ -2,9 +2,10 @@
 //! kernel (the other is `maps`).
 //!
 //! Pins live under one directory (default `/sys/fs/bpf/kha`): `maps/KHA_*` and
-//! `links/{connect4,connect6,getpeername4,getpeername6}`. Links are bpf_links, pinned, so the
-//! programs stay attached while no agent runs; a new agent swaps its programs in under the
-//! same links with `BPF_LINK_UPDATE`, which no connect can observe half-done.
+//! `links/{getpeername4,getpeername6,sockops,sock_release,connect4,connect6}`. Links are
+//! bpf_links, pinned, so the programs stay attached while no agent runs; a new agent swaps its
+//! programs in under the same links with `BPF_LINK_UPDATE`, which no connect can observe
+//! half-done.
 
 mod checks;
 mod sockdiag;
@@ -38,12 +39,15 @@ pub struct Hook {
     pub attach_type: u32,
 }
 
-/// In attach order: getpeername and sock_ops first, so every socket the connect hooks rewrite
-/// is answered and counted from its first connect; in detach order the reverse.
+/// In attach order: getpeername, sock_ops and sock_release first, so every socket the connect
+/// hooks rewrite is answered, counted and forgotten from its first connect; in detach order the
+/// reverse.
 pub const HOOKS: [Hook; kha_common::HOOK_COUNT] = [
     Hook { program: "kha_peername4", link: "getpeername4", attach_type: 29 },
     Hook { program: "kha_peername6", link: "getpeername6", attach_type: 30 },
     Hook { program: "kha_sockops", link: "sockops", attach_type: 3 },
+    // BPF_CGROUP_INET_SOCK_RELEASE
+    Hook { program: "kha_release", link: "sock_release", attach_type: 34 },
     Hook { program: "kha_connect4", link: "connect4", attach_type: 10 },
     Hook { program: "kha_connect6", link: "connect6", attach_type: 11 },
 ];
@@ -137,6 +141,7 @@ pub fn load(pins: &PinDir) -> Result<Loaded, LoaderError> {
     for hook in HOOKS {
         let result = match program(&mut ebpf, hook)? {
             Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
             Program::SockOps(p) => p.load(),
             _ => return Err(missing(hook)),
         };
