@@ -17,8 +17,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what the build needs and is missing (Debian packages, toolchain, bpf-linker).
-    Setup,
+    /// Install what the build needs and is missing (Debian packages, bpf-linker; `./x` installs
+    /// the pinned toolchain before this runs).
+    Setup {
+        /// Also build the lab's real control plane (kube-apiserver, kubectl, kha-watch, etcd).
+        #[arg(long)]
+        controlplane: bool,
+    },
     /// Set up, then build the agent and the lab tools.
     Build,
     /// Set up, build (release) and run `kha run ARGS` as root: kha on this node.
@@ -26,11 +31,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build and run the demo lab; with --config, run kha on this node instead.
+    /// Set up, build and run the demo lab: kha in front of 3 masters, one failing and coming back.
     Demo(demo::DemoArgs),
     /// Benchmark kha against direct connects, nginx and haproxy (docs/benchmarks.md).
     Bench(bench::BenchArgs),
-    /// Set up, build and run every test: unit tests, then the root end-to-end tests.
+    /// Set up, build and run every test: unit tests, then the root end-to-end tests (simulated
+    /// masters, then the real control plane), the demo and the bench harnesses.
     Test {
         /// Only end-to-end tests whose name contains this.
         filter: Option<String>,
@@ -40,7 +46,13 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Setup => setup::setup(),
+        Command::Setup { controlplane } => setup::setup().and_then(|()| {
+            if controlplane {
+                setup::controlplane::ensure().map(drop)
+            } else {
+                Ok(())
+            }
+        }),
         Command::Build => setup::setup().and_then(|()| cmd::build_debug()),
         Command::Run { args } => run(args),
         Command::Demo(args) => demo::demo(args),
@@ -64,21 +76,24 @@ fn run(args: Vec<String>) -> Result<()> {
 
 fn test(filter: Option<String>) -> Result<()> {
     setup::setup()?;
+    let controlplane = setup::controlplane::ensure()?;
     cmd::build_debug()?;
     // Unit tests: the default members, no root needed.
     cmd::cargo(&["test", "--quiet"])?;
-    // End-to-end tests on the real kernel: one at a time, each in its own netns and cgroup.
+    // End-to-end tests on the real kernel: one at a time, each in its own netns and cgroup
+    // (tests/e2e), then the scenarios against the real control plane (tests/real).
     let mut args = vec!["test", "-p", "kha-e2e", "--"];
     if let Some(f) = filter.as_deref() {
         args.push(f);
     }
     args.push("--test-threads=1");
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-    cmd::cargo_env(&args, &[("KHA_REQUIRE_BPF", if ci { "1" } else { "" })])?;
+    let bins = controlplane.display().to_string();
+    cmd::cargo_env(&args, &[("KHA_REQUIRE_BPF", if ci { "1" } else { "" }), ("KHA_CONTROLPLANE_BIN", &bins)])?;
     if filter.is_none() {
-        // The README's first command, shortened: it must keep working.
+        // The README's first command, shortened: it must keep working, failover acts included.
         if cmd::is_root() {
-            demo::demo(demo::DemoArgs { config: None, requests: 4, interval_ms: 10 })?;
+            demo::demo(demo::DemoArgs::quick())?;
             // The benchmark harnesses must keep producing every figure (never judged on speed).
             bench::quick_check()?;
             bench::failover_quick_check()?;
