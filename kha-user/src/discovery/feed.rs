@@ -81,7 +81,10 @@ impl Feed {
         let Some(discovered) = &self.discovered else { return };
         let frontends = frontend_addresses(&self.base);
         for f in self.base.frontends.iter().filter(|f| f.discover) {
-            let usable = usable(f, discovered, &frontends);
+            let mut usable = usable(f, discovered, &frontends);
+            // Static masters the discovered set names go first, so no number of other
+            // endpoints can push them past the per-frontend limit.
+            usable.sort_by_key(|b| !f.backends.contains(b));
             if usable.is_empty() {
                 log::warn!(
                     "discovery: nothing frontend {} can use ({} endpoints, {}); keeping its backends",
@@ -90,7 +93,7 @@ impl Feed {
                     if f.address.is_ipv4() { "it takes IPv4 only" } else { "none usable" }
                 );
             } else {
-                self.last.insert(f.address, usable);
+                self.last.insert(f.address, cap(f, usable));
             }
         }
     }
@@ -124,12 +127,7 @@ fn frontend_addresses(c: &Config) -> BTreeSet<SocketAddr> {
 /// The endpoints of `set` frontend `f` can serve: its family (an IPv6 frontend takes both),
 /// never a frontend address itself (the connect would be rewritten again).
 fn usable(f: &Frontend, set: &BTreeSet<SocketAddr>, frontends: &BTreeSet<SocketAddr>) -> Vec<SocketAddr> {
-    let v = set
-        .iter()
-        .filter(|b| (f.address.is_ipv6() || b.is_ipv4()) && !frontends.contains(b))
-        .copied()
-        .collect();
-    cap(f, v)
+    set.iter().filter(|b| (f.address.is_ipv6() || b.is_ipv4()) && !frontends.contains(b)).copied().collect()
 }
 
 fn cap(f: &Frontend, mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
@@ -279,6 +277,20 @@ mod tests {
         // A frontend that becomes fed takes the last discovered set at once.
         let c = feed.set_base(base());
         assert_eq!(backends(&c)[1], list(&["192.0.2.12:6443"]));
+    }
+
+    #[test]
+    fn static_masters_survive_a_flood_of_endpoints_that_sort_before_them() {
+        let mut many: BTreeSet<SocketAddr> = (0..300u32)
+            .map(|i| SocketAddr::from(([192, 0, 2, (i % 250) as u8 + 1], 1000 + i as u16)))
+            .collect();
+        many.extend(set(&["192.0.2.250:6443"]));
+        let mut b = base();
+        b.frontends[0].backends = list(&["192.0.2.250:6443"]);
+        let mut feed = Feed::new(b, BTreeSet::new());
+        let c = feed.update(Update::Discovered(many)).unwrap();
+        assert_eq!(c.frontends[0].backends.len(), MAX_BACKENDS_PER_FRONTEND);
+        assert_eq!(c.frontends[0].backends[0], sa("192.0.2.250:6443"), "the static master is kept first");
     }
 
     #[test]

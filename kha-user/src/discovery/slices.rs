@@ -10,6 +10,34 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 /// The port name the `kubernetes` service gives the apiservers' secure port.
 pub const PORT_NAME: &str = "https";
 
+/// The one EndpointSlice the apiservers' endpoint reconciler writes for the `kubernetes`
+/// service, named like the service (it sets no `endpointslice.kubernetes.io/managed-by` label:
+/// no controller owns it).
+pub const APISERVER_SLICE: &str = "kubernetes";
+/// The label a controller other than the apiservers' reconciler puts on the slices it owns.
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+
+/// The slices that can speak for the apiservers. Anyone allowed to create an EndpointSlice in
+/// `default` can label it `kubernetes.io/service-name=kubernetes`; only the reconciler's own
+/// slice is taken, so such a slice can neither add masters nor push the real ones out. Every
+/// other slice is named in a warning, since it is either a mistake or an attack.
+pub fn apiserver_slices<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> impl Iterator<Item = &'a EndpointSlice> {
+    slices.into_iter().filter(|slice| {
+        let name = slice.metadata.name.as_deref().unwrap_or("?");
+        let managed_by = slice.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY));
+        let ours = name == APISERVER_SLICE && managed_by.is_none();
+        if !ours {
+            log::warn!(
+                "EndpointSlice {name} (managed by {}) claims the kubernetes service but is not the apiservers' own slice `{APISERVER_SLICE}`; ignored",
+                managed_by.map_or("nobody", String::as_str)
+            );
+        }
+        ours
+    })
+}
+
 /// Every ready endpoint of `slices` as IP:PORT. An endpoint counts unless its conditions say
 /// `ready: false` or `terminating: true` (an absent condition means ready, as the API says).
 /// Its first address is taken (the API calls an endpoint's addresses fungible); the port is
@@ -148,6 +176,19 @@ pub(crate) mod tests {
             set(&["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443", "[2001:db8::11]:6443"]),
             "v4-mapped addresses become IPv4"
         );
+    }
+
+    #[test]
+    fn only_the_apiservers_own_slice_speaks_for_them() {
+        let real = slice("kubernetes", "IPv4", &[(Some("https"), 6443)], &[("192.0.2.11", Some(true), None)]);
+        let forged =
+            slice("kubernetes-x", "IPv4", &[(Some("https"), 6443)], &[("198.51.100.1", Some(true), None)]);
+        let mut managed = real.clone();
+        managed.metadata.labels =
+            Some([(MANAGED_BY.to_string(), "someone".to_string())].into_iter().collect());
+        let taken: Vec<_> = apiserver_slices([&real, &forged, &managed]).collect();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(ready_endpoints(taken), set(&["192.0.2.11:6443"]));
     }
 
     #[test]

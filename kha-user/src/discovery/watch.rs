@@ -23,7 +23,7 @@ use kube::{
 };
 use tokio::{sync::mpsc, time::Instant};
 
-use super::{LABEL_SELECTOR, NAMESPACE, Update, chain, slices::ready_endpoints, state};
+use super::{LABEL_SELECTOR, NAMESPACE, Update, chain, slices::{apiserver_slices, ready_endpoints}, state};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -113,7 +113,7 @@ impl Reporter {
         if self.failing_since.take().is_some() {
             log::info!("discovery: watching the kubernetes service's EndpointSlices again");
         }
-        let set = ready_endpoints(slices.values());
+        let set = ready_endpoints(apiserver_slices(slices.values()));
         if let Some(dir) = &self.settings.state_dir
             && !set.is_empty()
             && self.saved.as_ref() != Some(&set)
