@@ -1,0 +1,161 @@
+//! What the failover bench runs: the load's fixed shape (loop and long-lived clients, the
+//! contenders' ports), the phase bounds of each profile ([`Plan`]), the failures applied to a
+//! master ([`Failure`]) and the load balancers compared ([`Contender`]).
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use kha_lab::{FailureMode, bed::Bed};
+use serde::{Deserialize, Serialize};
+
+pub(super) const LOOP_INTERVAL_MS: u64 = 20;
+/// Deadline of one loop request, connect and handshake included.
+pub(super) const LOOP_TIMEOUT_MS: u64 = 5000;
+/// A loop request answered after this long is a stall.
+pub(super) const STALL_MS: f64 = 1000.0;
+pub(super) const KEEP_INTERVAL_MS: u64 = 100;
+/// Longer than any phase: a long-lived request is only ended by the load balancer or TCP,
+/// as a watch is.
+pub(super) const KEEP_TIMEOUT_MS: u64 = 300_000;
+pub(super) const KHA_PORT: u16 = 6443;
+pub(super) const NGINX_PORT: u16 = 16443;
+pub(super) const HAPROXY_PORT: u16 = 26443;
+
+/// How long each phase may last.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub profile: String,
+    /// Each failure is applied this many times (to a different master each time).
+    pub rounds: usize,
+    /// N: the fault phase lasts this long at most; what has not happened by then is "> N s".
+    pub window_s: f64,
+    /// The loop must run clean this long before the failed master counts as left. The fault
+    /// phase ends early once every contender has left it and replaced the long-lived
+    /// connection.
+    pub quiet_s: f64,
+    /// Bound on the wait for the recovered master to get traffic again.
+    pub recovery_s: f64,
+    /// Loops run this long before the fault.
+    pub warmup_s: f64,
+    /// Bound on the wait for every master to be served before a fault (kha: all `up`).
+    pub settle_s: f64,
+    /// Wait (up to `settle_s`) until each contender holds a long-lived connection on every
+    /// master, i.e. serves every master again; else (--quick) one on the master to fail is
+    /// enough after a few tries.
+    pub spread: bool,
+}
+
+impl Plan {
+    pub fn full() -> Plan {
+        Plan {
+            profile: "full".into(),
+            rounds: 2,
+            window_s: 30.0,
+            quiet_s: 10.0,
+            recovery_s: 40.0,
+            warmup_s: 3.0,
+            settle_s: 60.0,
+            spread: true,
+        }
+    }
+
+    pub fn quick() -> Plan {
+        Plan {
+            profile: "quick".into(),
+            rounds: 1,
+            window_s: 10.0,
+            quiet_s: 3.0,
+            recovery_s: 5.0,
+            warmup_s: 1.0,
+            settle_s: 30.0,
+            spread: false,
+        }
+    }
+
+    pub(super) fn d(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failure {
+    /// SIGKILL: connects are refused, open connections closed by the master's kernel.
+    #[default]
+    Killed,
+    /// The node-side link down: packets to and from the master are lost.
+    Blackholed,
+    /// `/readyz` answers 500, everything else (`/version`, `/healthz`) still works.
+    NotReady,
+    /// SIGSTOP: the kernel still accepts connections, nothing answers.
+    Hung,
+}
+
+pub const FAILURES: [Failure; 4] = [Failure::Killed, Failure::Blackholed, Failure::NotReady, Failure::Hung];
+
+impl Failure {
+    pub fn id(self) -> &'static str {
+        match self {
+            Failure::Killed => "killed",
+            Failure::Blackholed => "blackholed",
+            Failure::NotReady => "readyz-500",
+            Failure::Hung => "hung",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Killed => "process killed (refused)",
+            Failure::Blackholed => "blackholed (link down)",
+            Failure::NotReady => "`/readyz` 500, still serving",
+            Failure::Hung => "hung (SIGSTOP)",
+        }
+    }
+
+    pub(super) fn apply(self, bed: &mut Bed, m: &str) -> Result<()> {
+        let lab = &mut bed.lab;
+        match self {
+            Failure::Killed => lab.kill_master(m),
+            Failure::Blackholed => lab.link_down(m),
+            Failure::NotReady => lab.set_mode(m, FailureMode::Readyz500),
+            Failure::Hung => lab.stop_master(m),
+        }
+        .with_context(|| format!("failing {m} ({})", self.id()))
+    }
+
+    /// Undoes the fault; returns once the master can serve again (restarted and ready,
+    /// reachable, mode applied, continued).
+    pub(super) fn undo(self, bed: &mut Bed, m: &str) -> Result<()> {
+        let lab = &mut bed.lab;
+        match self {
+            Failure::Killed => lab.restart_master(m),
+            Failure::Blackholed => lab.link_up(m),
+            Failure::NotReady => lab.set_mode(m, FailureMode::Normal),
+            Failure::Hung => lab.cont_master(m),
+        }
+        .with_context(|| format!("undoing {} on {m}", self.id()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Contender {
+    pub id: String,
+    pub label: String,
+    /// Where the clients connect (in the node namespace).
+    pub connect: SocketAddr,
+    /// The clients run in kha's cgroup.
+    pub in_cgroup: bool,
+}
+
+pub fn contenders() -> Vec<Contender> {
+    let c = |id: &str, port: u16, in_cgroup| Contender {
+        id: id.into(),
+        label: id.into(),
+        connect: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        in_cgroup,
+    };
+    vec![c("kha", KHA_PORT, true), c("nginx", NGINX_PORT, false), c("haproxy", HAPROXY_PORT, false)]
+}
