@@ -8,8 +8,8 @@ use std::{
 };
 
 use kha_common::{
-    FRONTEND_FALLBACK, PROBE_DOWN, PROBE_DRAINING, PROBE_REASON_LEN, PROBE_UNCHECKED, PROBE_UNKNOWN,
-    PROBE_UP, ProbeKey, ProbeStatus,
+    FRONTEND_FALLBACK, PROBE_DOWN, PROBE_DRAINING, PROBE_REASON_LEN, PROBE_SUSPECT, PROBE_UNCHECKED,
+    PROBE_UNKNOWN, PROBE_UP, ProbeKey, ProbeStatus,
 };
 
 use crate::{
@@ -40,6 +40,12 @@ pub enum State {
     /// Answering, but not ready (graceful shutdown, etcd trouble): no new connections, and
     /// existing ones are terminated after the drain time.
     Draining,
+    /// Its probe connection was lost (closed, reset, or abandoned by TCP) while it was up: no
+    /// new connections, existing ones kept. The prober reconnects at once; a ready answer
+    /// makes it up again, a failure confirms it down. One lost keepalive (a VM paused for 2 s,
+    /// a bond failover) is seen by every node in the same second: a verdict on it alone would
+    /// terminate every socket to that master cluster-wide.
+    Suspect,
     /// Health checks are off.
     Unchecked,
 }
@@ -51,6 +57,7 @@ impl State {
             State::Up => PROBE_UP,
             State::Down => PROBE_DOWN,
             State::Draining => PROBE_DRAINING,
+            State::Suspect => PROBE_SUSPECT,
             State::Unchecked => PROBE_UNCHECKED,
         }
     }
@@ -68,6 +75,8 @@ pub enum Change {
     WentDown,
     /// Left the live set but still answers; terminate its sockets after the drain time.
     WentDraining,
+    /// Left the live set on a lost probe connection; keep its sockets until the reconnect says.
+    WentSuspect,
     WentUp,
 }
 
@@ -79,50 +88,87 @@ pub struct BackendHealth {
     pub last_failure: Option<String>,
     pub last_latency: Option<Duration>,
     pub since: SystemTime,
+    /// The last probe was answered 401 (counted as up, readiness unknown).
+    pub unauthorized: Option<u16>,
 }
 
 impl BackendHealth {
     pub fn new(checked: bool, now: SystemTime) -> Self {
         let state = if checked { State::Unknown } else { State::Unchecked };
-        Self { state, successes: 0, failures: 0, last_failure: None, last_latency: None, since: now }
+        Self {
+            state,
+            successes: 0,
+            failures: 0,
+            last_failure: None,
+            last_latency: None,
+            since: now,
+            unauthorized: None,
+        }
+    }
+
+    /// Up (or unchecked) and its last probe passed: proven able to take over connections.
+    /// An up backend whose last probe failed may be failing with the others (a broken
+    /// network on this node fails them all, one after the other).
+    pub fn proven(&self) -> bool {
+        matches!(self.state, State::Up | State::Unchecked) && self.failures == 0
     }
 
     /// Applies one probe event. The first result decides at once; after that `rise`/`fall`
     /// results in a row are needed, except that a lost probe connection (the master's process
-    /// died, or it went silent) takes the backend down at once.
+    /// died, or it went silent) makes an up backend suspect at once, and the next result (the
+    /// prober's immediate reconnect) decides: ready is up again, a failure is down (or
+    /// draining, if it answers not ready).
     pub fn observe(&mut self, event: &ProbeEvent, h: Hysteresis, now: SystemTime) -> Change {
-        let (ok, failure, latency) = match event {
-            ProbeEvent::Ready { latency } => (true, None, Some(*latency)),
-            ProbeEvent::Failed { failure, latency } => (false, Some(failure), Some(*latency)),
-            ProbeEvent::ConnectionLost { failure } => (false, Some(failure), None),
+        let (failure, latency) = match event {
+            ProbeEvent::Ready { latency } => (None, Some(*latency)),
+            ProbeEvent::Failed { failure, latency } => (Some(failure), Some(*latency)),
+            ProbeEvent::ConnectionLost { failure } => (Some(failure), None),
         };
+        if let Some(f) = failure.filter(|f| f.is_local()) {
+            // This node ran short of descriptors, memory or ports: nothing was learnt about the
+            // master, so nothing changes (a node in trouble must not take masters out).
+            self.last_failure = Some(format!("on this node, not the master: {f}"));
+            return Change::None;
+        }
+        self.unauthorized = failure.and_then(ProbeFailure::not_authorized);
+        if let Some(code) = self.unauthorized {
+            // Alive and serving: up for the purpose of health, with the reason in sight.
+            self.last_failure = Some(not_authorized_reason(code));
+            return self.succeeded(h, latency, now);
+        }
+        let Some(failure) = failure else { return self.succeeded(h, latency, now) };
+        self.last_failure = Some(failure.to_string());
         if latency.is_some() {
             self.last_latency = latency;
         }
-        if let Some(f) = failure {
-            self.last_failure = Some(f.to_string());
+        self.failures += 1;
+        self.successes = 0;
+        let down = if still_answers(failure) { State::Draining } else { State::Down };
+        let lost = matches!(event, ProbeEvent::ConnectionLost { .. }) || failure.connection_died();
+        let next = match self.state {
+            State::Unknown => down,
+            State::Up if lost => State::Suspect,
+            State::Up if self.failures >= h.fall => down,
+            // The reconnect failed too: confirmed.
+            State::Suspect => down,
+            // A draining master whose process then dies is down: stop waiting for the drain.
+            State::Draining if down == State::Down => State::Down,
+            s => s,
+        };
+        self.transition(next, now)
+    }
+
+    fn succeeded(&mut self, h: Hysteresis, latency: Option<Duration>, now: SystemTime) -> Change {
+        if latency.is_some() {
+            self.last_latency = latency;
         }
-        let next = if ok {
-            self.successes += 1;
-            self.failures = 0;
-            match self.state {
-                State::Unknown => State::Up,
-                State::Down | State::Draining if self.successes >= h.rise => State::Up,
-                s => s,
-            }
-        } else {
-            self.failures += 1;
-            self.successes = 0;
-            let down = if failure.is_some_and(still_answers) { State::Draining } else { State::Down };
-            let lost =
-                matches!(event, ProbeEvent::ConnectionLost { .. }) || failure.is_some_and(connection_died);
-            match self.state {
-                State::Unknown => down,
-                State::Up if lost || self.failures >= h.fall => down,
-                // A draining master whose process then dies is down: stop waiting for the drain.
-                State::Draining if down == State::Down => State::Down,
-                s => s,
-            }
+        self.successes += 1;
+        self.failures = 0;
+        let next = match self.state {
+            // A suspect was up until a moment ago: one good reconnect clears it.
+            State::Unknown | State::Suspect => State::Up,
+            State::Down | State::Draining if self.successes >= h.rise => State::Up,
+            s => s,
         };
         self.transition(next, now)
     }
@@ -138,16 +184,17 @@ impl BackendHealth {
             State::Up if !was_serving => Change::WentUp,
             State::Down => Change::WentDown,
             State::Draining => Change::WentDraining,
+            State::Suspect => Change::WentSuspect,
             _ => Change::None,
         }
     }
 }
 
-/// A failure that says the connection died under the probe rather than that the master was
-/// slow: the kernel gave up on it (blackholed) or the master reset it (its process died).
-/// Like a lost idle connection, it takes the backend down at once.
-fn connection_died(f: &ProbeFailure) -> bool {
-    matches!(f, ProbeFailure::Abandoned { .. } | ProbeFailure::Reset)
+/// The reason `kha status` shows for a 401 answer (at most `PROBE_REASON_LEN` bytes).
+fn not_authorized_reason(code: u16) -> String {
+    format!(
+        "probe not authorized ({code}): readiness unchecked; give it a client cert (client_cert/--client-cert)"
+    )
 }
 
 /// An answer that is not "ready" but is an answer: the process is alive and serving.
@@ -293,24 +340,39 @@ mod tests {
         assert_eq!(changes[4], Change::WentDown);
     }
 
-    #[test]
-    fn a_lost_probe_connection_is_down_at_once() {
-        let (b, changes) = run(&[ready(), lost()]);
-        assert_eq!((b.state, changes[1]), (State::Down, Change::WentDown));
-        assert_eq!(b.last_failure.as_deref(), Some(ProbeFailure::Closed.to_string().as_str()));
+    fn refused() -> ProbeEvent {
+        ProbeEvent::Failed { failure: ProbeFailure::Refused, latency: Duration::from_millis(1) }
     }
 
     #[test]
-    fn a_connection_that_dies_under_a_probe_is_down_at_once() {
+    fn a_lost_probe_connection_is_suspect_until_the_reconnect_decides() {
+        let (b, changes) = run(&[ready(), lost()]);
+        assert_eq!((b.state, changes[1]), (State::Suspect, Change::WentSuspect));
+        assert!(!b.state.serves());
+        assert_eq!(b.state.code(), kha_common::PROBE_SUSPECT);
+        assert_eq!(b.last_failure.as_deref(), Some(ProbeFailure::Closed.to_string().as_str()));
+        // The reconnect is ready: up at once, the suspicion was unfounded.
+        let (b, changes) = run(&[ready(), lost(), ready()]);
+        assert_eq!((b.state, changes[2]), (State::Up, Change::WentUp));
+        // The reconnect fails: down; or draining, if it answers not ready.
+        let (b, changes) = run(&[ready(), lost(), refused()]);
+        assert_eq!((b.state, changes[2]), (State::Down, Change::WentDown));
+        assert_eq!(run(&[ready(), lost(), timeout()]).0.state, State::Down);
+        assert_eq!(run(&[ready(), lost(), not_ready()]).0.state, State::Draining);
+    }
+
+    #[test]
+    fn a_connection_that_dies_under_a_probe_is_suspect_too() {
         use crate::probe::Phase;
         let abandoned = ProbeEvent::Failed {
             failure: ProbeFailure::Abandoned { phase: Phase::Response },
             latency: Duration::from_millis(1500),
         };
         let (b, changes) = run(&[ready(), abandoned]);
-        assert_eq!((b.state, changes[1]), (State::Down, Change::WentDown));
+        assert_eq!((b.state, changes[1]), (State::Suspect, Change::WentSuspect));
         let reset = ProbeEvent::Failed { failure: ProbeFailure::Reset, latency: Duration::from_millis(1) };
-        assert_eq!(run(&[ready(), reset]).0.state, State::Down);
+        assert_eq!(run(&[ready(), reset.clone()]).0.state, State::Suspect);
+        assert_eq!(run(&[ready(), reset, refused()]).0.state, State::Down);
         // A slow answer is not a death: it needs `fall` in a row.
         assert_eq!(run(&[ready(), timeout()]).0.state, State::Up);
     }
@@ -326,11 +388,11 @@ mod tests {
 
     #[test]
     fn recovery_needs_rise_successes() {
-        let (b, changes) = run(&[ready(), lost(), ready()]);
+        let (b, changes) = run(&[ready(), lost(), refused(), ready()]);
         assert_eq!(b.state, State::Down, "one success is not enough");
-        assert_eq!(changes[2], Change::None);
-        let (b, changes) = run(&[ready(), lost(), ready(), ready()]);
-        assert_eq!((b.state, changes[3]), (State::Up, Change::WentUp));
+        assert_eq!(changes[3], Change::None);
+        let (b, changes) = run(&[ready(), lost(), refused(), ready(), ready()]);
+        assert_eq!((b.state, changes[4]), (State::Up, Change::WentUp));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The kha agent as a library: the binary (`main.rs`) is the CLI around it.
 //!
-//! Pure modules (`config`, `endpoints`, `sync`, `status`) are tested without root. `loader`
-//! and `maps` are the only modules that touch the kernel.
+//! Pure modules (`config`, `endpoints`, `sync`, `status`) are tested without root, and so are
+//! the agent's decisions (`supervise`, behind a table and a terminator trait). `loader` and
+//! `maps` are the only modules that touch the kernel.
 
 pub mod config;
 pub mod discovery;
@@ -13,4 +14,5 @@ pub mod maps;
 pub mod observe;
 pub mod probe;
 pub mod status;
+pub mod supervise;
 pub mod sync;

@@ -182,20 +182,21 @@ impl HealthArgs {
         let (cert, key, insecure) =
             (self.client_cert.clone(), self.client_key.clone(), self.insecure_skip_tls_verify);
         // A frontend's own files (etcd's CA and client certificate) win over the global ones.
-        let tls_for = move |own: &ProbeTls| -> Result<Arc<rustls::ClientConfig>> {
-            let ca = own.ca_file.as_ref().or(ca.as_ref());
-            let (cert, key) = match (&own.client_cert, &own.client_key) {
-                (Some(c), Some(k)) => (Some(c), Some(k)),
-                _ => (cert.as_ref(), key.as_ref()),
+        let tls_for =
+            move |own: &ProbeTls| -> Result<Arc<rustls::ClientConfig>, kha::probe::ProbeConfigError> {
+                let ca = own.ca_file.as_ref().or(ca.as_ref());
+                let (cert, key) = match (&own.client_cert, &own.client_key) {
+                    (Some(c), Some(k)) => (Some(c), Some(k)),
+                    _ => (cert.as_ref(), key.as_ref()),
+                };
+                let insecure = insecure && own.ca_file.is_none();
+                kha::probe::tls_config(
+                    ca.map(|p| p.as_path()),
+                    cert.map(|p| p.as_path()),
+                    key.map(|p| p.as_path()),
+                    insecure,
+                )
             };
-            let insecure = insecure && own.ca_file.is_none();
-            Ok(kha::probe::tls_config(
-                ca.map(|p| p.as_path()),
-                cert.map(|p| p.as_path()),
-                key.map(|p| p.as_path()),
-                insecure,
-            )?)
-        };
         // Every file is read now, so a bad one stops the start before anything is attached.
         for f in &config.frontends {
             tls_for(&f.probe_tls).with_context(|| format!("probe TLS of frontend {}", f.address))?;
@@ -346,6 +347,7 @@ fn run(args: RunArgs) -> Result<()> {
         drain: Duration::from_secs(args.health.drain_time),
         resync: Duration::from_secs(args.resync_interval.max(1)),
         netns: args.netns.clone(),
+        pins: pins.clone(),
         discovery,
     };
     rt.block_on(async {

@@ -1,9 +1,11 @@
 //! kha's pinned maps, opened from bpffs: the backend table (`BackendTable`), the datapath
 //! settings and the counters. One of the two modules that touch the kernel.
 
-use std::path::{Path, PathBuf};
-
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use kha_common::{
@@ -13,7 +15,8 @@ use kha_common::{
 };
 
 use crate::{
-    endpoints::{Op, Snapshot},
+    endpoints::{Op, Snapshot, socket_addr},
+    supervise::Datapath,
     sync::BackendTable,
 };
 
@@ -114,16 +117,18 @@ impl KhaMaps {
             .map_err(|source| MapsError::Write { map: MAP_BACKEND_HEALTH, source })
     }
 
-    /// Cookies of the open sockets kha redirected to any of `ids`.
-    pub fn sockets_of(&self, ids: &BTreeSet<u32>) -> Result<BTreeSet<u64>, MapsError> {
-        let mut cookies = BTreeSet::new();
-        for entry in self.conns.iter() {
-            let (cookie, conn) = entry.map_err(|source| MapsError::Read { map: MAP_CONNS, source })?;
-            if ids.contains(&conn.backend_id) {
-                cookies.insert(cookie);
-            }
-        }
-        Ok(cookies)
+    /// The open sockets kha redirected: cookie, frontend and backend of each, as the connect
+    /// hook recorded them. By address rather than backend id: an id is freed when its backend
+    /// leaves the table, while the sockets that carry it live on.
+    pub fn conns(&self) -> Result<Vec<(u64, SocketAddr, SocketAddr)>, MapsError> {
+        self.conns
+            .iter()
+            .map(|entry| {
+                let (cookie, c) = entry.map_err(|source| MapsError::Read { map: MAP_CONNS, source })?;
+                let frontend = socket_addr(&c.frontend_addr_be, c.frontend_port_be);
+                Ok((cookie, frontend, socket_addr(&c.backend_addr_be, c.backend_port_be)))
+            })
+            .collect()
     }
 
     pub fn probe_statuses(&self) -> Result<BTreeMap<ProbeKey, ProbeStatus>, MapsError> {
@@ -205,5 +210,19 @@ impl BackendTable for KhaMaps {
             Op::DeleteSlot(k) => (MAP_SERVICES, self.services.remove(k)),
         };
         result.map_err(|source| MapsError::Write { map, source })
+    }
+}
+
+impl Datapath for KhaMaps {
+    fn lift_suspicion(&mut self, id: u32) -> Result<bool, MapsError> {
+        let suspect = self.suspect(id)?;
+        if suspect {
+            self.clear_suspect(id)?;
+        }
+        Ok(suspect)
+    }
+
+    fn set_probe_statuses(&mut self, want: &BTreeMap<ProbeKey, ProbeStatus>) -> Result<(), MapsError> {
+        KhaMaps::set_probe_statuses(self, want)
     }
 }

@@ -37,6 +37,13 @@ pub struct FrontendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalErrorLabels {
+    pub backend: String,
+    /// The errno's name, e.g. `EMFILE`.
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -46,6 +53,9 @@ pub struct BuildLabels {
 pub struct Recorders {
     pub probe_duration: Family<BackendLabels, Histogram>,
     pub map_update_errors: Counter,
+    /// Probes that failed on this node's side (out of descriptors, memory, ports) and were
+    /// therefore not counted against the master.
+    pub probe_local_errors: Family<LocalErrorLabels, Counter>,
 }
 
 impl Default for Recorders {
@@ -56,11 +66,18 @@ impl Default for Recorders {
                 Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14))
             }),
             map_update_errors: Counter::default(),
+            probe_local_errors: Family::default(),
         }
     }
 }
 
 impl Recorders {
+    pub fn local_error(&self, backend: SocketAddr, error: String) {
+        self.probe_local_errors
+            .get_or_create(&LocalErrorLabels { backend: backend.to_string(), error })
+            .inc();
+    }
+
     pub fn probe(&self, backend: SocketAddr, latency: Duration) {
         self.probe_duration
             .get_or_create(&BackendLabels { backend: backend.to_string() })
@@ -94,7 +111,8 @@ pub struct Kernel {
     pub terminated: u64,
 }
 
-const STATES: [State; 5] = [State::Unknown, State::Up, State::Down, State::Draining, State::Unchecked];
+const STATES: [State; 6] =
+    [State::Unknown, State::Up, State::Down, State::Draining, State::Suspect, State::Unchecked];
 
 fn state_name(s: State) -> &'static str {
     kha_common::PROBE_STATE_NAMES[s.code() as usize]
@@ -166,6 +184,11 @@ pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> Str
     );
     r.register("map_update_errors", "Failed writes to the BPF maps", rec.map_update_errors.clone());
     r.register("probe_duration_seconds", "Duration of each health probe", rec.probe_duration.clone());
+    r.register(
+        "probe_local_errors",
+        "Probes that failed on this node's side (descriptors, memory, ports), not counted against the backend",
+        rec.probe_local_errors.clone(),
+    );
 
     let mut out = String::new();
     // Writing to a String cannot fail.
@@ -189,7 +212,7 @@ pub fn readyz(agent: &Snapshot) -> (bool, String) {
     if ready > 0 {
         (true, format!("ok: {ready} healthy backend(s) serving\n"))
     } else {
-        (false, "no healthy backend: every backend is down, draining or not yet probed\n".into())
+        (false, "no healthy backend: every backend is down, draining, suspect or not yet probed\n".into())
     }
 }
 
@@ -225,6 +248,7 @@ mod tests {
         );
         let rec = Recorders::default();
         rec.probe("192.0.2.11:6443".parse().unwrap(), Duration::from_millis(3));
+        rec.local_error("192.0.2.12:6443".parse().unwrap(), "EMFILE".into());
         let text = render_metrics(&agent(), &kernel, &rec);
         for line in [
             "kha_build_info{version=\"",
@@ -232,6 +256,7 @@ mod tests {
             "kha_backend_up{frontend=\"127.0.0.1:6443\",backend=\"192.0.2.11:6443\"} 1",
             "kha_backend_up{frontend=\"127.0.0.1:6443\",backend=\"192.0.2.12:6443\"} 0",
             "kha_backend_state{frontend=\"127.0.0.1:6443\",backend=\"192.0.2.12:6443\",state=\"down\"} 1",
+            "kha_backend_state{frontend=\"127.0.0.1:6443\",backend=\"192.0.2.12:6443\",state=\"suspect\"} 0",
             "kha_frontend_fallback{frontend=\"127.0.0.1:6443\"} 0",
             "kha_connections_chosen_total{backend=\"192.0.2.11:6443\"} 10",
             "kha_connections_failed_total{backend=\"192.0.2.11:6443\"} 1",
@@ -240,6 +265,7 @@ mod tests {
             "kha_sockets_terminated_total 4",
             "kha_map_update_errors_total 0",
             "kha_probe_duration_seconds_count{backend=\"192.0.2.11:6443\"} 1",
+            "kha_probe_local_errors_total{backend=\"192.0.2.12:6443\",error=\"EMFILE\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -57,7 +57,8 @@ pub struct BackendStatus {
     pub id: u32,
     /// In the live set: new connects may go to it.
     pub serving: bool,
-    /// Probe state: up, down, draining, unknown, unchecked; "serving" without probe records.
+    /// Probe state: up, down, draining, suspect, unknown, unchecked; "serving" without probe
+    /// records.
     pub state: &'static str,
     pub reason: Option<String>,
     pub probe_latency_us: Option<u32>,
@@ -158,7 +159,7 @@ pub fn render_text(s: &Status, color: bool) -> String {
     let paint = |text: String, code: &str| if color { format!("\x1b[{code}m{text}\x1b[0m") } else { text };
     let state_color = |state: &str| match state {
         "up" | "serving" | "unchecked" => "32",
-        "draining" | "unknown" => "33",
+        "draining" | "suspect" | "unknown" => "33",
         _ => "31",
     };
     let mut out = String::new();

@@ -141,6 +141,43 @@ pub enum ProbeFailure {
     Io { kind: io::ErrorKind, errno: Option<Errno> },
 }
 
+/// Errors that come from this node running short of something (descriptors, memory, buffers,
+/// ephemeral ports), whichever master the probe was for.
+const LOCAL_ERRNOS: [i32; 6] =
+    [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM, libc::EADDRNOTAVAIL, libc::EADDRINUSE];
+
+impl ProbeFailure {
+    /// The probe failed on this node's side (out of file descriptors, memory, socket buffers or
+    /// ephemeral ports): it says nothing about the master, and must not count against it.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ProbeFailure::Io { errno: Some(Errno(e)), .. } => LOCAL_ERRNOS.contains(e),
+            ProbeFailure::Io { kind, errno: None } => *kind == io::ErrorKind::OutOfMemory,
+            _ => false,
+        }
+    }
+
+    /// 401: the apiserver answered, so it is alive and serving, but will not tell an
+    /// unauthenticated probe whether it is ready (`--anonymous-auth=false` and no client
+    /// certificate). 403 is not this: a starting kube-apiserver answers anonymous `/readyz`
+    /// with 403 until its RBAC roles are bootstrapped (then 500, then 200), so a 403 counts as
+    /// not ready, like a 500; a cluster whose RBAC denies the probe `/readyz` for good is then
+    /// served by the all-down fallback, which terminates nothing.
+    pub fn not_authorized(&self) -> Option<u16> {
+        match self {
+            ProbeFailure::Status { code: 401, .. } => Some(401),
+            _ => None,
+        }
+    }
+
+    /// The connection died under the probe rather than the master being slow: the kernel
+    /// gave up on it (nothing acknowledged for `TCP_USER_TIMEOUT`) or the master reset it. Like
+    /// a lost idle connection it makes the backend suspect, and the prober reconnects at once.
+    pub fn connection_died(&self) -> bool {
+        matches!(self, ProbeFailure::Abandoned { .. } | ProbeFailure::Reset)
+    }
+}
+
 /// Bound on [`ProbeFailure::Status`]'s `line`.
 pub const STATUS_LINE_CHARS: usize = 200;
 
@@ -226,6 +263,16 @@ mod tests {
         assert_eq!(f.to_string(), "TLS: invalid peer certificate: UnknownIssuer");
         let e = io::Error::new(io::ErrorKind::UnexpectedEof, "no close_notify");
         assert_eq!(classify(&e, Phase::Idle), ProbeFailure::Closed);
+    }
+
+    #[test]
+    fn local_errors_are_told_apart() {
+        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM, libc::EADDRNOTAVAIL] {
+            assert!(classify(&io::Error::from_raw_os_error(e), Phase::Connect).is_local(), "{e}");
+        }
+        for e in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ETIMEDOUT, libc::ECONNRESET, libc::EPROTO] {
+            assert!(!classify(&io::Error::from_raw_os_error(e), Phase::Connect).is_local(), "{e}");
+        }
     }
 
     #[test]

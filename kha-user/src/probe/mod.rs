@@ -4,8 +4,9 @@
 //! keeps **one persistent TLS connection** to the backend and sends `GET <path> HTTP/1.1`
 //! (`/readyz` by default, `/health` for etcd) on it every [`ProbeSettings::interval`],
 //! jittered by +-20 %. A probe is a small request, not a handshake, so probing is cheap at
-//! cluster scale. Each result is sent on a channel as a [`ProbeEvent`]; what to make of the
-//! results (rise/fall hysteresis, the backend set) is the caller's business.
+//! cluster scale. Each result is sent as a [`ProbeEvent`], tagged with the caller's tag, on a
+//! channel the probes of every backend may share; what to make of the results (rise/fall
+//! hysteresis, the backend set) is the caller's business.
 //!
 //! - **Ready** means status 200. Anything else is [`ProbeEvent::Failed`] with the reason
 //!   kept ([`ProbeFailure`]): refused, unreachable, timeout (and in which phase), reset, TLS
@@ -24,7 +25,10 @@
 //!   bytes are reported at once as [`ProbeEvent::ConnectionLost`], without waiting for the
 //!   next probe. The task then reconnects after [`LOST_RETRY_MIN`]..[`LOST_RETRY_MAX`] (at
 //!   most once per interval; else after the normal interval), and that probe's result is the
-//!   next event.
+//!   next event. The same goes for a probe whose connection died under it (reset, or
+//!   abandoned by TCP). That reconnect rides out silence for [`LOST_RECONNECT_WINDOW`], a
+//!   fresh SYN every [`LOST_CONNECT_ATTEMPT`]: a master paused for a moment is found ready
+//!   again rather than reported as timed out.
 //! - **Clean closes are not failures**: a response with `Connection: close` (or a close within
 //!   [`CLOSE_AFTER_RESPONSE_GRACE`] of a complete response) just makes the next probe
 //!   reconnect. If a kept-alive connection turns out closed when a probe is sent on it, the
@@ -54,7 +58,10 @@ use rustls::ClientConfig;
 
 pub use failure::{Errno, Malformed, Phase, ProbeFailure, SNIPPET_BYTES, STATUS_LINE_CHARS};
 pub use jitter::JITTER;
-pub use prober::{CLOSE_AFTER_RESPONSE_GRACE, LOST_RETRY_MAX, LOST_RETRY_MIN, MIN_INTERVAL, run};
+pub use prober::{
+    CLOSE_AFTER_RESPONSE_GRACE, LOST_CONNECT_ATTEMPT, LOST_RECONNECT_WINDOW, LOST_RETRY_MAX, LOST_RETRY_MIN,
+    MIN_INTERVAL, run,
+};
 pub use socket::{MakeSocket, default_socket};
 pub use tls::{ProbeConfigError, tls_config};
 

@@ -27,15 +27,30 @@ use super::{ProbeEvent, ProbeSettings};
 /// after a probe (2.5 % of a 2 s interval) is noticed by the next probe instead of at once.
 pub const CLOSE_AFTER_RESPONSE_GRACE: Duration = Duration::from_millis(50);
 
-/// After [`ProbeEvent::ConnectionLost`], the reconnect (and its probe) comes after a random
-/// delay in `[LOST_RETRY_MIN, LOST_RETRY_MAX]` rather than a whole interval: it turns "the
-/// connection went away" into "refused" / "timed out" / "ready again" quickly, and the random
-/// spread keeps thousands of nodes that saw the same master go from reconnecting in the same
-/// millisecond. At most one such quick retry per interval, so a server that accepts and then
-/// drops every connection is not hammered; otherwise the normal jittered interval applies.
-pub const LOST_RETRY_MIN: Duration = Duration::from_millis(100);
+/// After a lost connection ([`ProbeEvent::ConnectionLost`], or a probe whose connection died
+/// under it: [`ProbeFailure::connection_died`]) the reconnect (and its probe) comes after a
+/// random delay in `[LOST_RETRY_MIN, LOST_RETRY_MAX]` rather than a whole interval: the health
+/// logic holds the backend as *suspect* until this reconnect says "ready again" or confirms the
+/// failure, so it must come at once; the few tens of milliseconds of spread keep thousands of
+/// nodes that saw the same master go from reconnecting in the same millisecond. At most one
+/// such quick retry per interval, so a server that accepts and then drops every connection is
+/// not hammered; otherwise the normal jittered interval applies.
+pub const LOST_RETRY_MIN: Duration = Duration::from_millis(5);
 /// See [`LOST_RETRY_MIN`].
-pub const LOST_RETRY_MAX: Duration = Duration::from_millis(500);
+pub const LOST_RETRY_MAX: Duration = Duration::from_millis(50);
+
+/// How long the reconnect after a lost connection keeps trying while the master is silent
+/// (connect timeouts, no route), sending a fresh SYN every [`LOST_CONNECT_ATTEMPT`]. A lost
+/// keepalive is noticed 1 to 2 s after the master went quiet (see [`super::socket`]); the
+/// last SYN leaves 2 s after the loss, so a master paused (a VM snapshot, a bond failover,
+/// a lost keepalive ACK) for less than 3 s is found ready again and no socket of it is
+/// terminated. The price: a master that really vanished is confirmed down 2.25 s after the
+/// loss, 3.3 to 4.3 s after it went quiet. A refused connect (the process is dead) or any
+/// answer ends the wait at once.
+pub const LOST_RECONNECT_WINDOW: Duration = Duration::from_millis(2250);
+/// See [`LOST_RECONNECT_WINDOW`]: a SYN the kernel would retransmit only after 1 s (and give up
+/// on after `TCP_USER_TIMEOUT`, 1.5 s) is replaced by a fresh one this often.
+pub const LOST_CONNECT_ATTEMPT: Duration = Duration::from_millis(250);
 
 /// Shortest interval honoured, so a zero interval cannot spin.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -44,18 +59,20 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 const READ_CHUNK: usize = 8 * 1024;
 
 /// Probes the backend at `addr` until `shutdown` completes or the receiver of `events` is
-/// dropped. See the module documentation for the events and their timing.
-pub async fn run(
+/// dropped. Each event goes out as `(tag, event)`, so the probes of every backend can share
+/// one channel. See the module documentation for the events and their timing.
+pub async fn run<T: Clone>(
     addr: SocketAddr,
     settings: ProbeSettings,
     make_socket: MakeSocket,
-    events: mpsc::Sender<ProbeEvent>,
+    events: mpsc::Sender<(T, ProbeEvent)>,
+    tag: T,
     shutdown: impl Future,
 ) {
     let prober = Prober::new(addr, settings, make_socket);
     tokio::select! {
         _ = shutdown => {}
-        () = prober.run(events) => {}
+        () = prober.run(events, tag) => {}
     }
 }
 
@@ -91,6 +108,8 @@ struct Prober {
     request_bytes: Vec<u8>,
     rng: Rng,
     conn: Option<Conn>,
+    /// The connection was lost: the next connect rides out [`LOST_RECONNECT_WINDOW`] of silence.
+    reconnecting: bool,
     buf: Box<[u8]>,
 }
 
@@ -107,35 +126,37 @@ impl Prober {
             make_socket,
             rng: Rng::seeded(addr),
             conn: None,
+            reconnecting: false,
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
         }
     }
 
-    async fn run(mut self, events: mpsc::Sender<ProbeEvent>) {
+    async fn run<T: Clone>(mut self, events: mpsc::Sender<(T, ProbeEvent)>, tag: T) {
         let mut next = Instant::now();
         let mut last_quick_retry: Option<Instant> = None;
         loop {
-            if let Some(failure) = self.idle_until(next).await {
-                if events.send(ProbeEvent::ConnectionLost { failure }).await.is_err() {
-                    return;
+            let (event, lost) = match self.idle_until(next).await {
+                Some(failure) => (ProbeEvent::ConnectionLost { failure }, true),
+                None => {
+                    let event = self.probe().await;
+                    let died = event.failure().is_some_and(ProbeFailure::connection_died);
+                    (event, died)
                 }
-                let now = Instant::now();
-                let regular = self.rng.jitter(self.interval);
-                let quick = last_quick_retry.is_none_or(|at| now.duration_since(at) >= self.interval);
-                next = now
-                    + if quick {
-                        last_quick_retry = Some(now);
-                        self.rng.between(LOST_RETRY_MIN, LOST_RETRY_MAX).min(regular)
-                    } else {
-                        regular
-                    };
-                continue;
-            }
-            let event = self.probe().await;
-            if events.send(event).await.is_err() {
+            };
+            if events.send((tag.clone(), event)).await.is_err() {
                 return;
             }
-            next = Instant::now() + self.rng.jitter(self.interval);
+            let now = Instant::now();
+            let regular = self.rng.jitter(self.interval);
+            let quick = lost && last_quick_retry.is_none_or(|at| now.duration_since(at) >= self.interval);
+            next = now
+                + if quick {
+                    last_quick_retry = Some(now);
+                    self.reconnecting = true;
+                    self.rng.between(LOST_RETRY_MIN, LOST_RETRY_MAX).min(regular)
+                } else {
+                    regular
+                };
         }
     }
 
@@ -211,19 +232,53 @@ impl Prober {
         Ok(response)
     }
 
-    async fn connect(&self, deadline: Instant) -> Result<TlsStream<TcpStream>, ProbeFailure> {
-        let socket = (self.make_socket)(self.addr).map_err(|e| classify(&e, Phase::Connect))?;
-        tune(&socket).map_err(|e| classify(&e, Phase::Connect))?;
-        let socket = TcpSocket::from_std_stream(socket.into());
-        let tcp = match timeout_at(deadline, socket.connect(self.addr)).await {
-            Err(_elapsed) => return Err(ProbeFailure::Timeout { phase: Phase::Connect }),
-            Ok(Err(e)) => return Err(classify(&e, Phase::Connect)),
-            Ok(Ok(tcp)) => tcp,
+    async fn connect(&mut self, deadline: Instant) -> Result<TlsStream<TcpStream>, ProbeFailure> {
+        let (tcp, deadline) = if std::mem::take(&mut self.reconnecting) {
+            // The handshake gets its whole timeout, however long the master stayed silent.
+            let tcp = self.reconnect_tcp().await?;
+            (tcp, Instant::now() + self.settings.timeout)
+        } else {
+            (self.connect_tcp(deadline).await?, deadline)
         };
         match timeout_at(deadline, self.connector.connect(self.server_name.clone(), tcp)).await {
             Err(_elapsed) => Err(ProbeFailure::Timeout { phase: Phase::Handshake }),
             Ok(Err(e)) => Err(classify(&e, Phase::Handshake)),
             Ok(Ok(tls)) => Ok(tls),
+        }
+    }
+
+    async fn connect_tcp(&self, deadline: Instant) -> Result<TcpStream, ProbeFailure> {
+        let socket = (self.make_socket)(self.addr).map_err(|e| classify(&e, Phase::Connect))?;
+        tune(&socket).map_err(|e| classify(&e, Phase::Connect))?;
+        let socket = TcpSocket::from_std_stream(socket.into());
+        match timeout_at(deadline, socket.connect(self.addr)).await {
+            Err(_elapsed) => Err(ProbeFailure::Timeout { phase: Phase::Connect }),
+            Ok(Err(e)) => Err(classify(&e, Phase::Connect)),
+            Ok(Ok(tcp)) => Ok(tcp),
+        }
+    }
+
+    /// The connect after a lost connection: a fresh attempt every [`LOST_CONNECT_ATTEMPT`]
+    /// while the master stays silent or unreachable, for [`LOST_RECONNECT_WINDOW`]. Anything
+    /// else (connected, refused, a local error) ends it at once.
+    async fn reconnect_tcp(&self) -> Result<TcpStream, ProbeFailure> {
+        let window = Instant::now() + LOST_RECONNECT_WINDOW;
+        loop {
+            let next = Instant::now() + LOST_CONNECT_ATTEMPT;
+            if next >= window {
+                return self.connect_tcp(window).await;
+            }
+            match self.connect_tcp(next).await {
+                Err(
+                    ProbeFailure::Timeout { phase: Phase::Connect }
+                    | ProbeFailure::Abandoned { phase: Phase::Connect }
+                    | ProbeFailure::Unreachable(_),
+                ) => {
+                    log::debug!("probe {}: no answer to the reconnect yet; trying again", self.addr);
+                    sleep_until(next).await;
+                }
+                result => return result,
+            }
         }
     }
 

@@ -55,7 +55,7 @@ impl Fixture {
 
 /// A running probe task.
 struct Probe {
-    events: mpsc::Receiver<ProbeEvent>,
+    events: mpsc::Receiver<((), ProbeEvent)>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -68,13 +68,13 @@ impl Probe {
     fn spawn_with(addr: SocketAddr, settings: ProbeSettings, make_socket: MakeSocket) -> Probe {
         let (tx, events) = mpsc::channel(16);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(addr, settings, make_socket, tx, stopped));
+        let task = tokio::spawn(run(addr, settings, make_socket, tx, (), stopped));
         Probe { events, stop: Some(stop), task }
     }
 
     async fn next(&mut self) -> ProbeEvent {
         match tokio::time::timeout(PATIENCE, self.events.recv()).await {
-            Ok(Some(event)) => event,
+            Ok(Some(((), event))) => event,
             Ok(None) => panic!("probe task ended"),
             Err(_) => panic!("no probe event within {PATIENCE:?}"),
         }
@@ -204,6 +204,35 @@ async fn garbage_is_malformed() {
     probe.stop().await;
 }
 
+/// kube-apiserver with `--anonymous-auth=false` answers a probe without a client certificate
+/// with 401: alive and serving, only readiness cannot be read. Counting that as not ready would
+/// drain every master of such a cluster. A 403 is what a starting apiserver answers an
+/// anonymous probe before its RBAC roles exist: not ready.
+#[tokio::test]
+async fn unauthorized_is_up_with_a_reason_that_says_what_to_do_and_forbidden_is_not_ready() {
+    use crate::health::{BackendHealth, DEFAULT_HYSTERESIS, State};
+    let fx = Fixture::new();
+    for (reply, code, want) in [(Reply::Unauthorized, 401, State::Up), (Reply::Forbidden, 403, State::Draining)] {
+        let server = fx.server(reply).await;
+        let mut probe = Probe::spawn(server.addr, fx.settings());
+        let mut health = BackendHealth::new(true, std::time::SystemTime::UNIX_EPOCH);
+        for _ in 0..3 {
+            let event = probe.next().await;
+            health.observe(&event, DEFAULT_HYSTERESIS, std::time::SystemTime::UNIX_EPOCH);
+        }
+        assert_eq!(health.state, want, "{code}");
+        let reason = health.last_failure.clone().unwrap_or_default();
+        if code == 401 {
+            assert!(reason.starts_with("probe not authorized (401): "), "{reason}");
+            assert!(reason.contains("--client-cert") && reason.len() <= kha_common::PROBE_REASON_LEN, "{reason}");
+        } else {
+            assert!(reason.contains("403"), "{reason}");
+        }
+        assert_eq!(server.accepts(), 1, "the connection is kept");
+        probe.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_a_tls_failure_naming_the_unknown_issuer() {
     let fx = Fixture::new();
@@ -297,6 +326,65 @@ async fn a_reset_idle_connection_is_lost_then_reconnected() {
     let event = probe.next().await;
     assert!(is_ready(&event), "{event:?}");
     assert_eq!(server.accepts(), 2);
+    probe.stop().await;
+}
+
+/// Every node of the cluster sees the same master's connection go in the same second: each
+/// reconnects at once, spread over a few tens of milliseconds rather than hundreds.
+#[tokio::test]
+async fn the_reconnect_after_a_loss_is_immediate() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let settings = ProbeSettings { interval: Duration::from_secs(60), ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert!(is_ready(&probe.next().await));
+    server.kill(Kill::ResetConnections);
+    assert_eq!(probe.next().await, ProbeEvent::ConnectionLost { failure: ProbeFailure::Reset });
+    let lost = Instant::now();
+    let event = probe.next().await;
+    assert!(is_ready(&event), "{event:?}");
+    let reconnect = server.accepted_at()[1] - lost;
+    assert!(reconnect < Duration::from_millis(90), "{reconnect:?}");
+    probe.stop().await;
+}
+
+/// A master silent for a moment (a paused VM, a bond failover, a lost keepalive): the
+/// reconnect after the loss keeps sending SYNs for a reconnect window rather than
+/// failing when the first one goes unanswered for `TCP_USER_TIMEOUT`.
+#[tokio::test]
+async fn the_reconnect_after_a_loss_rides_out_a_short_silence() {
+    let fx = Fixture::new();
+    let config = server_config(&fx.ca.localhost(), None);
+    let server = Server::start_with_tiny_backlog(config, Reply::Ok).await;
+    let settings = ProbeSettings { interval: Duration::from_secs(60), ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert!(is_ready(&probe.next().await));
+    server.stop_accepting();
+    // Let the accept task see it before a connection waits in the queue.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // One connection waiting fills the queue: the kernel drops every SYN after it.
+    let _waiting = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    server.kill(Kill::ResetConnections);
+    assert_eq!(probe.next().await, ProbeEvent::ConnectionLost { failure: ProbeFailure::Reset });
+    // Longer than TCP_USER_TIMEOUT (1.5 s): a single connect attempt gives up before this.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    server.resume_accepting();
+    let event = probe.next().await;
+    assert!(is_ready(&event), "{event:?}");
+    probe.stop().await;
+}
+
+/// A reset in the middle of an answer is a lost connection too: reconnect at once rather
+/// than an interval later.
+#[tokio::test]
+async fn a_connection_that_dies_under_a_probe_is_retried_at_once() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::ResetMidResponseOnce).await;
+    let settings = ProbeSettings { interval: Duration::from_secs(60), ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert_eq!(probe.next_failure().await, ProbeFailure::Reset);
+    let event = probe.next().await;
+    assert!(is_ready(&event), "{event:?}");
     probe.stop().await;
 }
 

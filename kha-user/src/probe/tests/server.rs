@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
@@ -15,10 +15,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 pub const FAILING_BODY: &str = "[-]etcd failed: reason withheld\nreadyz check failed";
+
+/// kube-apiserver's answer to an anonymous request with `--anonymous-auth=false`.
+const UNAUTHORIZED: &str = "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 128\r\n\r\n{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Failure\",\"message\":\"Unauthorized\",\"reason\":\"Unauthorized\",\"code\":401}";
+/// ... and when RBAC does not let the user read `/readyz`.
+const FORBIDDEN: &str = "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 61\r\n\r\nforbidden: User \"system:anonymous\" cannot get path \"/readyz\"\n";
 
 /// A certificate authority made at test time.
 pub struct Ca {
@@ -123,6 +129,14 @@ pub enum Reply {
     /// 200 to the first request on a connection; closes on the second without answering (a
     /// server's idle timeout racing the client's next request).
     OnePerConnection,
+    /// On the first connection, half a status line and then a reset (the master died in the
+    /// middle of its answer); 200 on every later one.
+    ResetMidResponseOnce,
+    /// 401 with a JSON `Status` body, as kube-apiserver with `--anonymous-auth=false` answers a
+    /// request without a client certificate.
+    Unauthorized,
+    /// 403, as kube-apiserver answers when RBAC denies the user `/readyz`.
+    Forbidden,
 }
 
 /// How [`Server::kill`] ends things.
@@ -140,38 +154,74 @@ pub struct Server {
     pub addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// When each connection was accepted.
+    accepted_at: Arc<Mutex<Vec<Instant>>>,
     kill: watch::Sender<Kill>,
+    /// `false`: connections are left in the listen queue.
+    accepting: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
 }
 
 impl Server {
     pub async fn start(config: Arc<ServerConfig>, reply: Reply) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Server::on(listener, config, reply)
+    }
+
+    /// A server whose listen queue holds a single connection, so that while it does not
+    /// accept ([`Server::stop_accepting`]) and one connection waits, the kernel drops every
+    /// further SYN: the silence of a paused or blackholed master, without root.
+    pub async fn start_with_tiny_backlog(config: Arc<ServerConfig>, reply: Reply) -> Server {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Server::on(socket.listen(0).unwrap(), config, reply)
+    }
+
+    fn on(listener: TcpListener, config: Arc<ServerConfig>, reply: Reply) -> Server {
         let addr = listener.local_addr().unwrap();
         let accepts = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
+        let accepted_at = Arc::new(Mutex::new(Vec::new()));
         let (kill, mut kill_rx) = watch::channel(Kill::Alive);
+        let (accepting, mut accepting_rx) = watch::channel(true);
         let acceptor = TlsAcceptor::from(config);
-        let (accepts2, requests2, kill2) = (accepts.clone(), requests.clone(), kill.clone());
+        let (accepts2, requests2, kill2, at2) =
+            (accepts.clone(), requests.clone(), kill.clone(), accepted_at.clone());
         let accept_task = tokio::spawn(async move {
             loop {
+                let open = *accepting_rx.borrow_and_update();
                 let tcp = tokio::select! {
-                    accepted = listener.accept() => match accepted {
+                    accepted = listener.accept(), if open => match accepted {
                         Ok((tcp, _)) => tcp,
                         Err(_) => return,
                     },
+                    _ = accepting_rx.changed() => continue,
                     changed = kill_rx.changed() => match changed {
                         Ok(()) if *kill_rx.borrow() != Kill::Die => continue,
                         _ => return, // drops the listener: later connects are refused
                     },
                 };
-                accepts2.fetch_add(1, Ordering::SeqCst);
+                let nth = accepts2.fetch_add(1, Ordering::SeqCst);
+                at2.lock().unwrap().push(Instant::now());
                 let mut kill = kill2.subscribe();
                 kill.borrow_and_update();
-                tokio::spawn(serve(tcp, acceptor.clone(), reply, requests2.clone(), kill));
+                tokio::spawn(serve(tcp, acceptor.clone(), reply, nth, requests2.clone(), kill));
             }
         });
-        Server { addr, accepts, requests, kill, accept_task }
+        Server { addr, accepts, requests, accepted_at, kill, accepting, accept_task }
+    }
+
+    /// When each connection so far was accepted.
+    pub fn accepted_at(&self) -> Vec<Instant> {
+        self.accepted_at.lock().unwrap().clone()
+    }
+
+    pub fn stop_accepting(&self) {
+        self.accepting.send_replace(false);
+    }
+
+    pub fn resume_accepting(&self) {
+        self.accepting.send_replace(true);
     }
 
     /// TCP connections accepted so far.
@@ -201,10 +251,15 @@ async fn serve(
     tcp: TcpStream,
     acceptor: TlsAcceptor,
     reply: Reply,
+    nth_connection: usize,
     requests: Arc<AtomicUsize>,
     mut kill: watch::Receiver<Kill>,
 ) {
     let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+    let reply = match reply {
+        Reply::ResetMidResponseOnce if nth_connection > 0 => Reply::Ok,
+        r => r,
+    };
     tokio::select! {
         () = answer_requests(&mut tls, reply, &requests) => {}
         changed = kill.changed() => {
@@ -265,6 +320,14 @@ async fn answer_requests(tls: &mut TlsStream<TcpStream>, reply: Reply, requests:
                 let _ = tls.flush().await;
                 return;
             }
+            Reply::ResetMidResponseOnce => {
+                let _ = tls.write_all(b"HTTP/1.1 200").await;
+                let _ = tls.flush().await;
+                socket2::SockRef::from(tls.get_ref().0).set_linger(Some(Duration::ZERO)).unwrap();
+                return;
+            }
+            Reply::Unauthorized => tls.write_all(UNAUTHORIZED.as_bytes()).await,
+            Reply::Forbidden => tls.write_all(FORBIDDEN.as_bytes()).await,
             Reply::OkThenStrayBytes => {
                 let _ = tls.write_all(ok).await;
                 let _ = tls.flush().await;

@@ -1,0 +1,368 @@
+//! The agent's decisions: probe events shape health, health shapes the backend table, and the
+//! sockets of failed or removed backends are terminated. No I/O of its own: the table goes
+//! through [`Datapath`] (the pinned maps, or a fake), sockets through [`Terminator`], and time
+//! is tokio's, so every rule is tested with a fake of each and paused time (`tests.rs`).
+//!
+//! The binary feeds it from one select loop: probe events, config changes, the resync tick,
+//! and a sleep until [`Supervisor::next_deadline`].
+
+mod local;
+mod pending;
+mod probes;
+mod terminate;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use kha_common::{FRONTEND_FALLBACK, ProbeKey, ProbeStatus};
+use tokio::time::Instant;
+
+use crate::{
+    config::{Config, Frontend},
+    endpoints::{Desired, backend_of, key_of, socket_addr},
+    health::{AllDown, BackendHealth, Change, Hysteresis, ProbeTarget, State, desired_state},
+    observe::{PairState, Recorders, Snapshot},
+    probe::{ProbeEvent, ProbeFailure},
+    sync::{BackendTable, sync},
+};
+use local::LocalWarnings;
+use pending::{Pending, Verdict, Why};
+
+pub use probes::{ProbeSet, ProbeTemplate, TlsFor};
+pub use terminate::{SockDestroy, TerminateError, Terminator};
+
+/// A (frontend, backend) pair. Sockets are terminated per pair: the connect hook recorded both
+/// for every socket, and whether moving them helps depends on the frontend's other backends.
+pub type Pair = (SocketAddr, SocketAddr);
+
+/// The backend table plus what the supervisor writes besides it.
+pub trait Datapath: BackendTable {
+    /// Lifts the kernel's suspicion (a failed connect) of backend `id`; `true` if there was one.
+    fn lift_suspicion(&mut self, id: u32) -> Result<bool, Self::Error>;
+    /// Replaces the probe statuses `kha status` shows.
+    fn set_probe_statuses(&mut self, statuses: &BTreeMap<ProbeKey, ProbeStatus>) -> Result<(), Self::Error>;
+}
+
+pub struct Settings {
+    /// Health checks on (else every backend is `Unchecked` and served).
+    pub checked: bool,
+    pub hysteresis: Hysteresis,
+    pub all_down: AllDown,
+    /// How long a draining or removed backend keeps its sockets.
+    pub drain: Duration,
+    pub recorders: Recorders,
+}
+
+pub struct Supervisor<T, X> {
+    settings: Settings,
+    config: Config,
+    table: T,
+    terminator: X,
+    health: BTreeMap<ProbeTarget, BackendHealth>,
+    pending: Pending,
+    /// What the last apply wanted, for [`Supervisor::snapshot`].
+    desired: Desired,
+    /// Backends no longer configured that open sockets still point at. They stay in the
+    /// backend table, so their ids are not given to new backends: sock_ops counts a socket's
+    /// close against the id the connect hook recorded, and a new backend with that id would
+    /// take the old sockets' decrements (and, for a failed connect, the kernel's suspicion).
+    retired: BTreeSet<SocketAddr>,
+    local_warnings: LocalWarnings,
+}
+
+impl<T: Datapath, X: Terminator> Supervisor<T, X> {
+    /// Takes over a table that already serves `config` (the binary syncs it before attaching).
+    pub fn new(settings: Settings, config: Config, table: T, terminator: X) -> Self {
+        let mut s = Self {
+            settings,
+            config: Config { frontends: Vec::new(), ca_file: None },
+            table,
+            terminator,
+            health: BTreeMap::new(),
+            pending: Pending::default(),
+            desired: Desired::default(),
+            retired: BTreeSet::new(),
+            local_warnings: LocalWarnings::default(),
+        };
+        s.set_config(config);
+        s
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn health(&self, target: &ProbeTarget) -> Option<&BackendHealth> {
+        self.health.get(target)
+    }
+
+    pub fn table(&self) -> &T {
+        &self.table
+    }
+
+    pub fn terminator(&self) -> &X {
+        &self.terminator
+    }
+
+    /// When [`Supervisor::on_deadline`] is due next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.next_deadline()
+    }
+
+    /// A deadline from [`Supervisor::next_deadline`] passed.
+    pub fn on_deadline(&mut self) {
+        self.apply();
+    }
+
+    /// The periodic resync: repairs the table if something else changed it, and lets go of
+    /// removed backends no socket points at any more.
+    pub fn resync(&mut self) {
+        if !self.retired.is_empty() {
+            match self.terminator.backends_in_use() {
+                Ok(in_use) => self.retired.retain(|b| in_use.contains(b)),
+                Err(e) => log::warn!("cannot tell which removed backends sockets still use: {}", causes(&e)),
+            }
+        }
+        self.apply();
+    }
+
+    /// A new config (SIGHUP, discovery). Pairs it no longer names keep their sockets for the
+    /// drain time.
+    pub fn replace_config(&mut self, config: Config) {
+        let now = Instant::now();
+        let before = pairs_of(&self.config);
+        self.set_config(config);
+        let after = pairs_of(&self.config);
+        let backends = |pairs: &BTreeSet<Pair>| pairs.iter().map(|(_, b)| *b).collect::<BTreeSet<_>>();
+        let still = backends(&after);
+        self.retired.extend(backends(&before).difference(&still));
+        self.retired.retain(|b| !still.contains(b));
+        // A master taken out of the config may be going away: let its connections finish
+        // their work for the drain time, then move them.
+        for gone in before.difference(&after) {
+            log::info!(
+                "backend {} removed from frontend {}: its connections end in {:?}",
+                gone.1,
+                gone.0,
+                self.settings.drain
+            );
+            self.pending.at(*gone, Why::Removed, now + self.settings.drain);
+        }
+        for kept in &after {
+            self.pending.cancel_if(kept, Why::Removed);
+        }
+        self.apply();
+    }
+
+    fn set_config(&mut self, config: Config) {
+        let targets: BTreeSet<ProbeTarget> = config
+            .frontends
+            .iter()
+            .flat_map(|f| f.backends.iter().map(|b| (*b, f.health_path.clone())))
+            .collect();
+        self.health.retain(|t, _| targets.contains(t));
+        for t in targets {
+            let checked = self.settings.checked;
+            self.health.entry(t).or_insert_with(|| BackendHealth::new(checked, SystemTime::now()));
+        }
+        self.config = config;
+    }
+
+    /// One probe result.
+    pub fn observe(&mut self, target: ProbeTarget, event: ProbeEvent) {
+        self.note(&target, &event);
+        self.apply();
+    }
+
+    fn note(&mut self, target: &ProbeTarget, event: &ProbeEvent) {
+        let now = Instant::now();
+        let Some(h) = self.health.get_mut(target) else { return };
+        let was_unauthorized = h.unauthorized;
+        let change = h.observe(event, self.settings.hysteresis, SystemTime::now());
+        if let Some(f) = event.failure().filter(|f| f.is_local()) {
+            let error = match f {
+                ProbeFailure::Io { errno: Some(e), .. } => e.to_string(),
+                f => f.to_string(),
+            };
+            self.settings.recorders.local_error(target.0, error);
+            self.local_warnings.warn(target.0, f, now);
+            return;
+        }
+        if let ProbeEvent::Ready { latency } | ProbeEvent::Failed { latency, .. } = event {
+            self.settings.recorders.probe(target.0, *latency);
+        }
+        let backend = target.0;
+        let reason = h.last_failure.clone().unwrap_or_else(|| "?".into());
+        let serves = h.state.serves();
+        match (was_unauthorized, h.unauthorized) {
+            (before, Some(code)) if before != Some(code) => log::warn!(
+                "probe of {backend} not authorized ({code}): {} cannot be checked; configure the node's client certificate (client_cert and client_key in the config file, or --client-cert and --client-key) to check readiness. It answers, so it is served as up meanwhile",
+                target.1
+            ),
+            (Some(_), None) => log::info!("probe of {backend} is authorized again"),
+            _ => {}
+        }
+        let answered = matches!(event, ProbeEvent::Ready { .. }) || h.unauthorized.is_some();
+        let pairs = self.pairs_probed_by(target);
+        match change {
+            Change::WentDown => {
+                log::warn!("backend {backend} is down: {reason}");
+                pairs.iter().for_each(|p| self.pending.now(*p, Why::Down));
+            }
+            Change::WentDraining => {
+                log::warn!(
+                    "backend {backend} is not ready ({reason}): no new connections, existing ones end in {:?}",
+                    self.settings.drain
+                );
+                pairs.iter().for_each(|p| self.pending.at(*p, Why::Draining, now + self.settings.drain));
+            }
+            Change::WentSuspect => log::warn!(
+                "backend {backend}: probe connection lost ({reason}); no new connections until the reconnect says whether it is down"
+            ),
+            Change::WentUp => {
+                log::info!("backend {backend} is up");
+                pairs.iter().for_each(|p| self.pending.cancel(p));
+            }
+            Change::None => {}
+        }
+        if answered && serves {
+            self.clear_suspect(backend);
+        }
+    }
+
+    /// The pairs whose frontend probes `target`'s backend on `target`'s path.
+    fn pairs_probed_by(&self, (backend, path): &ProbeTarget) -> Vec<Pair> {
+        let probed = |f: &&Frontend| f.health_path == *path && f.backends.contains(backend);
+        self.config.frontends.iter().filter(probed).map(|f| (f.address, *backend)).collect()
+    }
+
+    /// A ready probe disproves the kernel's suspicion from a failed connect.
+    fn clear_suspect(&mut self, backend: SocketAddr) {
+        let Ok(snapshot) = self.table.snapshot() else { return };
+        let want = backend_of(backend);
+        for (id, _) in snapshot.backends.iter().filter(|(_, b)| **b == want) {
+            if self.table.lift_suspicion(*id).unwrap_or(false) {
+                log::info!("backend {backend}: probe ready, cleared the kernel's suspicion");
+            }
+        }
+    }
+
+    /// Writes the backend table and status records, then terminates what is due.
+    fn apply(&mut self) {
+        let (mut desired, statuses) = desired_state(&self.config, &self.health, self.settings.all_down);
+        desired.keep.extend(self.retired.iter().map(|b| backend_of(*b)));
+        for (k, f) in &desired.frontends {
+            if f.flags & FRONTEND_FALLBACK != 0 {
+                let fe = socket_addr(&k.addr_be, k.port_be);
+                log::error!(
+                    "frontend {fe}: every backend failed its probes; serving all of them (--all-down fallback)"
+                );
+            }
+        }
+        match sync(&mut self.table, &desired) {
+            Ok(r) if r.writes > 0 => log::debug!("sync: {} map writes", r.writes),
+            Ok(_) => {}
+            Err(e) => {
+                self.settings.recorders.map_update_errors.inc();
+                log::error!("sync failed, will retry: {}", causes(&e));
+            }
+        }
+        self.desired = desired;
+        if let Err(e) = self.table.set_probe_statuses(&statuses) {
+            log::warn!("cannot write probe status for `kha status`: {}", causes(&e));
+        }
+        let (config, health) = (&self.config, &self.health);
+        let settled =
+            self.pending.settle(Instant::now(), self.settings.drain, |p| verdict(config, health, p));
+        for ((f, b), why) in &settled.held {
+            log::warn!(
+                "not terminating the connections {f}->{b} ({why:?}): no other backend of {f} is up to take them, they would only come back"
+            );
+        }
+        for ((f, b), _) in &settled.forgotten {
+            log::info!("frontend {f} is no longer served: its connections to {b} are left alone");
+        }
+        for ((f, b), why) in &settled.restarted {
+            log::info!(
+                "another backend of {f} is up: the connections {f}->{b} ({why:?}) end in {:?}",
+                self.settings.drain
+            );
+        }
+        if !settled.terminate.is_empty() {
+            self.terminate(&settled.terminate);
+        }
+    }
+
+    fn terminate(&mut self, pairs: &BTreeSet<Pair>) {
+        let names = || pairs.iter().map(|(f, b)| format!("{f}->{b}")).collect::<Vec<_>>().join(", ");
+        match self.terminator.terminate(pairs) {
+            Ok(0) => {}
+            Ok(n) => {
+                log::warn!("terminated {n} connections ({}) so their clients reconnect elsewhere", names())
+            }
+            Err(e) => log::error!("terminating the connections {} failed: {}", names(), causes(&e)),
+        }
+    }
+
+    /// What `/metrics`, `/healthz` and `/readyz` report.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut pairs = Vec::new();
+        let mut fallback = BTreeMap::new();
+        for f in &self.config.frontends {
+            let live = self.desired.frontends.get(&key_of(f.address, 0));
+            fallback.insert(f.address, live.is_some_and(|l| l.flags & FRONTEND_FALLBACK != 0));
+            for b in &f.backends {
+                let state = self.health.get(&(*b, f.health_path.clone())).map_or(State::Unknown, |h| h.state);
+                let serving = live.is_some_and(|l| l.backends.contains(&backend_of(*b)));
+                pairs.push(PairState { frontend: f.address, backend: *b, state, serving });
+            }
+        }
+        Snapshot { pairs, fallback, alive: true }
+    }
+}
+
+/// Sleeps until `at` (a [`Supervisor::next_deadline`]); forever if there is none.
+pub async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether terminating `pair`'s sockets helps: only if another backend of the frontend is
+/// proven up (not just unprobed, not failing, not served by fallback) to take the reconnects.
+/// Otherwise every node of the cluster would, in the same second, send every client straight
+/// back to the masters it had, for nothing but a relist storm.
+fn verdict(
+    config: &Config,
+    health: &BTreeMap<ProbeTarget, BackendHealth>,
+    (frontend, backend): &Pair,
+) -> Verdict {
+    let Some(f) = config.frontends.iter().find(|f| f.address == *frontend) else {
+        return Verdict::Forget;
+    };
+    let up = |b: &SocketAddr| health.get(&(*b, f.health_path.clone())).is_some_and(BackendHealth::proven);
+    if f.backends.iter().any(|b| b != backend && up(b)) { Verdict::Move } else { Verdict::Hold }
+}
+
+/// Every (frontend, backend) pair `config` names.
+fn pairs_of(config: &Config) -> BTreeSet<Pair> {
+    config.frontends.iter().flat_map(|f| f.backends.iter().map(|b| (f.address, *b))).collect()
+}
+
+/// An error with its sources, `a: b: c`, for a log line.
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
