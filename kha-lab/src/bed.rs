@@ -88,6 +88,10 @@ pub struct Bed {
     pub pki: PkiPaths,
     pub cgroup: ChildCgroup,
     pub lab: Lab,
+    /// Run the agent inside the node namespace rather than beside it (as a DaemonSet with
+    /// hostNetwork runs it): its own connections (discovery's API client) then reach the
+    /// masters.
+    pub agent_in_node: bool,
 }
 
 /// Programs kha attaches, each under its own pinned link.
@@ -128,7 +132,7 @@ impl Bed {
         let cgroup = ChildCgroup::create(lab.prefix())?;
         let pin_dir = Path::new("/sys/fs/bpf").join(lab.prefix());
         let agent_log = lab.workdir().join("agent.log");
-        Ok(Bed { agent: None, kha_bin, lab_bin, pin_dir, agent_log, pki, cgroup, lab })
+        Ok(Bed { agent: None, kha_bin, lab_bin, pin_dir, agent_log, pki, cgroup, lab, agent_in_node: false })
     }
 
     /// `kha run` for this bed's namespace, cgroup and pin dir, plus `args` (backends, ...).
@@ -161,11 +165,11 @@ impl Bed {
         })?;
         let mut cmd = self.agent_command(args);
         cmd.stdout(log).stderr(err_log).stdin(Stdio::null());
-        let child = cmd.spawn().map_err(|source| BedError::Io {
-            what: "starting",
-            path: self.kha_bin.clone(),
-            source,
-        })?;
+        let child = if self.agent_in_node {
+            self.lab.spawn_in_node(None, cmd)?
+        } else {
+            cmd.spawn().map_err(|source| BedError::Io { what: "starting", path: self.kha_bin.clone(), source })?
+        };
         self.agent = Some(KillOnDrop(child));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -26,12 +26,24 @@ pub struct World {
     pub node_v6: PathBuf,
     /// Admin identity through kha's IPv4 frontend (watchers need to list configmaps).
     pub admin_v4: PathBuf,
+    /// How many masters (the first ones) kha is given as static backends.
+    bootstrap: usize,
+    agent_extra: Vec<String>,
 }
 
 impl World {
     pub fn start() -> World {
-        let bed = Bed::create_empty(3).unwrap_or_else(|e| panic!("cannot build the bed: {e}"));
-        let options = RealOptions { anonymous_auth: false, ..RealOptions::default() };
+        World::start_with(3, RealOptions { anonymous_auth: false, ..RealOptions::default() }, Vec::new())
+    }
+
+    /// A world of `masters` masters (the options' standby ones not started), kha given
+    /// `agent_extra` besides the usual flags, its static backends the masters not on standby.
+    pub fn start_with(masters: usize, options: RealOptions, agent_extra: Vec<String>) -> World {
+        let mut bed = Bed::create_empty(masters).unwrap_or_else(|e| panic!("cannot build the bed: {e}"));
+        // Discovery's API client must reach the masters: the agent lives in the node namespace,
+        // as a DaemonSet with hostNetwork does.
+        bed.agent_in_node = !agent_extra.is_empty();
+        let bootstrap = masters - options.standby;
         let cp = RealControlPlane::start(&bed.lab, options).unwrap_or_else(|e| panic!("control plane: {e}"));
         let kc = |file: &str, user, server: &str| {
             cp.kubeconfig(file, user, server, Some("localhost")).unwrap_or_else(|e| panic!("kubeconfig: {e}"))
@@ -39,7 +51,7 @@ impl World {
         let node_v4 = kc("node-v4.kubeconfig", User::Node, "https://127.0.0.1:6443");
         let node_v6 = kc("node-v6.kubeconfig", User::Node, "https://[::1]:6443");
         let admin_v4 = kc("admin-v4.kubeconfig", User::Admin, "https://127.0.0.1:6443");
-        let mut w = World { cp, bed, node_v4, node_v6, admin_v4 };
+        let mut w = World { cp, bed, node_v4, node_v6, admin_v4, bootstrap, agent_extra };
         w.start_agent(true);
         w
     }
@@ -49,9 +61,10 @@ impl World {
     pub fn start_agent(&mut self, with_cert: bool) {
         let mut args: Vec<String> =
             ["--frontend", "127.0.0.1:6443", "--frontend", "[::1]:6443"].map(String::from).to_vec();
-        for m in self.bed.lab.masters() {
+        for m in &self.bed.lab.masters()[..self.bootstrap] {
             args.extend(["--backend".into(), m.https_v4().to_string()]);
         }
+        args.extend(self.agent_extra.iter().cloned());
         args.extend(["--ca-file".into(), self.cp.files.pki.ca_cert.display().to_string()]);
         if with_cert {
             let n = &self.cp.files.node;
@@ -115,7 +128,7 @@ impl World {
     }
 
     pub fn wait_all_up(&self, timeout: Duration) {
-        let addrs: Vec<SocketAddr> = self.bed.lab.masters().iter().map(|m| m.https_v4()).collect();
+        let addrs: Vec<SocketAddr> = self.bed.lab.masters()[..self.bootstrap].iter().map(|m| m.https_v4()).collect();
         wait_for("every master up in kha", timeout, || {
             addrs.iter().all(|a| self.backend(*a).is_some_and(|(state, serving, _)| state == "up" && serving))
         });

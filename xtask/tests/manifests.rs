@@ -440,9 +440,9 @@ fn systemd_unit_restarts_the_agent_and_never_detaches() {
     }
 }
 
-/// The value of `const NAME: &str = "VALUE";` in xtask/src/setup.rs.
+/// The value of `const NAME: &str = "VALUE";` in xtask/src/setup/mod.rs.
 fn setup_const(name: &str) -> String {
-    let setup = read("xtask/src/setup.rs");
+    let setup = read("xtask/src/setup/mod.rs");
     let prefix = format!("const {name}: &str = \"");
     let line = setup
         .lines()

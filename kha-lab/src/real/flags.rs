@@ -24,15 +24,16 @@ pub struct EtcdMember<'a> {
     pub data_dir: &'a Path,
 }
 
-/// `etcd` flags for `me` in a cluster of `all`. Clients (its own apiserver) use loopback, as
-/// with kubeadm's stacked etcd: stopping one member fails exactly one apiserver's `/readyz`.
+/// `etcd` flags for `me` in a cluster of `all`. Its own apiserver uses loopback, as with
+/// kubeadm's stacked etcd (stopping one member fails exactly one apiserver's `/readyz`); the
+/// member's address serves the apiserver of a master that has no member of its own.
 pub fn etcd(me: &EtcdMember, all: &[EtcdMember]) -> Vec<String> {
     let peer = |m: &EtcdMember| format!("http://{}:{ETCD_PEER_PORT}", m.ip);
     let cluster: Vec<String> = all.iter().map(|m| format!("{}={}", m.name, peer(m))).collect();
     vec![
         format!("--name={}", me.name),
         format!("--data-dir={}", me.data_dir.display()),
-        format!("--listen-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT}"),
+        format!("--listen-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT},http://{}:{ETCD_CLIENT_PORT}", me.ip),
         format!("--advertise-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT}"),
         format!("--listen-peer-urls={}", peer(me)),
         format!("--initial-advertise-peer-urls={}", peer(me)),
@@ -46,6 +47,8 @@ pub fn etcd(me: &EtcdMember, all: &[EtcdMember]) -> Vec<String> {
 /// What differs between the apiservers of one lab, and between runs.
 pub struct Apiserver<'a> {
     pub advertise: Ipv4Addr,
+    /// Its own member's (loopback), or another master's for one without a member.
+    pub etcd: Ipv4Addr,
     pub dir: &'a Path,
     pub ca: &'a Path,
     pub cert: &'a Path,
@@ -65,7 +68,7 @@ pub fn apiserver(a: &Apiserver) -> Vec<String> {
         "--bind-address=::".into(),
         format!("--secure-port={APISERVER_PORT}"),
         format!("--advertise-address={}", a.advertise),
-        format!("--etcd-servers=http://127.0.0.1:{ETCD_CLIENT_PORT}"),
+        format!("--etcd-servers=http://{}:{ETCD_CLIENT_PORT}", a.etcd),
         format!("--tls-cert-file={}", path(a.cert)),
         format!("--tls-private-key-file={}", path(a.key)),
         format!("--client-ca-file={}", path(a.ca)),
@@ -97,7 +100,7 @@ mod tests {
         let f = etcd(&all[1], &all);
         assert!(f.contains(&"--initial-cluster=m1=http://192.0.2.11:2380,m2=http://192.0.2.12:2380".into()));
         assert!(f.contains(&"--listen-peer-urls=http://192.0.2.12:2380".into()));
-        assert!(f.contains(&"--listen-client-urls=http://127.0.0.1:2379".into()));
+        assert!(f.contains(&"--listen-client-urls=http://127.0.0.1:2379,http://192.0.2.12:2379".into()));
     }
 
     #[test]
@@ -105,6 +108,7 @@ mod tests {
         let p = Path::new("/p");
         let a = Apiserver {
             advertise: Ipv4Addr::new(192, 0, 2, 11),
+            etcd: Ipv4Addr::LOCALHOST,
             dir: p,
             ca: p,
             cert: p,

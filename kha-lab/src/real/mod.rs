@@ -74,11 +74,20 @@ pub struct RealOptions {
     pub shutdown_delay: Duration,
     /// Bound on each start (etcd quorum, apiserver `/readyz`).
     pub start_timeout: Duration,
+    /// The last `standby` masters start with nothing running: no etcd member ever, and an
+    /// apiserver only on [`RealControlPlane::start_apiserver`], using the first master's etcd
+    /// (a master joining the cluster).
+    pub standby: usize,
 }
 
 impl Default for RealOptions {
     fn default() -> Self {
-        RealOptions { anonymous_auth: true, shutdown_delay: Duration::ZERO, start_timeout: Duration::from_secs(120) }
+        RealOptions {
+            anonymous_auth: true,
+            shutdown_delay: Duration::ZERO,
+            start_timeout: Duration::from_secs(120),
+            standby: 0,
+        }
     }
 }
 
@@ -91,6 +100,8 @@ struct Member {
     apiserver: Option<KillOnDrop>,
     /// The `--shutdown-delay-duration` the running apiserver was started with.
     shutdown_delay: Duration,
+    /// A standby master has no etcd member; its apiserver uses the first master's.
+    has_etcd: bool,
 }
 
 pub struct RealControlPlane {
@@ -115,14 +126,19 @@ impl RealControlPlane {
         let members = lab.masters().iter().map(|m| member(m, &dir)).collect::<Result<_, _>>()?;
         let mut cp = RealControlPlane { bins, files, options, node_netns: lab.node_netns().to_owned(), dir, members };
         let names = cp.names();
-        for n in &names {
+        let running = names.len().saturating_sub(cp.options.standby);
+        for m in &mut cp.members[running..] {
+            m.has_etcd = false;
+        }
+        let names = &names[..running];
+        for n in names {
             cp.start_etcd(n)?;
         }
         let delay = cp.options.shutdown_delay;
-        for n in &names {
+        for n in names {
             cp.spawn_apiserver(n, delay)?;
         }
-        for n in &names {
+        for n in names {
             cp.wait_ready(n)?;
         }
         Ok(cp)
@@ -154,7 +170,8 @@ impl RealControlPlane {
     }
 
     pub fn start_etcd(&mut self, name: &str) -> Result<(), RealError> {
-        let all: Vec<_> = self.members.iter().map(|m| (m.name.clone(), m.ip, m.dir.join("etcd"))).collect();
+        let all: Vec<_> =
+            self.members.iter().filter(|m| m.has_etcd).map(|m| (m.name.clone(), m.ip, m.dir.join("etcd"))).collect();
         let peers: Vec<flags::EtcdMember> =
             all.iter().map(|(n, ip, d)| flags::EtcdMember { name: n, ip: *ip, data_dir: d }).collect();
         let me = peers.iter().find(|p| p.name == name).ok_or_else(|| RealError::UnknownMaster(name.into()))?;
@@ -180,8 +197,10 @@ impl RealControlPlane {
         let m = self.member(name)?;
         let f = &self.files;
         let cert = f.pki.master(name).ok_or_else(|| RealError::UnknownMaster(name.into()))?;
+        let etcd = if m.has_etcd { std::net::Ipv4Addr::LOCALHOST } else { self.members[0].ip };
         let args = flags::apiserver(&flags::Apiserver {
             advertise: m.ip,
+            etcd,
             dir: &m.dir,
             ca: &f.pki.ca_cert,
             cert: &cert.cert,
@@ -212,7 +231,7 @@ impl RealControlPlane {
         let bound = m.shutdown_delay + Duration::from_secs(60);
         let Some(mut child) = m.apiserver.take() else { return Ok(Duration::ZERO) };
         let started = Instant::now();
-        // SAFETY: our own child's pid.
+        // SAFETY: our own child's pid (a second SIGTERM after `sigterm_apiserver` is harmless).
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         while started.elapsed() < bound {
             if let Ok(Some(_)) = child.try_wait() {
@@ -221,6 +240,16 @@ impl RealControlPlane {
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(RealError::Timeout { what: format!("{name}'s apiserver to exit after SIGTERM"), timeout: bound, tail: tail(&log), log })
+    }
+
+    /// SIGTERM without waiting: the graceful termination runs while the caller watches; end it
+    /// with [`RealControlPlane::terminate_apiserver`].
+    pub fn sigterm_apiserver(&self, name: &str) -> Result<(), RealError> {
+        if let Some(pid) = self.apiserver_pid(name) {
+            // SAFETY: our own child's pid, not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        Ok(())
     }
 
     /// Polls the apiserver's `/readyz` directly (not through kha) with the admin identity.
@@ -306,6 +335,7 @@ fn member(m: &LabMaster, dir: &Path) -> Result<Member, RealError> {
         etcd: None,
         apiserver: None,
         shutdown_delay: Duration::ZERO,
+        has_etcd: true,
     })
 }
 
