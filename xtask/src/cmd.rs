@@ -71,7 +71,9 @@ pub fn cargo_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
 pub fn build_debug() -> Result<()> {
     let first = !target_dir().join("debug/kha").exists();
     if first {
-        eprintln!("build: the agent, its eBPF programs and the lab (debug; the first build takes 2-4 minutes on 2 cores)");
+        eprintln!(
+            "build: the agent, its eBPF programs and the lab (debug; the first build takes 2-4 minutes on 2 cores)"
+        );
     }
     let quiet: &[&str] = if first { &[] } else { &["--quiet"] };
     cargo(&[&["build", "-p", "kha-user", "-p", "kha-lab"], quiet].concat())

@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod lab_client;
 mod setup;
 
 use anyhow::Result;
@@ -46,13 +47,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Setup { controlplane } => setup::setup().and_then(|()| {
-            if controlplane {
-                setup::controlplane::ensure().map(drop)
-            } else {
-                Ok(())
-            }
-        }),
+        Command::Setup { controlplane } => setup::setup()
+            .and_then(|()| if controlplane { setup::controlplane::ensure().map(drop) } else { Ok(()) }),
         Command::Build => setup::setup().and_then(|()| cmd::build_debug()),
         Command::Run { args } => run(args),
         Command::Demo(args) => demo::demo(args),
@@ -89,7 +85,10 @@ fn test(filter: Option<String>) -> Result<()> {
     args.push("--test-threads=1");
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
     let bins = controlplane.display().to_string();
-    cmd::cargo_env(&args, &[("KHA_REQUIRE_BPF", if ci { "1" } else { "" }), ("KHA_CONTROLPLANE_BIN", &bins)])?;
+    cmd::cargo_env(
+        &args,
+        &[("KHA_REQUIRE_BPF", if ci { "1" } else { "" }), ("KHA_CONTROLPLANE_BIN", &bins)],
+    )?;
     if filter.is_none() {
         // The README's first command, shortened: it must keep working, failover acts included.
         if cmd::is_root() {

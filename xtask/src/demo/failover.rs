@@ -10,7 +10,7 @@ use kha_lab::{FailureMode, bed::Bed};
 
 use super::{
     DRAIN_S, DemoArgs,
-    client::{Client, Kind, LONG_LIVED_INTERVAL_MS, LOOP_INTERVAL_MS, Rec},
+    client::{self, Client, Kind, LONG_LIVED_INTERVAL_MS, LOOP_INTERVAL_MS, Rec},
     pause, stopped,
     timeline::{bad, good, tally},
     watch::Watch,
@@ -97,7 +97,7 @@ pub fn act(bed: &mut Bed, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Re
         held.iter().position(|(m, _)| !avoid.contains(m)).context("no long-lived connection to follow")?;
     let (victim, followed) = held.remove(i);
 
-    let mut lp = Client::spawn(bed, Kind::Loop, "127.0.0.1:6443", count(LOOP_INTERVAL_MS))?;
+    let mut lp = client::spawn(bed, Kind::Loop, "127.0.0.1:6443", count(LOOP_INTERVAL_MS))?;
     pause(Duration::from_millis(args.warmup_ms))?;
     lp.pull();
     if !lp.recs.iter().any(|r| r.r.ok) {
@@ -228,8 +228,10 @@ fn place(bed: &Bed, count: u64) -> Result<Vec<(String, Client)>> {
         if held.len() == masters {
             break;
         }
-        let mut c = Client::spawn(bed, Kind::LongLived, "127.0.0.1:6443", count)?;
-        let first = c.first(Duration::from_secs(5))?.map(|r| (r.r.ok, r.r.master.clone(), r.r.error.clone()));
+        let mut c = client::spawn(bed, Kind::LongLived, "127.0.0.1:6443", count)?;
+        let first = c
+            .first(Duration::from_secs(5), super::stopped)?
+            .map(|r| (r.r.ok, r.r.master.clone(), r.r.error.clone()));
         seen.push(format!("{first:?}"));
         if let Some((true, Some(m), _)) = first
             && !held.iter().any(|(h, _)| *h == m)

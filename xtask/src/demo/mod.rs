@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use kha_lab::bed::Bed;
 
 use crate::{cmd, setup};
-use client::{Client, Kind};
+use client::Kind;
 use failover::Fault;
 use timeline::{bad, good, tally};
 
@@ -171,7 +171,7 @@ fn spread(bed: &Bed, args: &DemoArgs) -> Result<usize> {
     let mut all = Vec::new();
     let mut failed = 0;
     for dial in ["127.0.0.1:6443", "[::1]:6443"] {
-        let mut c = Client::spawn(bed, Kind::Loop, dial, args.calls.into())?;
+        let mut c = client::spawn(bed, Kind::Loop, dial, args.calls.into())?;
         while c.recs.len() < args.calls as usize && !c.closed {
             pause(Duration::from_millis(20))?;
             c.pull();

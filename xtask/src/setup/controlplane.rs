@@ -61,8 +61,11 @@ fn build(out: &Path) -> Result<()> {
     let ldflags = version_ldflags(&version)?;
     let out_arg = format!("{}/", out.display());
     let mut c = go(&kube);
-    c.args(["build", "-ldflags", &ldflags, "-o", &out_arg])
-        .args(["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kubectl", "./cmd/kha-watch"]);
+    c.args(["build", "-ldflags", &ldflags, "-o", &out_arg]).args([
+        "k8s.io/kubernetes/cmd/kube-apiserver",
+        "k8s.io/kubernetes/cmd/kubectl",
+        "./cmd/kha-watch",
+    ]);
     cmd::status(c).context("building kube-apiserver, kubectl and kha-watch")?;
     let mut c = go(&source_dir().join("etcd"));
     c.args(["build", "-o"]).arg(out.join("etcd")).arg("go.etcd.io/etcd/server/v3");

@@ -63,7 +63,10 @@ pub fn debian_packages(purpose: &str, packages: &[&str], usual: &str) -> Result<
         return Ok(());
     }
     if Command::new("dpkg-query").arg("--version").output().is_err() {
-        bail!("{purpose} needs the Debian packages {} and this is not a Debian-based system (no dpkg-query): install their equivalents by hand", missing.join(" "));
+        bail!(
+            "{purpose} needs the Debian packages {} and this is not a Debian-based system (no dpkg-query): install their equivalents by hand",
+            missing.join(" ")
+        );
     }
     if !cmd::is_root() {
         bail!(
@@ -76,8 +79,11 @@ pub fn debian_packages(purpose: &str, packages: &[&str], usual: &str) -> Result<
         let ours = !Path::new(POLICY_RC_D).exists();
         if ours {
             use std::os::unix::fs::PermissionsExt as _;
-            fs::write(POLICY_RC_D, "#!/bin/sh\n# kha's set-up: no service starts while installing\nexit 101\n")
-                .with_context(|| format!("writing {POLICY_RC_D}"))?;
+            fs::write(
+                POLICY_RC_D,
+                "#!/bin/sh\n# kha's set-up: no service starts while installing\nexit 101\n",
+            )
+            .with_context(|| format!("writing {POLICY_RC_D}"))?;
             fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))?;
         }
         let result = (|| {

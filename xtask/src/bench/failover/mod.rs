@@ -56,7 +56,6 @@ use anyhow::{Context as _, Result, bail};
 pub use report::{JSON, MARKDOWN};
 
 use self::{
-    client::Client,
     kha_defaults::kha_settings,
     outcome::{Outcome, outcome, rel, settled},
     plan::{FAILURES, Failure, KEEP_INTERVAL_MS, LOOP_INTERVAL_MS, Plan, contenders},
@@ -168,7 +167,7 @@ fn fault(w: &mut World, plan: &Plan, failure: Failure, round: usize, target: &st
     }
     let mut loops = Vec::new();
     for c in &cs {
-        loops.push(Client::spawn(&w.bed, &w.ca, c, false, loop_count)?);
+        loops.push(client::spawn(&w.bed, &w.ca, c, false, loop_count)?);
     }
     pause(Plan::d(plan.warmup_s))?;
     for (c, l) in cs.iter().zip(&mut loops) {

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    client::Rec,
+    client::{Rec, bad},
     plan::{Failure, Plan},
 };
 
@@ -102,7 +102,7 @@ pub(super) fn outcome(
     let during: Vec<&Rec> = looped.iter().filter(|r| r.end >= t0 && r.start() < t_end).collect();
     o.requests = during.len() as u64;
     for r in &during {
-        let to_failed = r.bad() || r.r.master.as_deref() == Some(master);
+        let to_failed = bad(r) || r.r.master.as_deref() == Some(master);
         if to_failed {
             let s = rel(t0, r.start()).max(0.0);
             if o.last_to_failed_s.is_none_or(|l| s >= l) {
@@ -110,7 +110,7 @@ pub(super) fn outcome(
                 o.last_to_failed_end_s = Some(rel(t0, r.end));
             }
         }
-        if !r.bad() {
+        if !bad(r) {
             continue;
         }
         let what = match &r.r.error {
@@ -175,7 +175,7 @@ pub(super) fn settled(
         .any(|r| r.end >= t0 && r.r.ok && !r.r.reused && r.r.master.as_deref().is_some_and(|m| m != master));
     let last_to_failed = looped
         .iter()
-        .filter(|r| r.end >= t0 && (r.bad() || r.r.master.as_deref() == Some(master)))
+        .filter(|r| r.end >= t0 && (bad(r) || r.r.master.as_deref() == Some(master)))
         .map(|r| r.end)
         .max()
         .unwrap_or(t0);

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use kha_lab::bed::Bed;
 
 use super::{
-    client::Client,
+    client::{self, Client},
     plan::{Contender, HAPROXY_PORT, KHA_PORT, NGINX_PORT},
     wait::pause,
 };
@@ -152,9 +152,10 @@ impl World {
                 pause(Duration::from_millis(250))?;
             }
             tries += 1;
-            let mut k = Client::spawn(&self.bed, &self.ca, c, true, count)?;
-            let first =
-                k.first(Duration::from_secs(5))?.map(|r| (r.r.ok, r.r.master.clone(), r.r.error.clone()));
+            let mut k = client::spawn(&self.bed, &self.ca, c, true, count)?;
+            let first = k
+                .first(Duration::from_secs(5), super::wait::stopped)?
+                .map(|r| (r.r.ok, r.r.master.clone(), r.r.error.clone()));
             seen.push(
                 first.clone().map_or("nothing".into(), |(_, m, e)| m.or(e).unwrap_or_else(|| "?".into())),
             );
