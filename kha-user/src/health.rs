@@ -294,25 +294,10 @@ pub enum AllDown {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::Phase;
+    use crate::probe::test_events::{not_ready, ready, refused, timeout};
 
     const H: Hysteresis = DEFAULT_HYSTERESIS;
 
-    fn ready() -> ProbeEvent {
-        ProbeEvent::Ready { latency: Duration::from_millis(2) }
-    }
-    fn timeout() -> ProbeEvent {
-        ProbeEvent::Failed {
-            failure: ProbeFailure::Timeout { phase: Phase::Response },
-            latency: Duration::from_secs(3),
-        }
-    }
-    fn not_ready() -> ProbeEvent {
-        ProbeEvent::Failed {
-            failure: ProbeFailure::Status { code: 500, line: "[-]etcd failed: reason withheld".into() },
-            latency: Duration::from_millis(3),
-        }
-    }
     fn lost() -> ProbeEvent {
         ProbeEvent::ConnectionLost { failure: ProbeFailure::Closed }
     }
@@ -340,9 +325,6 @@ mod tests {
         assert_eq!(changes[4], Change::WentDown);
     }
 
-    fn refused() -> ProbeEvent {
-        ProbeEvent::Failed { failure: ProbeFailure::Refused, latency: Duration::from_millis(1) }
-    }
 
     #[test]
     fn a_lost_probe_connection_is_suspect_until_the_reconnect_decides() {

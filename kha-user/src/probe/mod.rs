@@ -49,6 +49,8 @@ pub mod socket;
 mod tls;
 
 #[cfg(test)]
+pub(crate) mod test_events;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;

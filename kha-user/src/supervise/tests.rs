@@ -11,6 +11,7 @@ use kha_common::{ProbeKey, ProbeStatus};
 use tokio::time::{Instant, advance};
 
 use super::*;
+use crate::probe::test_events::{not_ready, ready, refused, timeout};
 use crate::{
     config::Config,
     endpoints::{Op, Snapshot, key_of},
@@ -119,24 +120,6 @@ fn supervisor(config: Config) -> Sup {
     Supervisor::new(settings, config, table, sockets)
 }
 
-fn ready() -> ProbeEvent {
-    ProbeEvent::Ready { latency: Duration::from_millis(2) }
-}
-fn refused() -> ProbeEvent {
-    ProbeEvent::Failed { failure: ProbeFailure::Refused, latency: Duration::from_millis(1) }
-}
-fn timeout() -> ProbeEvent {
-    ProbeEvent::Failed {
-        failure: ProbeFailure::Timeout { phase: Phase::Response },
-        latency: Duration::from_secs(3),
-    }
-}
-fn not_ready() -> ProbeEvent {
-    ProbeEvent::Failed {
-        failure: ProbeFailure::Status { code: 500, line: "[-]etcd failed: reason withheld".into() },
-        latency: Duration::from_millis(3),
-    }
-}
 
 fn feed(sup: &mut Sup, backend: SocketAddr, events: &[ProbeEvent]) {
     for e in events {
