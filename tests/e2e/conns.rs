@@ -4,19 +4,14 @@
 //! its slots.
 
 use std::{
-    io::{BufRead as _, BufReader},
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
     time::{Duration, Instant},
 };
 
-use kha_lab::{bed::Bed, netns::KillOnDrop, topology::IDENT_PORT};
+use kha_lab::{bed::Bed, topology::IDENT_PORT};
 use serde_json::Value;
 
-use crate::harness::{self, args, connect, local_listener, start};
+use crate::harness::{self, ConnectLoop, args, connect, local_listener, start};
 
 fn ident_frontend() -> String {
     format!("127.0.0.1:{IDENT_PORT}")
@@ -283,39 +278,11 @@ fn set_changes_under_a_connect_loop_never_fail_a_connect() {
     let pid = bed.agent_pid().expect("agent pid") as i32;
 
     let count = 40_000;
-    let mut client = KillOnDrop(
-        bed.spawn_lab_tool(
-            true,
-            &args(&[
-                "connect",
-                "--addr",
-                &ident_frontend(),
-                "--count",
-                &count.to_string(),
-                "--read-ident",
-                "--json",
-            ]),
-        )
-        .unwrap(),
-    );
-    // Read the client's records as they come: a full pipe would stall its connect loop.
-    let records = Arc::new(AtomicUsize::new(0));
-    let reader = {
-        let (stdout, records) = (client.stdout.take().unwrap(), records.clone());
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                records.fetch_add(1, Ordering::Relaxed);
-                text.push_str(&line);
-                text.push('\n');
-            }
-            text
-        })
-    };
+    let mut client = ConnectLoop::start(&bed, &ident_frontend(), count);
     let flips = 300;
     let deadline = Instant::now() + Duration::from_secs(120);
     let (mut base, _) = regions(&bed);
-    let records_before = records.load(Ordering::Relaxed);
+    let records_before = client.records();
     for i in 1..=flips {
         write(&bed, i);
         // SAFETY: our own child's pid.
@@ -327,15 +294,15 @@ fn set_changes_under_a_connect_loop_never_fail_a_connect() {
         }
         base = regions(&bed).0;
     }
-    let during = records.load(Ordering::Relaxed) - records_before;
+    let during = client.records() - records_before;
     assert!(
-        client.try_wait().unwrap().is_none(),
+        client.running(),
         "the client finished before {flips} flips; raise its count"
     );
     assert!(during >= 1000, "only {during} connects ran during the {flips} flips");
     let slots = regions(&bed).1;
 
-    let (_, summary) = kha_lab::bed::parse_json_lines(&reader.join().unwrap());
+    let summary = client.summary();
     assert_eq!(summary["count"], count, "{summary}");
     assert!(summary["errors"]["connect:EHOSTUNREACH"].is_null(), "connects missed their slots: {summary}");
     assert_eq!(summary["failed"], 0, "{summary}");

@@ -234,3 +234,45 @@ impl LiveClient {
         self.records.recv_timeout(Duration::from_secs(40)).expect("a record from the client")
     }
 }
+
+/// A `kha-lab connect --read-ident` loop in kha's cgroup, its output read as it comes (a full
+/// pipe would stall the loop, and with it the overlap a test wants to show).
+pub struct ConnectLoop {
+    child: KillOnDrop,
+    records: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    reader: Option<thread::JoinHandle<String>>,
+}
+
+impl ConnectLoop {
+    pub fn start(bed: &Bed, addr: &str, count: u32) -> ConnectLoop {
+        let list = ["connect", "--addr", addr, "--count", &count.to_string(), "--read-ident", "--json"];
+        let mut child = KillOnDrop(bed.spawn_lab_tool(true, &args(&list)).expect("connect loop"));
+        let records = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stdout, seen) = (child.stdout.take().expect("stdout"), records.clone());
+        let reader = thread::spawn(move || {
+            let mut text = String::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        });
+        ConnectLoop { child, records, reader: Some(reader) }
+    }
+
+    /// Connects reported so far.
+    pub fn records(&self) -> usize {
+        self.records.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the loop's end; its summary.
+    pub fn summary(mut self) -> Value {
+        let text = self.reader.take().expect("reader").join().expect("reader thread");
+        kha_lab::bed::parse_json_lines(&text).1
+    }
+}

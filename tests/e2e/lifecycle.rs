@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use kha_lab::{bed::Bed, topology::IDENT_PORT};
 
-use crate::harness::{self, args, backends, bpf_object_exists, cgroup_programs, connect, start, wait_for};
+use crate::harness::{self, ConnectLoop, args, backends, bpf_object_exists, cgroup_programs, connect, start, wait_for};
 
 fn ident_frontend() -> String {
     format!("127.0.0.1:{IDENT_PORT}")
@@ -41,22 +41,9 @@ fn sigkilled_agent_leaves_a_working_datapath_and_a_restart_takes_control() {
 fn program_replacement_under_a_connect_loop_fails_no_connect() {
     let Some(mut bed) = harness::bed(3) else { return };
     start_ident(&mut bed);
-    let count = 20_000;
-    let client = bed
-        .spawn_lab_tool(
-            true,
-            &args(&[
-                "connect",
-                "--addr",
-                &ident_frontend(),
-                "--count",
-                &count.to_string(),
-                "--read-ident",
-                "--json",
-            ]),
-        )
-        .unwrap();
-    let mut client = kha_lab::netns::KillOnDrop(client);
+    let count: u32 = 20_000;
+    let mut client = ConnectLoop::start(&bed, &ident_frontend(), count);
+    let before = client.records();
     let mut swaps = 0;
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGTERM] {
         let exit = bed.stop_agent(signal).unwrap();
@@ -64,20 +51,17 @@ fn program_replacement_under_a_connect_loop_fails_no_connect() {
         start_ident(&mut bed);
         swaps += 1;
     }
-    assert!(
-        client.try_wait().unwrap().is_none(),
-        "the client finished before {swaps} swaps; raise its count"
-    );
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut client.stdout.take().unwrap(), &mut text).unwrap();
-    let (_, summary) = kha_lab::bed::parse_json_lines(&text);
+    assert!(client.running(), "the client finished before {swaps} swaps; raise its count");
+    let during = client.records() - before;
+    assert!(during > 0, "no connect ran while the programs were swapped");
+    let summary = client.summary();
     assert_eq!(summary["count"], count, "{summary}");
     assert_eq!(summary["failed"], 0, "connects failed during program replacement: {summary}");
     assert_eq!(
         summary["by_master"]["m1"].as_u64().unwrap()
             + summary["by_master"]["m2"].as_u64().unwrap()
             + summary["by_master"]["m3"].as_u64().unwrap(),
-        count
+        u64::from(count)
     );
 }
 
