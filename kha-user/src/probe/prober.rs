@@ -30,14 +30,17 @@ pub const CLOSE_AFTER_RESPONSE_GRACE: Duration = Duration::from_millis(50);
 /// After a lost connection ([`ProbeEvent::ConnectionLost`], or a probe whose connection died
 /// under it: [`ProbeFailure::connection_died`]) the reconnect (and its probe) comes after a
 /// random delay in `[LOST_RETRY_MIN, LOST_RETRY_MAX]` rather than a whole interval: the health
-/// logic holds the backend as *suspect* until this reconnect says "ready again" or confirms the
-/// failure, so it must come at once; the few tens of milliseconds of spread keep thousands of
-/// nodes that saw the same master go from reconnecting in the same millisecond. At most one
-/// such quick retry per interval, so a server that accepts and then drops every connection is
-/// not hammered; otherwise the normal jittered interval applies.
+/// logic holds the backend as *suspect* (no new connections, none terminated) until this
+/// reconnect says "ready again" or confirms the failure. The spread is a second because every
+/// node loses its probe connection to a restarting apiserver in the same instant: 5,000 nodes
+/// reconnecting within 50 ms would be 100,000 TLS handshakes a second on the apiserver that
+/// just came back; over a second it is 5,000. A suspect costs nothing meanwhile (the other
+/// masters take the new connections). At most one such quick retry per interval, so a server
+/// that accepts and then drops every connection is not hammered; otherwise the normal
+/// jittered interval applies.
 pub const LOST_RETRY_MIN: Duration = Duration::from_millis(5);
 /// See [`LOST_RETRY_MIN`].
-pub const LOST_RETRY_MAX: Duration = Duration::from_millis(50);
+pub const LOST_RETRY_MAX: Duration = Duration::from_millis(1000);
 
 /// How long the reconnect after a lost connection keeps trying while the master is silent
 /// (connect timeouts, no route), sending a fresh SYN every [`LOST_CONNECT_ATTEMPT`]. A lost

@@ -329,10 +329,10 @@ async fn a_reset_idle_connection_is_lost_then_reconnected() {
     probe.stop().await;
 }
 
-/// Every node of the cluster sees the same master's connection go in the same second: each
-/// reconnects at once, spread over a few tens of milliseconds rather than hundreds.
+/// After a lost connection the probe reconnects within `LOST_RETRY_MAX` (spread, since every
+/// node lost its connection to the same master at once), not an interval (here a minute) later.
 #[tokio::test]
-async fn the_reconnect_after_a_loss_is_immediate() {
+async fn the_reconnect_after_a_loss_comes_within_the_spread_not_an_interval_later() {
     let fx = Fixture::new();
     let server = fx.server(Reply::Ok).await;
     let settings = ProbeSettings { interval: Duration::from_secs(60), ..fx.settings() };
@@ -344,7 +344,7 @@ async fn the_reconnect_after_a_loss_is_immediate() {
     let event = probe.next().await;
     assert!(is_ready(&event), "{event:?}");
     let reconnect = server.accepted_at()[1] - lost;
-    assert!(reconnect < Duration::from_millis(90), "{reconnect:?}");
+    assert!(reconnect < LOST_RETRY_MAX + Duration::from_millis(200), "{reconnect:?}");
     probe.stop().await;
 }
 
