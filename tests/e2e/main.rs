@@ -5,7 +5,9 @@
 mod conns;
 mod datapath;
 mod discovery;
+mod endpoints;
 mod harness;
 mod health;
 mod lifecycle;
+mod privileges;
 mod refusals;
