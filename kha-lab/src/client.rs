@@ -13,7 +13,8 @@
 //! {"summary":{"count":1,"ok":1,"failed":0,"by_master":{"m1":1},"by_status":{"200":1},"errors":{}}}
 //! ```
 //! - `seq`: 0-based request number. `ok`: a response with a 2xx status arrived.
-//! - `status`, `master`: status code and `X-Kha-Lab-Master` value, `null` without a response.
+//! - `status`, `master`: status code and the `X-Kha-Lab-Master` value (else the master the
+//!   serving certificate names: real apiservers), `null` without a response.
 //! - `peer`/`local`: getpeername/getsockname of the TCP socket used, `null` if not connected.
 //! - `reused`: the request went over a kept-alive connection.
 //! - `latency_ms`: from the start of the request (connect included when a new
@@ -49,6 +50,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::errno::io_error_key;
+use crate::pki::SERVING_CN_PREFIX;
 use crate::http::{self, Limits, ReadError};
 pub use crate::master::MASTER_HEADER;
 
@@ -284,6 +286,9 @@ struct Conn {
     buf: Vec<u8>,
     peer: Option<SocketAddr>,
     local: Option<SocketAddr>,
+    /// The master the serving certificate names, for masters that send no lab header (real
+    /// apiservers): under kha and behind a proxy the peer address does not tell.
+    cert_master: Option<String>,
 }
 
 /// Runs `opts.count` requests, calling `on_record` after each.
@@ -328,13 +333,14 @@ async fn request_once(opts: &ClientOptions, slot: &mut Option<Conn>, seq: u64) -
         Ok(mut conn) => {
             record.peer = conn.peer.map(|a| a.to_string());
             record.local = conn.local.map(|a| a.to_string());
+            let cert_master = conn.cert_master.clone();
             let result = exchange(opts, &mut conn, deadline).await;
             if let Ok((_, true)) = &result
                 && opts.reuse == Reuse::KeepAlive
             {
                 *slot = Some(conn);
             }
-            result.map(|(resp, _)| resp)
+            result.map(|(resp, _)| (resp, cert_master))
         }
         Err((failure, peer, local)) => {
             record.peer = peer.map(|a| a.to_string());
@@ -344,9 +350,9 @@ async fn request_once(opts: &ClientOptions, slot: &mut Option<Conn>, seq: u64) -
     };
     record.latency_ms = start.elapsed().as_secs_f64() * 1000.0;
     match result {
-        Ok(resp) => {
+        Ok((resp, cert_master)) => {
             record.status = Some(resp.status);
-            record.master = resp.header(MASTER_HEADER).map(str::to_owned);
+            record.master = resp.header(MASTER_HEADER).map(str::to_owned).or(cert_master);
             record.ok = (200..300).contains(&resp.status);
             if !record.ok {
                 record.error = Some(format!("status:{}", resp.status));
@@ -364,6 +370,14 @@ async fn request_once(opts: &ClientOptions, slot: &mut Option<Conn>, seq: u64) -
         }
     }
     record
+}
+
+/// `m1` from a serving certificate whose subject is `CN=kube-apiserver m1`, as the lab's PKI
+/// issues them to simulated and real masters alike.
+fn master_of_cert(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    cn.strip_prefix(SERVING_CN_PREFIX).map(str::to_owned)
 }
 
 type ConnectFailure = (Failure, Option<SocketAddr>, Option<SocketAddr>);
@@ -417,12 +431,16 @@ async fn connect(opts: &ClientOptions, deadline: Instant) -> Result<Conn, Connec
     };
     let connector = TlsConnector::from(opts.tls.clone());
     match timeout_at(deadline, connector.connect(name, tcp)).await {
-        Ok(Ok(stream)) => Ok(Conn {
-            stream,
-            buf: Vec::new(),
-            peer,
-            local,
-        }),
+        Ok(Ok(stream)) => {
+            let cert_master = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| master_of_cert(c));
+            Ok(Conn {
+                stream,
+                buf: Vec::new(),
+                peer,
+                local,
+                cert_master,
+            })
+        }
         Ok(Err(e)) => Err((Failure::io("tls", &e), peer, local)),
         Err(_) => Err((Failure::deadline("tls"), peer, local)),
     }
@@ -483,6 +501,20 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_master_is_read_from_a_serving_certificate_of_the_lab() {
+        use crate::pki::{CertAuthority, MasterIdentity};
+        let ca = CertAuthority::new("test CA").unwrap();
+        let cert = ca.issue_server(&MasterIdentity::new("m2", ["192.0.2.12".parse().unwrap()])).unwrap();
+        let der = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes()).next().unwrap().unwrap();
+        assert_eq!(master_of_cert(&der).as_deref(), Some("m2"));
+        // Not one of the lab's serving certificates: no master.
+        let client = ca.issue_client("kha-admin", &[]).unwrap();
+        let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes()).next().unwrap().unwrap();
+        assert_eq!(master_of_cert(&der), None);
+        assert_eq!(master_of_cert(b"not DER"), None);
+    }
 
     #[test]
     fn parses_urls_with_ipv6_ports_and_paths() {

@@ -18,6 +18,9 @@ use rcgen::{
 
 /// Common name of the CA that `Pki::generate` creates.
 pub const LAB_CA_NAME: &str = "kha-lab CA";
+/// Every serving certificate's subject is `CN=kube-apiserver <master>`: the lab's client reads
+/// the master that answered from it where no header says.
+pub const SERVING_CN_PREFIX: &str = "kube-apiserver ";
 
 /// DNS names every master certificate carries besides its addresses.
 pub const COMMON_SANS: &[&str] = &[
@@ -126,7 +129,7 @@ impl CertAuthority {
         let mut params = CertificateParams::new(sans).map_err(gen_err)?;
         params.distinguished_name.push(
             DnType::CommonName,
-            format!("kube-apiserver {}", identity.name),
+            format!("{SERVING_CN_PREFIX}{}", identity.name),
         );
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,

@@ -2,21 +2,17 @@
 //! in them, kha in front, and the real clients (kubectl, kha-watch) on the node.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
 use kha_lab::{
     bed::Bed,
-    netns::KillOnDrop,
-    real::{RealControlPlane, RealOptions, User},
+    real::{RealControlPlane, RealOptions, User, watch::Watcher},
 };
-use serde_json::Value;
 
 pub struct World {
     pub cp: RealControlPlane,
@@ -33,18 +29,24 @@ pub struct World {
 
 impl World {
     pub fn start() -> World {
-        World::start_with(3, RealOptions { anonymous_auth: false, ..RealOptions::default() }, Vec::new())
+        World::start_with(3, RealOptions { anonymous_auth: false, ..RealOptions::default() }, |_| Vec::new())
     }
 
     /// A world of `masters` masters (the options' standby ones not started), kha given
-    /// `agent_extra` besides the usual flags, its static backends the masters not on standby.
-    pub fn start_with(masters: usize, options: RealOptions, agent_extra: Vec<String>) -> World {
+    /// `agent_extra(control plane)` besides the usual flags, its static backends the masters not
+    /// on standby.
+    pub fn start_with(
+        masters: usize,
+        options: RealOptions,
+        agent_extra: impl FnOnce(&RealControlPlane) -> Vec<String>,
+    ) -> World {
         let mut bed = Bed::create_empty(masters).unwrap_or_else(|e| panic!("cannot build the bed: {e}"));
+        let bootstrap = masters - options.standby;
+        let cp = RealControlPlane::start(&bed.lab, options).unwrap_or_else(|e| panic!("control plane: {e}"));
+        let agent_extra = agent_extra(&cp);
         // Discovery's API client must reach the masters: the agent lives in the node namespace,
         // as a DaemonSet with hostNetwork does.
         bed.agent_in_node = !agent_extra.is_empty();
-        let bootstrap = masters - options.standby;
-        let cp = RealControlPlane::start(&bed.lab, options).unwrap_or_else(|e| panic!("control plane: {e}"));
         let kc = |file: &str, user, server: &str| {
             cp.kubeconfig(file, user, server, Some("localhost")).unwrap_or_else(|e| panic!("kubeconfig: {e}"))
         };
@@ -141,21 +143,14 @@ impl World {
     }
 
     pub fn watcher(&self, duration: Duration) -> Watcher {
-        let mut c = Command::new(self.cp.bin("kha-watch"));
-        c.arg("--kubeconfig").arg(&self.admin_v4).arg(format!("--duration={}s", duration.as_secs()));
-        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut child = KillOnDrop(self.bed.lab.spawn_in_node(Some(&self.bed.cgroup.path), c).expect("spawn kha-watch"));
-        let out = child.stdout.take().expect("stdout");
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let sink = records.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().unwrap().push((Instant::now(), v));
-                }
-            }
-        });
-        Watcher { _child: child, records, node_netns: self.bed.lab.node_netns().to_owned() }
+        Watcher::spawn(
+            &self.cp.bin("kha-watch"),
+            self.bed.lab.node_netns(),
+            Some(&self.bed.cgroup.path),
+            &self.admin_v4,
+            duration,
+        )
+        .expect("spawn kha-watch")
     }
 }
 
@@ -174,56 +169,6 @@ impl KubectlRunner {
         let child = kha_lab::netns::spawn_in(&self.netns, Some(&self.cgroup), c).expect("spawn kubectl");
         child.wait_with_output().expect("kubectl")
     }
-}
-
-/// A running kha-watch and what it printed, each record stamped when it arrived.
-pub struct Watcher {
-    _child: KillOnDrop,
-    pub records: Arc<Mutex<Vec<(Instant, Value)>>>,
-    node_netns: String,
-}
-
-impl Watcher {
-    pub fn count(&self, event: &str) -> usize {
-        self.records.lock().unwrap().iter().filter(|(_, v)| v["event"] == event).count()
-    }
-
-    pub fn synced(&self) -> bool {
-        self.count("synced") > 0
-    }
-
-    /// The real peer (as the kernel has it, not what getpeername reports through kha) of the
-    /// newest connection this watcher dialed and has not closed, found by its local address in
-    /// `ss`. (client-go dials several connections at start and keeps one for HTTP/2.)
-    pub fn current_peer(&self) -> Option<String> {
-        let local = {
-            let recs = self.records.lock().unwrap();
-            let closed: Vec<&str> =
-                recs.iter().filter(|(_, v)| v["event"] == "conn_close").filter_map(|(_, v)| v["local"].as_str()).collect();
-            recs.iter()
-                .rev()
-                .filter(|(_, v)| v["event"] == "dial")
-                .filter_map(|(_, v)| v["local"].as_str())
-                .find(|l| !closed.contains(l))?
-                .to_owned()
-        };
-        socket_peer(&self.node_netns, &local)
-    }
-
-    /// When the first record of `event` after `after` arrived.
-    pub fn first_after(&self, event: &str, after: Instant) -> Option<Instant> {
-        self.records.lock().unwrap().iter().find(|(t, v)| *t > after && v["event"] == event).map(|(t, _)| *t)
-    }
-}
-
-/// The peer of the established TCP socket with local address `local` in `netns`.
-pub fn socket_peer(netns: &str, local: &str) -> Option<String> {
-    let out = Command::new("ip").args(["netns", "exec", netns, "ss", "-Htn", "state", "established"]).output().ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // Recv-Q Send-Q Local Peer
-        (f.len() >= 4 && f[2] == local).then(|| f[3].to_owned())
-    })
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {

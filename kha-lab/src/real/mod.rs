@@ -11,6 +11,7 @@
 
 pub mod certs;
 pub mod flags;
+pub mod watch;
 
 use std::{
     fs,
@@ -240,6 +241,14 @@ impl RealControlPlane {
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(RealError::Timeout { what: format!("{name}'s apiserver to exit after SIGTERM"), timeout: bound, tail: tail(&log), log })
+    }
+
+    /// SIGSTOP (`stop`) or SIGCONT: a hung apiserver whose kernel still accepts connections.
+    pub fn freeze_apiserver(&self, name: &str, stop: bool) -> Result<(), RealError> {
+        let pid = self.apiserver_pid(name).ok_or_else(|| RealError::UnknownMaster(format!("{name} (no apiserver running)")))?;
+        // SAFETY: our own child's pid, not yet reaped.
+        unsafe { libc::kill(pid as i32, if stop { libc::SIGSTOP } else { libc::SIGCONT }) };
+        Ok(())
     }
 
     /// SIGTERM without waiting: the graceful termination runs while the caller watches; end it

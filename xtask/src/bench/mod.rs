@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// mean little.
     #[arg(long)]
     pub quick: bool,
+    /// `failover`: against the real control plane (kube-apiserver, etcd, client-go watchers;
+    /// `./x setup --controlplane` builds them) instead of simulated masters.
+    #[arg(long)]
+    pub real: bool,
     /// Rounds (default: 5; --quick: 2; failover: 2, --quick: 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=50))]
     pub rounds: Option<u64>,
@@ -129,9 +133,9 @@ extern "C" fn on_signal(_: libc::c_int) {
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.suite == Some(Suite::Failover) {
         let dir = failover::run(&args)?;
-        let md = std::fs::read_to_string(dir.join(failover::MARKDOWN)).unwrap_or_default();
-        println!("{md}");
-        println!("written: {}/{{{},{}}}", dir.display(), failover::JSON, failover::MARKDOWN);
+        let (json, md) = failover::files(args.real);
+        println!("{}", std::fs::read_to_string(dir.join(md)).unwrap_or_default());
+        println!("written: {}/{{{json},{md}}}", dir.display());
         return Ok(());
     }
     let dir = run_bench(&args)?;

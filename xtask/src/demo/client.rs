@@ -22,12 +22,12 @@ pub enum Kind {
 }
 
 /// Starts a client that dials `dial` (`127.0.0.1:6443` or `[::1]:6443`) `count` times.
-pub fn spawn(bed: &Bed, kind: Kind, dial: &str, count: u64) -> Result<Client> {
+/// `ca`: the lab's CA, or the real control plane's.
+pub fn spawn(bed: &Bed, ca: &str, kind: Kind, dial: &str, count: u64) -> Result<Client> {
     let (interval, timeout, reuse) = match kind {
         Kind::LongLived => (LONG_LIVED_INTERVAL_MS, LONG_LIVED_TIMEOUT_MS, "--keep-alive"),
         Kind::Loop => (LOOP_INTERVAL_MS, LOOP_TIMEOUT_MS, "--new-connection-each"),
     };
-    let ca = bed.pki.ca_cert.display().to_string();
     let args: Vec<String> = [
         "client",
         "--url",
@@ -35,7 +35,7 @@ pub fn spawn(bed: &Bed, kind: Kind, dial: &str, count: u64) -> Result<Client> {
         "--connect-addr",
         dial,
         "--ca",
-        &ca,
+        ca,
         "--count",
         &count.clamp(1, 100_000).to_string(),
         "--interval-ms",

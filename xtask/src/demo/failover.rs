@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use kha_lab::{FailureMode, bed::Bed};
+use kha_lab::bed::Bed;
+
+use crate::masters::Masters;
 
 use super::{
     DRAIN_S, DemoArgs,
@@ -31,44 +33,54 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub fn title(self) -> &'static str {
-        match self {
-            Fault::Kill => "a master is killed",
-            Fault::NotReady => "a master fails /readyz but still serves",
+    pub fn title(self, real: bool) -> &'static str {
+        match (self, real) {
+            (Fault::Kill, false) => "a master is killed",
+            (Fault::Kill, true) => "a kube-apiserver is killed",
+            (Fault::NotReady, false) => "a master fails /readyz but still serves",
+            (Fault::NotReady, true) => "a master loses its etcd member: /readyz fails, the apiserver still serves",
         }
     }
 
-    fn apply(self, bed: &mut Bed, m: &str) -> Result<String> {
+    fn apply(self, ms: &mut Masters, m: &str) -> Result<String> {
+        let real = ms.real.is_some();
         match self {
             Fault::Kill => {
-                bed.lab.kill_master(m)?;
-                Ok(format!("{m} killed (SIGKILL)"))
+                ms.kill(m)?;
+                Ok(if real { format!("{m}'s kube-apiserver killed (SIGKILL)") } else { format!("{m} killed (SIGKILL)") })
             }
             Fault::NotReady => {
-                bed.lab.set_mode(m, FailureMode::Readyz500)?;
-                Ok(format!("{m}: /readyz answers 500 from now on; /version still answers 200"))
+                ms.not_ready(m)?;
+                Ok(if real {
+                    format!("{m}'s etcd member killed: its apiserver's /readyz fails on etcd, /version still answers")
+                } else {
+                    format!("{m}: /readyz answers 500 from now on; /version still answers 200")
+                })
             }
         }
     }
 
-    fn undo(self, bed: &mut Bed, m: &str) -> Result<String> {
+    fn undo(self, ms: &mut Masters, m: &str) -> Result<String> {
         match self {
             Fault::Kill => {
-                bed.lab.restart_master(m)?;
+                ms.restart(m)?;
                 Ok(format!("{m} restarted, ready to serve"))
             }
             Fault::NotReady => {
-                bed.lab.set_mode(m, FailureMode::Normal)?;
+                ms.ready(m)?;
                 Ok(format!("{m}: /readyz answers 200 again"))
             }
         }
     }
 
-    /// How long kha may take to move the long-lived connection before the demo calls it a failure.
-    fn bound(self) -> Duration {
-        match self {
-            Fault::Kill => Duration::from_secs(8),
-            Fault::NotReady => Duration::from_secs(8 + DRAIN_S),
+    /// How long kha may take to move the long-lived connection before the demo calls it a
+    /// failure. A real apiserver notices a lost etcd member only after its own health check
+    /// times out.
+    fn bound(self, real: bool) -> Duration {
+        match (self, real) {
+            (Fault::Kill, _) => Duration::from_secs(8),
+            (Fault::NotReady, false) => Duration::from_secs(8 + DRAIN_S),
+            (Fault::NotReady, true) => Duration::from_secs(20 + DRAIN_S),
         }
     }
 }
@@ -80,12 +92,13 @@ pub struct ActOutcome {
 }
 
 /// Runs one failover act on a master not in `avoid`.
-pub fn act(bed: &mut Bed, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Result<ActOutcome> {
-    super::wait_all_up(bed, Duration::from_secs(20))?;
-    let budget = Duration::from_millis(args.warmup_ms + args.hold_ms) + fault.bound() + BACK_BOUND;
+pub fn act(ms: &mut Masters, ca: &str, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Result<ActOutcome> {
+    let real = ms.real.is_some();
+    super::wait_all_up(ms.bed, Duration::from_secs(20))?;
+    let budget = Duration::from_millis(args.warmup_ms + args.hold_ms) + fault.bound(real) + BACK_BOUND;
     let count = |interval_ms: u64| (budget.as_millis() as u64 + 5000) / interval_ms;
 
-    let mut held = place(bed, count(LONG_LIVED_INTERVAL_MS))?;
+    let mut held = place(ms.bed, ca, count(LONG_LIVED_INTERVAL_MS))?;
     let on: Vec<&str> = held.iter().map(|(m, _)| m.as_str()).collect();
     println!(
         "   {} long-lived clients, each one request every {LONG_LIVED_INTERVAL_MS} ms on one kept-alive connection (as \
@@ -97,7 +110,7 @@ pub fn act(bed: &mut Bed, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Re
         held.iter().position(|(m, _)| !avoid.contains(m)).context("no long-lived connection to follow")?;
     let (victim, followed) = held.remove(i);
 
-    let mut lp = client::spawn(bed, Kind::Loop, "127.0.0.1:6443", count(LOOP_INTERVAL_MS))?;
+    let mut lp = client::spawn(ms.bed, ca, Kind::Loop, "127.0.0.1:6443", count(LOOP_INTERVAL_MS))?;
     pause(Duration::from_millis(args.warmup_ms))?;
     lp.pull();
     if !lp.recs.iter().any(|r| r.r.ok) {
@@ -113,7 +126,7 @@ pub fn act(bed: &mut Bed, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Re
     );
     println!("   {victim} is the master to fail; the long-lived connection on it is the one to follow");
     println!("   (kha's view is `kha status` polled every 50 ms: its times can be up to 50 ms late)\n");
-    let mut w = Watch::new(bed, victim.clone(), fault, lp, followed, held);
+    let mut w = Watch::new(ms.bed, victim.clone(), fault, lp, followed, held);
     if before_failed > 0 {
         w.problems.push(format!("{before_failed} loop calls failed before the fault"));
     }
@@ -121,17 +134,17 @@ pub fn act(bed: &mut Bed, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Re
     // The fault, then until kha has taken the master out, the long-lived connection has moved
     // and the loop has run on for the hold time after that.
     w.tl.t0 = Instant::now();
-    let said = fault.apply(bed, &victim)?;
+    let said = fault.apply(ms, &victim)?;
     w.tl.at(w.tl.t0, said);
     w.tl.flush();
     let hold = Duration::from_millis(args.hold_ms);
-    let deadline = w.tl.t0 + fault.bound() + hold;
+    let deadline = w.tl.t0 + fault.bound(real) + hold;
     while Instant::now() < deadline
         && !(w.taken_out.is_some() && w.moved.is_some_and(|t| t.elapsed() >= hold))
     {
         stopped()?;
         std::thread::sleep(TICK);
-        w.step(bed);
+        w.step(ms.bed);
     }
     let t_undo = Instant::now();
     w.tl.flush();
@@ -169,7 +182,7 @@ pub fn act(bed: &mut Bed, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Re
 
     // The master comes back: until the loop is answered by it again, and a little longer to
     // show where new connections go then.
-    let said = fault.undo(bed, &victim)?;
+    let said = fault.undo(ms, &victim)?;
     let back_from = Instant::now();
     w.undone = Some(back_from);
     w.tl.at(back_from, said);
@@ -179,7 +192,7 @@ pub fn act(bed: &mut Bed, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Re
     while Instant::now() < deadline && !w.back.is_some_and(|t| t.elapsed() >= linger) {
         stopped()?;
         std::thread::sleep(TICK);
-        w.step(bed);
+        w.step(ms.bed);
     }
     w.tl.flush();
     if w.back.is_none() {
@@ -220,7 +233,7 @@ pub fn act(bed: &mut Bed, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Re
 
 /// Long-lived clients, started one after the other until every master holds one (least-
 /// connections puts each where none is yet); returns them with the master each is on.
-fn place(bed: &Bed, count: u64) -> Result<Vec<(String, Client)>> {
+fn place(bed: &Bed, ca: &str, count: u64) -> Result<Vec<(String, Client)>> {
     let masters = bed.lab.masters().len();
     let mut held: Vec<(String, Client)> = Vec::new();
     let mut seen = Vec::new();
@@ -228,7 +241,7 @@ fn place(bed: &Bed, count: u64) -> Result<Vec<(String, Client)>> {
         if held.len() == masters {
             break;
         }
-        let mut c = client::spawn(bed, Kind::LongLived, "127.0.0.1:6443", count)?;
+        let mut c = client::spawn(bed, ca, Kind::LongLived, "127.0.0.1:6443", count)?;
         let first = c
             .first(Duration::from_secs(5), super::stopped)?
             .map(|r| (r.r.ok, r.r.master.clone(), r.r.error.clone()));

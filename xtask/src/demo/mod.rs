@@ -19,7 +19,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use kha_lab::bed::Bed;
 
-use crate::{cmd, setup};
+use crate::{
+    cmd,
+    masters::{self, Masters},
+    setup,
+};
 use client::Kind;
 use failover::Fault;
 use timeline::{bad, good, tally};
@@ -36,12 +40,17 @@ pub struct DemoArgs {
     /// How long the loop keeps running once the long-lived connection has moved, in ms.
     #[arg(long, default_value_t = 2000)]
     pub hold_ms: u64,
+    /// The same acts against the real control plane: an etcd member and a kube-apiserver in
+    /// each master namespace (`./x setup --controlplane` builds them; the first time takes
+    /// minutes).
+    #[arg(long)]
+    pub real: bool,
 }
 
 impl DemoArgs {
     /// The smoke test of `cargo xtask test`: every act, each shorter.
     pub fn quick() -> DemoArgs {
-        DemoArgs { calls: 4, warmup_ms: 600, hold_ms: 500 }
+        DemoArgs { calls: 4, warmup_ms: 600, hold_ms: 500, real: false }
     }
 }
 
@@ -91,19 +100,29 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     setup::setup()?;
     cmd::require_root("the demo lab creates network namespaces and attaches eBPF programs")?;
     cmd::build_debug()?;
+    if args.real {
+        let bins = setup::controlplane::ensure()?;
+        // SAFETY: no other thread runs yet; the control plane reads it to find its binaries.
+        unsafe { std::env::set_var("KHA_CONTROLPLANE_BIN", bins) };
+    }
     STOP.store(false, Ordering::SeqCst);
     // Ctrl-C reaches the whole process group: clients, masters and agent stop by themselves,
     // and this process must live on to remove the lab.
     on_signals(on_signal as *const () as libc::sighandler_t);
     let started = Instant::now();
-    println!("== building the lab: a node namespace and 3 masters (TLS, /readyz /livez /healthz /version)");
-    let mut bed = interrupted_or(Bed::create(3).context("building the demo lab"))?;
-    let result = acts(&mut bed, &args);
+    if args.real {
+        println!("== building the lab: a node namespace and 3 masters, each an etcd member and a kube-apiserver");
+    } else {
+        println!("== building the lab: a node namespace and 3 masters (TLS, /readyz /livez /healthz /version)");
+    }
+    let (mut bed, mut cp) = interrupted_or(masters::create(3, args.real))?;
+    let result = acts(&mut Masters { bed: &mut bed, real: cp.as_mut() }, &args);
     println!("\n== removing the lab (kha detach, namespaces, cgroup)");
     // Another Ctrl-C now would kill the removal's own commands (`kha detach`, `ip netns del`)
     // half-way: they and this process ignore it until the lab is gone (an ignored signal stays
     // ignored across exec).
     on_signals(libc::SIG_IGN);
+    drop(cp);
     drop(bed);
     on_signals(on_signal as *const () as libc::sighandler_t);
     println!("   done in {:.1} s", started.elapsed().as_secs_f64());
@@ -118,7 +137,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 }
 
 /// Everything between building the lab and removing it; returns what went wrong.
-fn acts(bed: &mut Bed, args: &DemoArgs) -> Result<Vec<String>> {
+fn acts(ms: &mut Masters, args: &DemoArgs) -> Result<Vec<String>> {
+    let bed = &*ms.bed;
     for m in bed.lab.masters() {
         println!("   {}  {:<16} {}", m.name, m.https_v4(), m.https_v6());
     }
@@ -129,7 +149,14 @@ fn acts(bed: &mut Bed, args: &DemoArgs) -> Result<Vec<String>> {
     }
     // The probes verify the masters against the lab's CA, as a node's agent does with the
     // cluster CA. Nothing listens on the host: the lab may run beside a real agent.
-    agent_args.extend(["--ca-file".into(), bed.pki.ca_cert.display().to_string()]);
+    let ca = ms.real.as_ref().map_or(&bed.pki.ca_cert, |cp| &cp.files.pki.ca_cert).display().to_string();
+    agent_args.extend(["--ca-file".into(), ca.clone()]);
+    if let Some(cp) = &ms.real {
+        // The probes authenticate as the node, with kubelet's kind of client certificate.
+        let n = &cp.files.node;
+        agent_args.extend(["--client-cert".into(), n.cert.display().to_string()]);
+        agent_args.extend(["--client-key".into(), n.key.display().to_string()]);
+    }
     agent_args.extend(
         ["--drain-time", &DRAIN_S.to_string(), "--metrics-addr", "none", "--health-addr", "none"]
             .map(String::from),
@@ -139,14 +166,15 @@ fn acts(bed: &mut Bed, args: &DemoArgs) -> Result<Vec<String>> {
         "   (demo setting: --drain-time {DRAIN_S} instead of 10 s, so that act 3 need not wait; the probes keep \
          kha's defaults)"
     );
-    interrupted_or(bed.start_agent(&agent_args).context("starting kha"))?;
+    interrupted_or(ms.bed.start_agent(&agent_args).context("starting kha"))?;
+    let bed = &*ms.bed;
     wait_all_up(bed, Duration::from_secs(20))?;
 
     let mut problems = Vec::new();
     println!(
         "\n== act 1: a client on the node calls https://localhost:6443/version, a new connection each time"
     );
-    let failed = spread(bed, args)?;
+    let failed = spread(bed, &ca, args)?;
     if failed > 0 {
         problems.push(format!("{failed} calls failed in act 1"));
     }
@@ -156,22 +184,22 @@ fn acts(bed: &mut Bed, args: &DemoArgs) -> Result<Vec<String>> {
     let mut failed_masters = Vec::new();
     for (n, fault) in [(2, Fault::Kill), (3, Fault::NotReady)] {
         stopped()?;
-        println!("\n== act {n}: {}", fault.title());
-        let o = failover::act(bed, args, fault, &failed_masters)?;
+        println!("\n== act {n}: {}", fault.title(args.real));
+        let o = failover::act(ms, &ca, args, fault, &failed_masters)?;
         problems.extend(o.problems.into_iter().map(|p| format!("act {n}: {p}")));
         failed_masters.push(o.victim);
     }
     println!("\n== kha status at the end");
-    print_status(bed);
+    print_status(ms.bed);
     Ok(problems)
 }
 
 /// Act 1: calls through each frontend, then how they spread; returns how many failed.
-fn spread(bed: &Bed, args: &DemoArgs) -> Result<usize> {
+fn spread(bed: &Bed, ca: &str, args: &DemoArgs) -> Result<usize> {
     let mut all = Vec::new();
     let mut failed = 0;
     for dial in ["127.0.0.1:6443", "[::1]:6443"] {
-        let mut c = client::spawn(bed, Kind::Loop, dial, args.calls.into())?;
+        let mut c = client::spawn(bed, ca, Kind::Loop, dial, args.calls.into())?;
         while c.recs.len() < args.calls as usize && !c.closed {
             pause(Duration::from_millis(20))?;
             c.pull();

@@ -40,6 +40,7 @@ mod client;
 mod kha_defaults;
 mod outcome;
 mod plan;
+mod real;
 mod report;
 mod wait;
 mod world;
@@ -53,7 +54,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-pub use report::{JSON, MARKDOWN};
+pub use report::files;
 
 use self::{
     kha_defaults::kha_settings,
@@ -72,6 +73,7 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
         "the failover bench creates network namespaces, attaches eBPF programs and runs nginx and haproxy",
     )?;
     let mut plan = if args.quick { Plan::quick() } else { Plan::full() };
+    plan.real = args.real;
     if let Some(r) = args.rounds {
         plan.rounds = r as usize;
     }
@@ -86,13 +88,14 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
     let started = Instant::now();
     let load_before = super::loadavg();
     eprintln!(
-        "xtask: bench failover: {} run, {} round(s) of {} failures, {kind} binaries; building the lab",
+        "xtask: bench failover: {} run{}, {} round(s) of {} failures, {kind} binaries; building the lab",
         plan.profile,
+        if plan.real { " against the real control plane" } else { "" },
         plan.rounds,
         FAILURES.len()
     );
     let outcomes = {
-        let mut world = World::create()?;
+        let mut world = World::create(plan.real)?;
         let mut all = Vec::new();
         let mut k = 0;
         for round in 0..plan.rounds {
@@ -126,14 +129,15 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
         outcomes,
     };
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    fs::write(out.join(JSON), serde_json::to_string_pretty(&report)?).context("writing failover.json")?;
-    fs::write(out.join(MARKDOWN), report.markdown()).context("writing failover.md")?;
+    let (json, md) = report::files(report.plan.real);
+    fs::write(out.join(json), serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {json}"))?;
+    fs::write(out.join(md), report.markdown()).with_context(|| format!("writing {md}"))?;
     Ok(out)
 }
 
 fn one_line(o: &Outcome, plan: &Plan) -> String {
     format!(
-        "{:8} failed {} stalled {} | left {} | replaced {} ({}) | back {}",
+        "{:8} failed {} stalled {} | left {} | replaced {} ({}) | back {}{}",
         o.contender,
         o.failed,
         o.stalled,
@@ -141,6 +145,12 @@ fn one_line(o: &Outcome, plan: &Plan) -> String {
         secs(o.replaced_s, plan.window_s),
         o.long_lived_error.as_deref().unwrap_or("no error"),
         secs(o.back_s, plan.recovery_s),
+        o.watch.as_ref().map_or(String::new(), |w| format!(
+            " | watch delay {} ({} writes), {} relists",
+            secs(w.delay_s, plan.window_s + plan.recovery_s),
+            w.writes,
+            w.relists
+        )),
     )
 }
 
@@ -161,6 +171,7 @@ fn fault(w: &mut World, plan: &Plan, failure: Failure, round: usize, target: &st
         let mut masters: Vec<String> =
             rest.iter().chain([&k]).filter_map(|x| x.recs.first()?.r.master.clone()).collect();
         masters.sort();
+        masters.dedup();
         on.push(masters);
         long_lived.push(k);
         others.push(rest);
@@ -184,9 +195,17 @@ fn fault(w: &mut World, plan: &Plan, failure: Failure, round: usize, target: &st
             states.push((rel(t0, Instant::now()), s));
         }
     };
+    // Real: writes through a master that is not failed, for the watchers to see.
+    let writer = match &w.real {
+        Some(r) => {
+            let other = w.masters.iter().find(|m| *m != target).context("a second master")?;
+            Some(r.writer(&w.bed, other)?)
+        }
+        None => None,
+    };
     // The fault.
     let t0 = Instant::now();
-    failure.apply(&mut w.bed, target)?;
+    w.apply(failure, target)?;
     let window_end = t0 + Plan::d(plan.window_s);
     let mut next_poll = Instant::now();
     let t_end = loop {
@@ -209,7 +228,7 @@ fn fault(w: &mut World, plan: &Plan, failure: Failure, round: usize, target: &st
             break now;
         }
     };
-    failure.undo(&mut w.bed, target)?;
+    w.undo(failure, target)?;
     let t1 = Instant::now();
     // Recovery: until every loop got an answer from the recovered master, bounded.
     let back_end = t1 + Plan::d(plan.recovery_s);
@@ -243,6 +262,9 @@ fn fault(w: &mut World, plan: &Plan, failure: Failure, round: usize, target: &st
         let mut o =
             outcome(plan, failure, round, &c.id, target, &loops[i].recs, &long_lived[i].recs, t0, t_end, t1);
         o.long_lived_on = on[i].clone();
+        if let (Some(r), Some(wr)) = (&w.real, &writer) {
+            o.watch = Some(r.figures(c, &wr.writes(), t0, t_end));
+        }
         if c.id == "kha" {
             o.kha_states = kha_states.clone();
         }
@@ -255,9 +277,10 @@ fn fault(w: &mut World, plan: &Plan, failure: Failure, round: usize, target: &st
 /// Runs `cargo xtask bench failover --quick` and checks that every failure × contender cell
 /// was produced (never how fast). Needs root.
 #[allow(dead_code, reason = "called by `cargo xtask test`")]
-pub fn failover_quick_check() -> Result<()> {
-    let dir = run(&BenchArgs { quick: true, ..BenchArgs::default() })?;
-    verify(&dir)?;
-    println!("bench failover --quick: every failure × contender cell produced ({})", dir.display());
+pub fn failover_quick_check(real: bool) -> Result<()> {
+    let dir = run(&BenchArgs { quick: true, real, ..BenchArgs::default() })?;
+    verify(&dir, real)?;
+    let what = if real { "bench failover --quick --real" } else { "bench failover --quick" };
+    println!("{what}: every failure × contender cell produced ({})", dir.display());
     Ok(())
 }

@@ -69,6 +69,21 @@ pub struct Outcome {
     /// kha only: the failed backend's state in `kha status`, at each change: (seconds after
     /// the fault, state). Polled every 250 ms.
     pub kha_states: Vec<(f64, String)>,
+    /// Real control plane only: what the contender's client-go watchers showed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<Watch>,
+}
+
+/// The watchers of one contender over one fault (`bench failover --real`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Watch {
+    /// The longest a write made during the fault phase took to reach every watcher, seconds;
+    /// `None`: one never reached one of them by the end of the recovery.
+    pub delay_s: Option<f64>,
+    /// Lists (or WatchList relists) of all the contender's watchers from the fault on.
+    pub relists: u64,
+    /// Writes made during the fault phase.
+    pub writes: u64,
 }
 
 /// Computes an outcome from the records. `t_end`: end of the fault phase; `t1`: the undo

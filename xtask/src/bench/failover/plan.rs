@@ -7,8 +7,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
-use kha_lab::{FailureMode, bed::Bed};
 use serde::{Deserialize, Serialize};
 
 pub(super) const LOOP_INTERVAL_MS: u64 = 20;
@@ -46,6 +44,9 @@ pub struct Plan {
     /// master, i.e. serves every master again; else (--quick) one on the master to fail is
     /// enough after a few tries.
     pub spread: bool,
+    /// Against the real control plane (kube-apiserver and etcd) instead of simulated masters.
+    #[serde(default)]
+    pub real: bool,
 }
 
 impl Plan {
@@ -59,6 +60,7 @@ impl Plan {
             warmup_s: 3.0,
             settle_s: 60.0,
             spread: true,
+            real: false,
         }
     }
 
@@ -72,6 +74,7 @@ impl Plan {
             warmup_s: 1.0,
             settle_s: 30.0,
             spread: false,
+            real: false,
         }
     }
 
@@ -106,37 +109,17 @@ impl Failure {
         }
     }
 
-    pub fn label(self) -> &'static str {
-        match self {
-            Failure::Killed => "process killed (refused)",
-            Failure::Blackholed => "blackholed (link down)",
-            Failure::NotReady => "`/readyz` 500, still serving",
-            Failure::Hung => "hung (SIGSTOP)",
+    /// What was done, to a simulated master or (`real`) to a real one.
+    pub fn label(self, real: bool) -> &'static str {
+        match (self, real) {
+            (Failure::Killed, false) => "process killed (refused)",
+            (Failure::Killed, true) => "kube-apiserver killed (refused)",
+            (Failure::Blackholed, _) => "blackholed (link down)",
+            (Failure::NotReady, false) => "`/readyz` 500, still serving",
+            (Failure::NotReady, true) => "etcd member killed: `/readyz` 500",
+            (Failure::Hung, false) => "hung (SIGSTOP)",
+            (Failure::Hung, true) => "kube-apiserver hung (SIGSTOP)",
         }
-    }
-
-    pub(super) fn apply(self, bed: &mut Bed, m: &str) -> Result<()> {
-        let lab = &mut bed.lab;
-        match self {
-            Failure::Killed => lab.kill_master(m),
-            Failure::Blackholed => lab.link_down(m),
-            Failure::NotReady => lab.set_mode(m, FailureMode::Readyz500),
-            Failure::Hung => lab.stop_master(m),
-        }
-        .with_context(|| format!("failing {m} ({})", self.id()))
-    }
-
-    /// Undoes the fault; returns once the master can serve again (restarted and ready,
-    /// reachable, mode applied, continued).
-    pub(super) fn undo(self, bed: &mut Bed, m: &str) -> Result<()> {
-        let lab = &mut bed.lab;
-        match self {
-            Failure::Killed => lab.restart_master(m),
-            Failure::Blackholed => lab.link_up(m),
-            Failure::NotReady => lab.set_mode(m, FailureMode::Normal),
-            Failure::Hung => lab.cont_master(m),
-        }
-        .with_context(|| format!("undoing {} on {m}", self.id()))
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    outcome::Outcome,
+    outcome::{Outcome, Watch},
     plan::{
         Contender, FAILURES, Failure, KEEP_INTERVAL_MS, LOOP_INTERVAL_MS, LOOP_TIMEOUT_MS, Plan, STALL_MS,
         contenders,
@@ -16,8 +16,10 @@ use super::{
 };
 use crate::bench::{machine, report::num};
 
-pub const JSON: &str = "failover.json";
-pub const MARKDOWN: &str = "failover.md";
+/// `failover.{json,md}`, or for the real control plane `failover-real.{json,md}`.
+pub fn files(real: bool) -> (&'static str, &'static str) {
+    if real { ("failover-real.json", "failover-real.md") } else { ("failover.json", "failover.md") }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailoverReport {
@@ -73,6 +75,35 @@ fn count_cell(values: &[u64]) -> String {
 }
 
 impl FailoverReport {
+    /// The real control plane's watchers: how late writes reached them, and their relists.
+    fn watch_table(&self, m: &mut String) {
+        let p = &self.plan;
+        let bound = p.window_s + p.recovery_s;
+        let _ = writeln!(
+            m,
+            "\nWatches: three client-go informers (`kha-watch`: kubelet's client settings, HTTP/2, WatchList) per \
+             contender. A writer updates one ConfigMap every 500 ms straight through a master that is not failed; a \
+             write's delay is from kubectl's return to the first event at that resourceVersion or later, in the \
+             slowest of the contender's watchers. *longest delay*: the worst write of the fault phase (\"> N s\": one \
+             had not arrived by the end of the recovery); *relists*: lists and WatchList relists of the three from the \
+             fault on.\n\n| failure | contender | longest delay of a write | relists |\n|---|---|---|---|"
+        );
+        for f in &self.failures {
+            for c in &self.contenders {
+                let os = self.cells(*f, &c.id);
+                let ws: Vec<&Watch> = os.iter().filter_map(|o| o.watch.as_ref()).collect();
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {} |",
+                    f.label(true),
+                    c.label,
+                    if ws.is_empty() { "**missing**".into() } else { cell(&ws.iter().map(|w| w.delay_s).collect::<Vec<_>>(), bound) },
+                    if ws.is_empty() { "**missing**".into() } else { count_cell(&ws.iter().map(|w| w.relists).collect::<Vec<_>>()) },
+                );
+            }
+        }
+    }
+
     fn cells(&self, f: Failure, c: &str) -> Vec<&Outcome> {
         self.outcomes.iter().filter(|o| o.failure == f && o.contender == c).collect()
     }
@@ -80,7 +111,8 @@ impl FailoverReport {
     pub fn markdown(&self) -> String {
         let p = &self.plan;
         let mut m = String::new();
-        let _ = writeln!(m, "# kha failover benchmark: {} run, {}\n", p.profile, self.machine.date);
+        let against = if p.real { ", real control plane" } else { "" };
+        let _ = writeln!(m, "# kha failover benchmark: {} run{against}, {}\n", p.profile, self.machine.date);
         let _ = writeln!(m, "Machine: {}.\n", self.machine.one_line());
         let _ = writeln!(
             m,
@@ -139,7 +171,7 @@ impl FailoverReport {
                 let _ = writeln!(
                     m,
                     "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                    f.label(),
+                    f.label(p.real),
                     c.label,
                     count_cell(&os.iter().map(|o| o.failed).collect::<Vec<_>>()),
                     count_cell(&os.iter().map(|o| o.stalled).collect::<Vec<_>>()),
@@ -166,6 +198,9 @@ impl FailoverReport {
             num(p.window_s - p.quiet_s),
             num(p.quiet_s),
         );
+        if p.real {
+            self.watch_table(&mut m);
+        }
         let _ = writeln!(
             m,
             "\nkha's own view (`kha status`, polled every 250 ms): the failed backend's state, seconds after the fault.\n"
@@ -177,7 +212,7 @@ impl FailoverReport {
             let _ = writeln!(
                 m,
                 "| {} | {} | {} | {} (undo at {}) |",
-                o.failure.label(),
+                o.failure.label(p.real),
                 o.round + 1,
                 o.master,
                 states.join(" → "),
@@ -234,10 +269,10 @@ impl FailoverReport {
 /// Checks that every failure × contender cell was produced in every round: the loop ran
 /// before and after the fault, a long-lived connection was on the failed master, and the
 /// table was written. Never how fast anything was.
-pub fn verify(dir: &Path) -> Result<()> {
-    let text = fs::read_to_string(dir.join(JSON))
-        .with_context(|| format!("reading {}", dir.join(JSON).display()))?;
-    let r: FailoverReport = serde_json::from_str(&text).context("parsing failover.json")?;
+pub fn verify(dir: &Path, real: bool) -> Result<()> {
+    let (json, markdown) = files(real);
+    let text = fs::read_to_string(dir.join(json)).with_context(|| format!("reading {}", dir.join(json).display()))?;
+    let r: FailoverReport = serde_json::from_str(&text).with_context(|| format!("parsing {json}"))?;
     let mut missing = Vec::new();
     for f in FAILURES {
         for c in contenders() {
@@ -271,15 +306,18 @@ pub fn verify(dir: &Path) -> Result<()> {
                         o.master
                     ));
                 }
+                if real && o.watch.as_ref().is_none_or(|w| w.writes == 0) {
+                    missing.push(format!("{} / {} round {}: no write seen by the watchers", f.id(), c.id, o.round + 1));
+                }
                 if c.id == "kha" && o.kha_states.is_empty() {
                     missing.push(format!("{} / kha round {}: kha's states not read", f.id(), o.round + 1));
                 }
             }
         }
     }
-    let md = fs::read_to_string(dir.join(MARKDOWN)).unwrap_or_default();
+    let md = fs::read_to_string(dir.join(markdown)).unwrap_or_default();
     if !md.contains("| failure | contender |") || md.contains("**missing**") {
-        missing.push(format!("{MARKDOWN} not written or incomplete"));
+        missing.push(format!("{markdown} not written or incomplete"));
     }
     if !missing.is_empty() {
         bail!("the failover bench did not produce every cell:\n  {}", missing.join("\n  "));
@@ -336,13 +374,14 @@ mod tests {
     fn verify_accepts_every_cell_and_names_what_is_missing() {
         let dir = std::env::temp_dir().join(format!("kha-bench-failover-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
+        let (json, md) = files(false);
         let write = |r: &FailoverReport| {
-            fs::write(dir.join(JSON), serde_json::to_string(r).unwrap()).unwrap();
-            fs::write(dir.join(MARKDOWN), r.markdown()).unwrap();
+            fs::write(dir.join(json), serde_json::to_string(r).unwrap()).unwrap();
+            fs::write(dir.join(md), r.markdown()).unwrap();
         };
         let mut r = complete_report(2);
         write(&r);
-        verify(&dir).unwrap();
+        verify(&dir, false).unwrap();
         assert!(
             r.markdown()
                 .contains("| hung (SIGSTOP) | haproxy | 0 | 0 | – | > 7.00 s | > 10.0 s | > 5.00 s |")
@@ -350,7 +389,7 @@ mod tests {
         r.outcomes.retain(|o| !(o.failure == Failure::Hung && o.contender == "nginx" && o.round == 1));
         r.outcomes[0].long_lived_on = vec!["m2".into()];
         write(&r);
-        let err = verify(&dir).unwrap_err().to_string();
+        let err = verify(&dir, false).unwrap_err().to_string();
         assert!(err.contains("hung / nginx: 1 of 2 rounds"), "{err}");
         assert!(err.contains("killed / kha round 1: no long-lived connection on m1"), "{err}");
         fs::remove_dir_all(&dir).unwrap();

@@ -1,6 +1,6 @@
-//! The bench's world: the lab (three masters), kha with health checks on and the two proxies
-//! in the node namespace, kha's view of a backend, and the placement of the long-lived
-//! connections, one on each master.
+//! The bench's world: the lab (three masters, simulated or real), kha with health checks on
+//! and the two proxies in the node namespace, the faults applied to a master, kha's view of a
+//! backend, and the placement of the long-lived connections, one on each master.
 
 use std::{
     collections::BTreeMap,
@@ -14,21 +14,29 @@ use kha_lab::bed::Bed;
 
 use super::{
     client::{self, Client},
-    plan::{Contender, HAPROXY_PORT, KHA_PORT, NGINX_PORT},
+    plan::{Contender, Failure, HAPROXY_PORT, KHA_PORT, NGINX_PORT},
+    real::Real,
     wait::pause,
 };
-use crate::bench::proxy::{Proxy, Upstream};
+use crate::{
+    bench::proxy::{Proxy, Upstream},
+    masters::{self, Masters},
+};
 
 const MASTERS: usize = 3;
 /// Long-lived clients started per contender to get one on every master, beyond which one
 /// on the master to fail is enough.
 const PLACE_TRIES: usize = 15;
+/// Long-lived clients kept open beyond one per master while placing, at most.
+const MAX_SPARES: usize = 12;
 
 /// The lab, the agent (health checks on) and the two proxies. Dropped in field order:
-/// proxies, then the bed (agent, pins, masters, namespaces).
+/// proxies, the real control plane and its watchers, then the bed (agent, pins, masters,
+/// namespaces).
 pub(super) struct World {
     nginx: Proxy,
     haproxy: Proxy,
+    pub(super) real: Option<Real>,
     pub(super) bed: Bed,
     pub(super) ca: String,
     pub(super) masters: Vec<String>,
@@ -39,8 +47,10 @@ fn masters_https(bed: &Bed) -> Vec<SocketAddr> {
 }
 
 impl World {
-    pub(super) fn create() -> Result<World> {
-        let mut bed = Bed::create(MASTERS).context("building the lab")?;
+    /// Simulated masters, or (`real`) a real control plane in empty master namespaces.
+    pub(super) fn create(real: bool) -> Result<World> {
+        let (mut bed, cp) = masters::create(MASTERS, real)?;
+        let real = cp.map(Real::new);
         let work = bed.lab.workdir().join("failover");
         fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
         let servers = masters_https(&bed);
@@ -60,8 +70,8 @@ impl World {
         let config = work.join("kha.toml");
         fs::write(&config, crate::bench::lab::kha_toml(&[(frontend, servers)], None))
             .context("writing kha's config")?;
-        let ca = bed.pki.ca_cert.display().to_string();
-        let args: Vec<String> = [
+        let ca = real.as_ref().map_or(&bed.pki.ca_cert, |r| &r.cp.files.pki.ca_cert).display().to_string();
+        let mut args: Vec<String> = [
             "--config",
             &config.display().to_string(),
             "--ca-file",
@@ -74,9 +84,46 @@ impl World {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+        if let Some(r) = &real {
+            // The probes authenticate as the node, as kubelet's identity would.
+            args.extend(r.probe_identity());
+        }
         bed.start_agent(&args).context("starting kha with health checks")?;
         let masters = bed.lab.masters().iter().map(|m| m.name.clone()).collect();
-        Ok(World { nginx, haproxy, bed, ca, masters })
+        let mut w = World { nginx, haproxy, real, bed, ca, masters };
+        if let Some(r) = &mut w.real {
+            r.start_watchers(&w.bed)?;
+        }
+        Ok(w)
+    }
+
+    fn masters(&mut self) -> Masters<'_> {
+        Masters { bed: &mut self.bed, real: self.real.as_mut().map(|r| &mut r.cp) }
+    }
+
+    /// Fails master `m`.
+    pub(super) fn apply(&mut self, f: Failure, m: &str) -> Result<()> {
+        let mut ms = self.masters();
+        match f {
+            Failure::Killed => ms.kill(m),
+            Failure::Blackholed => ms.link(m, true),
+            Failure::NotReady => ms.not_ready(m),
+            Failure::Hung => ms.freeze(m, true),
+        }
+        .with_context(|| format!("failing {m} ({})", f.id()))
+    }
+
+    /// Undoes the fault; returns once the master can serve again (restarted and ready,
+    /// reachable, `/readyz` 200 again, continued).
+    pub(super) fn undo(&mut self, f: Failure, m: &str) -> Result<()> {
+        let mut ms = self.masters();
+        match f {
+            Failure::Killed => ms.restart(m),
+            Failure::Blackholed => ms.link(m, false),
+            Failure::NotReady => ms.ready(m),
+            Failure::Hung => ms.freeze(m, false),
+        }
+        .with_context(|| format!("undoing {} on {m}", f.id()))
     }
 
     pub(super) fn addr_of(&self, master: &str) -> String {
@@ -130,6 +177,7 @@ impl World {
         deadline: Instant,
     ) -> Result<(Client, Vec<Client>)> {
         let mut held: BTreeMap<String, Client> = BTreeMap::new();
+        let mut spares = Vec::new();
         let mut tries = 0;
         let mut seen = Vec::new();
         while held.len() < self.masters.len() {
@@ -159,14 +207,19 @@ impl World {
             seen.push(
                 first.clone().map_or("nothing".into(), |(_, m, e)| m.or(e).unwrap_or_else(|| "?".into())),
             );
-            if let Some((true, Some(m), _)) = first
-                && !held.contains_key(&m)
-            {
-                held.insert(m, k);
+            match first {
+                Some((true, Some(m), _)) if !held.contains_key(&m) => {
+                    held.insert(m, k);
+                }
+                // On a master that holds one already: kept open, so that a least-connections
+                // balancer moves on to a master holding fewer (the real control plane's
+                // watchers hold connections of their own).
+                Some((true, Some(_), _)) if spares.len() < MAX_SPARES => spares.push(k),
+                // Else `k` drops here: killed, its connection closed.
+                _ => {}
             }
-            // Else `k` drops here: killed, its connection closed.
         }
         let on_target = held.remove(target).context("placed")?;
-        Ok((on_target, held.into_values().collect()))
+        Ok((on_target, held.into_values().chain(spares).collect()))
     }
 }
