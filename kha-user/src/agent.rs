@@ -77,8 +77,11 @@ pub async fn run(
     let mut resync = tokio::time::interval(settings.resync);
     let terminator =
         SockDestroy::new(KhaMaps::open_pinned(&settings.pins.maps())?, settings.netns.as_deref());
-    let mut probes = ProbeSet::new(settings.probes.clone(), make_socket, tx);
+    let mut probes = ProbeSet::new(settings.probes.clone(), make_socket, tx, settings.recorders.clone());
     probes.reconcile(&config);
+    // Certificate rotation: the probes' TLS files are re-read on their own, not only on SIGHUP.
+    let mut tls_check = tokio::time::interval(probe::TLS_CHECK_INTERVAL);
+    tls_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let core = supervise::Settings {
         checked: settings.probes.is_some(),
         hysteresis: settings.hysteresis,
@@ -87,7 +90,7 @@ pub async fn run(
         recorders: settings.recorders.clone(),
     };
     let mut sup = Supervisor::new(core, config, maps, terminator);
-    let mut replace = |sup: &mut Supervisor<_, _>, c: Config| {
+    let replace = |sup: &mut Supervisor<_, _>, probes: &mut ProbeSet, c: Config| {
         probes.reconcile(&c);
         sup.replace_config(c);
     };
@@ -96,20 +99,24 @@ pub async fn run(
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match reload() {
-                Ok(c) => {
-                    log::info!("SIGHUP: config reloaded");
-                    let c = match &mut feed {
-                        Some(f) => f.set_base(c),
-                        None => c,
-                    };
-                    replace(&mut sup, c);
+            _ = hup.recv() => {
+                match reload() {
+                    Ok(c) => {
+                        log::info!("SIGHUP: config reloaded");
+                        let c = match &mut feed {
+                            Some(f) => f.set_base(c),
+                            None => c,
+                        };
+                        replace(&mut sup, &mut probes, c);
+                    }
+                    Err(e) => log::error!("SIGHUP: keeping the running config: {e:#}"),
                 }
-                Err(e) => log::error!("SIGHUP: keeping the running config: {e:#}"),
-            },
+                probes.check_tls();
+            }
+            _ = tls_check.tick() => probes.check_tls(),
             Some((target, event)) = rx.recv() => sup.observe(target, event),
             Some(update) = next_update(&mut updates) => match feed.as_mut().and_then(|f| f.update(update)) {
-                Some(c) => replace(&mut sup, c),
+                Some(c) => replace(&mut sup, &mut probes, c),
                 None => continue,
             },
             _ = resync.tick() => sup.resync(),

@@ -10,10 +10,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod agent;
 mod serve;
 
-use std::sync::Arc;
-
 use kha::{
-    config::{Config, FrontendDefaults, ProbeTls},
+    config::{Config, FrontendDefaults},
     endpoints::Desired,
     health::{AllDown, DEFAULT_HYSTERESIS, Hysteresis},
     loader::{self, DEFAULT_PIN_DIR, PinDir},
@@ -90,6 +88,11 @@ struct RunArgs {
     /// /healthz and /readyz of the agent (kubespray's loadbalancer_apiserver_healthcheck_port), or `none`.
     #[arg(long, default_value = "127.0.0.1:8081")]
     health_addr: String,
+    /// Refuse to start when the kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY); by
+    /// default kha warns, exports kha_sock_destroy_supported 0 and balances without moving
+    /// the connections of failed masters.
+    #[arg(long)]
+    require_sock_destroy: bool,
     #[command(flatten)]
     health: HealthArgs,
     #[command(flatten)]
@@ -162,47 +165,36 @@ impl HealthArgs {
         if self.no_health_checks {
             return Ok(None);
         }
-        let ca_file = self.ca_file.clone().or_else(|| config.ca_file.clone());
-        let ca = match (&ca_file, self.insecure_skip_tls_verify) {
-            (Some(ca), _) => Some(ca.clone()),
-            (None, true) => None,
-            (None, false) => Some(CA_CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists()).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no cluster CA at {} or {}: pass --ca-file FILE (the CA that signs the apiservers' certificates), or --insecure-skip-tls-verify, or --no-health-checks",
-                    CA_CANDIDATES[0],
-                    CA_CANDIDATES[1]
-                )
-            })?),
+        // Which CA is used is decided again at every SIGHUP (the config file's `ca_file` may
+        // change); the default CA is looked up once, here.
+        let tls = kha::probe::TlsDefaults {
+            ca_file: self.ca_file.clone(),
+            default_ca: CA_CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists()),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            insecure_skip_verify: self.insecure_skip_tls_verify,
         };
+        let no_ca = tls.ca_file.is_none() && config.ca_file.is_none() && tls.default_ca.is_none();
+        if no_ca && !self.insecure_skip_tls_verify {
+            bail!(
+                "no cluster CA at {} or {}: pass --ca-file FILE (the CA that signs the apiservers' certificates), or --insecure-skip-tls-verify, or --no-health-checks",
+                CA_CANDIDATES[0],
+                CA_CANDIDATES[1]
+            );
+        }
         if self.insecure_skip_tls_verify {
             log::warn!(
                 "--insecure-skip-tls-verify: probes accept any certificate; a wrong host answering would look healthy"
             );
         }
-        let (cert, key, insecure) =
-            (self.client_cert.clone(), self.client_key.clone(), self.insecure_skip_tls_verify);
-        // A frontend's own files (etcd's CA and client certificate) win over the global ones.
-        let tls_for =
-            move |own: &ProbeTls| -> Result<Arc<rustls::ClientConfig>, kha::probe::ProbeConfigError> {
-                let ca = own.ca_file.as_ref().or(ca.as_ref());
-                let (cert, key) = match (&own.client_cert, &own.client_key) {
-                    (Some(c), Some(k)) => (Some(c), Some(k)),
-                    _ => (cert.as_ref(), key.as_ref()),
-                };
-                let insecure = insecure && own.ca_file.is_none();
-                kha::probe::tls_config(
-                    ca.map(|p| p.as_path()),
-                    cert.map(|p| p.as_path()),
-                    key.map(|p| p.as_path()),
-                    insecure,
-                )
-            };
         // Every file is read now, so a bad one stops the start before anything is attached.
         for f in &config.frontends {
-            tls_for(&f.probe_tls).with_context(|| format!("probe TLS of frontend {}", f.address))?;
+            tls.files_for(config.ca_file.as_deref(), &f.probe_tls)
+                .load()
+                .with_context(|| format!("probe TLS of frontend {}", f.address))?;
         }
         Ok(Some(agent::ProbeTemplate {
-            tls_for: Arc::new(tls_for),
+            tls,
             interval: Duration::from_millis(self.probe_interval_ms.max(100)),
             timeout: Duration::from_millis(self.probe_timeout_ms.max(100)),
         }))
@@ -289,6 +281,9 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let cgroup_id = loader::cgroup_id(&cgroup)?;
     let netns_cookie = loader::netns_cookie(args.netns.as_deref())?;
+    // Asked where the terminations will run: the served namespace.
+    let sock_destroy = loader::sock_destroy_support(args.netns.as_deref());
+    loader::check_sock_destroy(sock_destroy, args.require_sock_destroy)?;
     let pins = PinDir::new(&args.pin_dir);
     loader::ensure_bpffs(&pins.root)?;
     pins.create()?;
@@ -322,8 +317,10 @@ fn run(args: RunArgs) -> Result<()> {
         recorders: recorders.clone(),
         pins: pins.clone(),
         stall_after: Duration::from_secs(3 * args.resync_interval.max(1) + 5),
+        sock_destroy: sock_destroy.supported(),
+        slots: serve::Slots::new(serve::MAX_CONNECTIONS),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = runtime()?;
     let discovery = feed.map(|feed| {
         let _runtime = rt.enter();
         log::info!(
@@ -352,15 +349,27 @@ fn run(args: RunArgs) -> Result<()> {
     };
     rt.block_on(async {
         if let Some(l) = metrics_listener {
-            serve::start(l, endpoints.clone())?;
+            serve::start(l, "metrics", endpoints.clone())?;
         }
         if let Some(l) = health_listener {
-            serve::start(l, endpoints)?;
+            serve::start(l, "health endpoints", endpoints)?;
         }
         agent::run(settings, config, maps, || load_config(&args)).await
     })?;
     log::info!("stopping; the datapath stays attached and keeps balancing (`kha detach` removes it)");
     Ok(())
+}
+
+/// The agent loop (the only writer of the maps) runs in `block_on` on the main thread, and
+/// everything it spawns (probes, endpoints, discovery) on a worker thread of its own. The
+/// loop's calls block at times (a SOCK_DESTROY run dumps the sockets and scans the 65,536-entry
+/// conn map); with a current-thread runtime that would stall every probe and timer with it.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kha-worker")
+        .enable_all()
+        .build()
 }
 
 fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
@@ -383,6 +392,8 @@ fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
         counters: maps.stats()?,
         probes: &maps.probe_statuses()?,
         backends: &backends,
+        // A kernel property: asked here, in the namespace `kha status` runs in.
+        sock_destroy: loader::sock_destroy_support(None),
     });
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
@@ -400,7 +411,32 @@ fn detach(pin_dir: &Path) -> Result<()> {
     let d = loader::detach(&pins).with_context(|| format!("detaching {}", pins.root.display()))?;
     println!("detached: {} links and {} maps removed from {}", d.links, d.maps, pins.root.display());
     if let Some(mount) = d.kept_mount {
-        println!("kept {}: it is a mount point (a bpffs of its own), left mounted and empty of kha's pins; unmount it yourself if nothing else uses it: umount {}", mount.display(), mount.display());
+        println!(
+            "kept {}: it is a mount point (a bpffs of its own), left mounted and empty of kha's pins; unmount it yourself if nothing else uses it: umount {}",
+            mount.display(),
+            mount.display()
+        );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// While the agent loop blocks (here in a std channel wait, standing for a SOCK_DESTROY
+    /// run), a task it spawned still runs: with a current-thread runtime it never would.
+    #[test]
+    fn spawned_tasks_run_while_the_agent_loop_blocks() {
+        let rt = super::runtime().unwrap();
+        let got = rt.block_on(async {
+            let (tx, rx) = std::sync::mpsc::channel();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let _ = tx.send(());
+            });
+            rx.recv_timeout(Duration::from_secs(10))
+        });
+        assert!(got.is_ok(), "the spawned task did not run while block_on was blocked");
+    }
 }

@@ -2,7 +2,12 @@
 //! endpoints (`/healthz`, `/readyz`). Pure: rendered from a snapshot of the agent's state and
 //! the kernel's counters, so the names and values are unit-tested.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use kha_common::BackendStats;
 use prometheus_client::{
@@ -44,6 +49,12 @@ pub struct LocalErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `reloaded` or `rejected`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -56,6 +67,18 @@ pub struct Recorders {
     /// Probes that failed on this node's side (out of descriptors, memory, ports) and were
     /// therefore not counted against the master.
     pub probe_local_errors: Family<LocalErrorLabels, Counter>,
+    /// Changed probe TLS files (certificate rotation) put in use or refused.
+    pub probe_tls_reloads: Family<ReloadLabels, Counter>,
+    /// The label sets recorded so far: a `Family` cannot list its own, and the series of a
+    /// backend that left the config must go (else every master ever discovered stays in
+    /// `/metrics` until the agent restarts).
+    recorded: Arc<Mutex<Recorded>>,
+}
+
+#[derive(Default)]
+struct Recorded {
+    probes: BTreeSet<SocketAddr>,
+    local_errors: BTreeSet<(SocketAddr, String)>,
 }
 
 impl Default for Recorders {
@@ -67,21 +90,51 @@ impl Default for Recorders {
             }),
             map_update_errors: Counter::default(),
             probe_local_errors: Family::default(),
+            probe_tls_reloads: Family::default(),
+            recorded: Arc::default(),
         }
     }
 }
 
 impl Recorders {
     pub fn local_error(&self, backend: SocketAddr, error: String) {
+        self.recorded().local_errors.insert((backend, error.clone()));
         self.probe_local_errors
             .get_or_create(&LocalErrorLabels { backend: backend.to_string(), error })
             .inc();
     }
 
+    pub fn tls_reload(&self, result: &str) {
+        self.probe_tls_reloads.get_or_create(&ReloadLabels { result: result.into() }).inc();
+    }
+
     pub fn probe(&self, backend: SocketAddr, latency: Duration) {
+        self.recorded().probes.insert(backend);
         self.probe_duration
             .get_or_create(&BackendLabels { backend: backend.to_string() })
             .observe(latency.as_secs_f64());
+    }
+
+    /// Drops the series of every backend not in `configured`.
+    pub fn retain_backends(&self, configured: &BTreeSet<SocketAddr>) {
+        let mut rec = self.recorded();
+        rec.probes.retain(|b| {
+            configured.contains(b) || {
+                self.probe_duration.remove(&BackendLabels { backend: b.to_string() });
+                false
+            }
+        });
+        rec.local_errors.retain(|(b, error)| {
+            configured.contains(b) || {
+                let labels = LocalErrorLabels { backend: b.to_string(), error: error.clone() };
+                self.probe_local_errors.remove(&labels);
+                false
+            }
+        });
+    }
+
+    fn recorded(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.recorded.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -109,6 +162,9 @@ pub struct Kernel {
     pub attached: bool,
     pub backends: BTreeMap<SocketAddr, BackendStats>,
     pub terminated: u64,
+    /// The start-up check found SOCK_DESTROY working: kha can move connections off a failed
+    /// master.
+    pub sock_destroy: bool,
 }
 
 const STATES: [State; 6] =
@@ -118,8 +174,11 @@ fn state_name(s: State) -> &'static str {
     kha_common::PROBE_STATE_NAMES[s.code() as usize]
 }
 
-/// The `/metrics` body (OpenMetrics text, which Prometheus reads).
+/// The `/metrics` body (OpenMetrics text, which Prometheus reads). The probe series of
+/// backends the agent no longer has in its config are dropped first: this is the one place
+/// they are shown, and the snapshot is the config the recorders' owner (the agent loop) had.
 pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> String {
+    rec.retain_backends(&agent.pairs.iter().map(|p| p.backend).collect());
     let mut r = Registry::with_prefix("kha");
     let build = Family::<BuildLabels, Gauge>::default();
     build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
@@ -127,6 +186,13 @@ pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> Str
     let attached = Gauge::<i64>::default();
     attached.set(kernel.attached as i64);
     r.register("datapath_attached", "1 if every program is attached through its pinned link", attached);
+    let sock_destroy = Gauge::<i64>::default();
+    sock_destroy.set(kernel.sock_destroy as i64);
+    r.register(
+        "sock_destroy_supported",
+        "1 if the kernel can destroy sockets (CONFIG_INET_DIAG_DESTROY), so connections to a failed master are moved",
+        sock_destroy,
+    );
 
     let up = Family::<PairLabels, Gauge>::default();
     let state = Family::<StateLabels, Gauge>::default();
@@ -189,6 +255,11 @@ pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> Str
         "Probes that failed on this node's side (descriptors, memory, ports), not counted against the backend",
         rec.probe_local_errors.clone(),
     );
+    r.register(
+        "probe_tls_reloads",
+        "Changed probe TLS files (CA, client certificate or key) put in use or refused",
+        rec.probe_tls_reloads.clone(),
+    );
 
     let mut out = String::new();
     // Writing to a String cannot fail.
@@ -241,7 +312,7 @@ mod tests {
 
     #[test]
     fn metric_names_follow_prometheus_conventions() {
-        let mut kernel = Kernel { attached: true, terminated: 4, ..Default::default() };
+        let mut kernel = Kernel { attached: true, terminated: 4, sock_destroy: true, ..Default::default() };
         kernel.backends.insert(
             "192.0.2.11:6443".parse().unwrap(),
             BackendStats { chosen: 10, established: 9, active: 2, failed: 1, rto: 0, srtt_us: 1500, _pad: 0 },
@@ -253,6 +324,7 @@ mod tests {
         for line in [
             "kha_build_info{version=\"",
             "kha_datapath_attached 1",
+            "kha_sock_destroy_supported 1",
             "kha_backend_up{frontend=\"127.0.0.1:6443\",backend=\"192.0.2.11:6443\"} 1",
             "kha_backend_up{frontend=\"127.0.0.1:6443\",backend=\"192.0.2.12:6443\"} 0",
             "kha_backend_state{frontend=\"127.0.0.1:6443\",backend=\"192.0.2.12:6443\",state=\"down\"} 1",
@@ -273,6 +345,37 @@ mod tests {
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(l.starts_with("kha_"), "{l}");
         }
+    }
+
+    #[test]
+    fn a_kernel_without_sock_destroy_shows_in_the_metrics() {
+        let kernel = Kernel { attached: true, sock_destroy: false, ..Default::default() };
+        let text = render_metrics(&agent(), &kernel, &Recorders::default());
+        assert!(text.contains("kha_sock_destroy_supported 0"), "{text}");
+    }
+
+    #[test]
+    fn probe_series_of_removed_backends_are_pruned() {
+        let kernel = Kernel { attached: true, ..Default::default() };
+        let rec = Recorders::default();
+        let (kept, gone): (SocketAddr, SocketAddr) =
+            ("192.0.2.11:6443".parse().unwrap(), "192.0.2.99:6443".parse().unwrap());
+        rec.probe(kept, Duration::from_millis(3));
+        rec.probe(gone, Duration::from_millis(3));
+        rec.local_error(gone, "EMFILE".into());
+        let before = agent();
+        let mut with_gone = before.clone();
+        with_gone.pairs.push(PairState { backend: gone, ..before.pairs[0].clone() });
+        let text = render_metrics(&with_gone, &kernel, &rec);
+        assert!(text.contains("kha_probe_duration_seconds_count{backend=\"192.0.2.99:6443\"} 1"), "{text}");
+        // 192.0.2.99 left the config: its series go, the others stay.
+        let text = render_metrics(&before, &kernel, &rec);
+        assert!(!text.contains("192.0.2.99"), "series of a removed backend:\n{text}");
+        assert!(text.contains("kha_probe_duration_seconds_count{backend=\"192.0.2.11:6443\"} 1"), "{text}");
+        // Back in the config: it starts afresh.
+        rec.probe(gone, Duration::from_millis(3));
+        let text = render_metrics(&with_gone, &kernel, &rec);
+        assert!(text.contains("kha_probe_duration_seconds_count{backend=\"192.0.2.99:6443\"} 1"), "{text}");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The agent's HTTP endpoints: `/metrics` on `--metrics-addr`, `/healthz` and `/readyz` on
 //! `--health-addr` (both localhost by default). Deliberately tiny: GET only, one request per
-//! connection, bounded in size and time.
+//! connection, bounded in size, time and number (`accept`). Answers are built on a blocking
+//! thread: they read the pinned maps, and the runtime's threads are the probes'.
+
+mod accept;
 
 use std::{
     net::SocketAddr,
@@ -22,6 +25,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+pub use accept::{MAX_CONNECTIONS, Slots};
+
 /// What the agent loop publishes for the endpoints.
 #[derive(Default)]
 pub struct Shared {
@@ -36,6 +41,10 @@ pub struct Endpoints {
     pub pins: PinDir,
     /// The agent loop counts as stalled when it has not run for this long.
     pub stall_after: Duration,
+    /// The start-up check found SOCK_DESTROY working.
+    pub sock_destroy: bool,
+    /// Shared by both listeners: one budget of descriptors.
+    pub slots: Slots,
 }
 
 /// Binds before anything is attached, so a taken port fails the start with a clear error
@@ -49,39 +58,48 @@ pub fn bind(addr: SocketAddr, what: &'static str) -> Result<std::net::TcpListene
 }
 
 /// Serves on a listener from `bind`, in the background.
-pub fn start(listener: std::net::TcpListener, ep: Endpoints) -> Result<()> {
+pub fn start(listener: std::net::TcpListener, what: &'static str, ep: Endpoints) -> Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let ep = ep.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), handle(stream, &ep)).await;
-            });
-        }
-    });
+    let slots = ep.slots.clone();
+    tokio::spawn(accept::accept_loop(listener, slots, what, move |stream, slot| {
+        let ep = ep.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), handle(stream, slot, ep)).await;
+        });
+    }));
     Ok(())
 }
 
-async fn handle(mut stream: TcpStream, ep: &Endpoints) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, mut slot: accept::Slot, ep: Endpoints) -> std::io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
     while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-        let read = stream.read(&mut buf[n..]).await?;
+        let read = tokio::select! {
+            read = stream.read(&mut buf[n..]) => read?,
+            // A newer connection needed the slot: this one had its chance.
+            _ = &mut slot.evicted => return Ok(()),
+        };
         if read == 0 {
             break;
         }
         n += read;
     }
+    slot.answering();
     let head = String::from_utf8_lossy(&buf[..n]);
     let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, content_type, body) =
-        if method != "GET" { (405, "text/plain", "GET only\n".to_string()) } else { route(path, ep) };
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
+    let (code, content_type, body) = if method != "GET" {
+        (405, "text/plain", "GET only\n".to_string())
+    } else {
+        tokio::task::spawn_blocking(move || route(&path, &ep))
+            .await
+            .unwrap_or_else(|_| (500, "text/plain", "internal error\n".into()))
+    };
     let reason = match code {
         200 => "OK",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        500 => "Internal Server Error",
         _ => "Service Unavailable",
     };
     let response = format!(
@@ -114,10 +132,8 @@ fn route(path: &str, ep: &Endpoints) -> (u16, &'static str, String) {
 /// The kernel's counters, read from the pinned maps at scrape time.
 fn kernel(ep: &Endpoints) -> Kernel {
     let attached = loader::link_status(&ep.pins).len() == loader::HOOKS.len();
-    let Ok(maps) = KhaMaps::open_pinned(&ep.pins.maps()) else {
-        return Kernel { attached, ..Default::default() };
-    };
-    let mut k = Kernel { attached, ..Default::default() };
+    let mut k = Kernel { attached, sock_destroy: ep.sock_destroy, ..Default::default() };
+    let Ok(maps) = KhaMaps::open_pinned(&ep.pins.maps()) else { return k };
     if let Ok(snapshot) = maps.snapshot() {
         for (id, b) in &snapshot.backends {
             if let Ok(stats) = maps.backend_stats(*id) {

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     endpoints::{Snapshot, socket_addr},
-    loader::LinkStatus,
+    loader::{DestroySupport, LinkStatus},
 };
 
 /// Everything `build` needs, as read from the maps and links.
@@ -23,6 +23,8 @@ pub struct Inputs<'a> {
     pub probes: &'a BTreeMap<ProbeKey, ProbeStatus>,
     /// Kernel counters and suspicion per backend id.
     pub backends: &'a BTreeMap<u32, (BackendStats, bool)>,
+    /// What the kernel answered to a SOCK_DESTROY of a socket of the caller's own.
+    pub sock_destroy: DestroySupport,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -35,6 +37,17 @@ pub struct Status {
     pub links: Vec<LinkStatus>,
     pub frontends: Vec<FrontendStatus>,
     pub counters: Vec<Counter>,
+    pub sock_destroy: SockDestroyStatus,
+}
+
+/// Whether kha can terminate the connections of a failed master (`CONFIG_INET_DIAG_DESTROY`).
+#[derive(Clone, Debug, Serialize)]
+pub struct SockDestroyStatus {
+    pub supported: bool,
+    /// supported, missing, not permitted, no sock_diag, unknown.
+    pub state: &'static str,
+    /// The cause and the fix, when not supported.
+    pub problem: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -150,6 +163,11 @@ pub fn build(inp: Inputs<'_>) -> Status {
         links: inp.links,
         frontends: frontends.into_iter().map(|(_, f)| f).collect(),
         counters: inp.counters.into_iter().map(|(name, value)| Counter { name, value }).collect(),
+        sock_destroy: SockDestroyStatus {
+            supported: inp.sock_destroy.supported(),
+            state: inp.sock_destroy.name(),
+            problem: inp.sock_destroy.problem(),
+        },
     }
 }
 
@@ -178,6 +196,15 @@ pub fn render_text(s: &Status, color: bool) -> String {
     );
     for l in &s.links {
         let _ = writeln!(out, "  link {:<13} id {:<6} prog {}", l.hook, l.link_id, l.prog_id);
+    }
+    match &s.sock_destroy.problem {
+        None => {
+            let _ = writeln!(out, "sock_destroy: {}", paint(s.sock_destroy.state.into(), "32"));
+        }
+        Some(problem) => {
+            let state = paint(s.sock_destroy.state.to_uppercase(), "31;1");
+            let _ = writeln!(out, "sock_destroy: {state}: {problem}");
+        }
     }
     if s.frontends.is_empty() {
         let _ = writeln!(out, "no frontends");
@@ -261,6 +288,7 @@ mod tests {
             counters: vec![("rewritten", 5)],
             probes,
             backends: kernel,
+            sock_destroy: DestroySupport::Supported,
         })
     }
 
@@ -287,6 +315,7 @@ mod tests {
         );
         assert!(text.contains("frontend [::1]:7443") && text.contains("EHOSTUNREACH"), "{text}");
         assert!(text.contains("rewritten 5"), "{text}");
+        assert!(text.contains("sock_destroy: supported"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["frontends"][0]["backends"][1]["address"], "192.0.2.12:6443");
         assert_eq!(json["frontends"][0]["backends"][1]["kernel"]["chosen"], 7);
@@ -332,6 +361,31 @@ mod tests {
         assert!(text.contains("FALLBACK"), "{text}");
         assert!(text.contains("192.0.2.11:6443") && text.contains("down") && text.contains("out"), "{text}");
         assert!(text.contains("last failure: HTTP 500: [-]et") && text.contains("1.5ms"), "{text}");
+    }
+
+    #[test]
+    fn a_kernel_without_sock_destroy_is_flagged_with_the_fix() {
+        let snap = Snapshot::default();
+        let mut s = status(&snap, &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(serde_json::to_value(&s).unwrap()["sock_destroy"]["supported"], true);
+        let (config, probes, backends) =
+            (DatapathConfig { netns_cookie: 1, cgroup_id: 2 }, BTreeMap::new(), BTreeMap::new());
+        s = build(Inputs {
+            pin_dir: "/sys/fs/bpf/kha",
+            snapshot: &snap,
+            config: &config,
+            links: vec![],
+            counters: vec![],
+            probes: &probes,
+            backends: &backends,
+            sock_destroy: DestroySupport::Missing,
+        });
+        let text = render_text(&s, false);
+        assert!(text.contains("sock_destroy: MISSING: cannot terminate sockets"), "{text}");
+        assert!(text.contains("CONFIG_INET_DIAG_DESTROY=y"), "{text}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["sock_destroy"]["supported"], false);
+        assert_eq!(json["sock_destroy"]["state"], "missing");
     }
 
     #[test]

@@ -346,3 +346,52 @@ fn a_never_ending_response_takes_the_master_out() {
     bed.lab.set_mode(victim, FailureMode::Normal).unwrap();
     wait_state(&bed, &addr, "up", true);
 }
+
+/// Certificate rotation: the agent re-reads its CA file by itself (no SIGHUP). It starts with
+/// a CA that did not sign the masters (all down, served by fallback); the file is replaced by
+/// the right CA and the masters come up. A broken replacement after that is refused and
+/// logged, and the config in use stays, for established and new probe connections alike.
+#[test]
+fn a_rotated_ca_file_is_picked_up_without_sighup_and_a_broken_one_is_ignored() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let other = kha_lab::pki::CertAuthority::new("another CA").unwrap();
+    let ca = bed.lab.workdir().join("rotating-ca.pem");
+    std::fs::write(&ca, other.cert_pem()).unwrap();
+    let ca_arg = ca.display().to_string();
+    start_checked(&mut bed, &["--ca-file", &ca_arg, "--metrics-addr", &metrics_addr]);
+    let m1 = bed.lab.master("m1").unwrap().https_v4().to_string();
+    wait_state(&bed, &m1, "down", true);
+
+    // As an installer replaces it: a new file renamed over the old, no signal.
+    let right = std::fs::read_to_string(&bed.pki.ca_cert).unwrap();
+    let tmp = bed.lab.workdir().join("rotating-ca.pem.tmp");
+    std::fs::write(&tmp, &right).unwrap();
+    std::fs::rename(&tmp, &ca).unwrap();
+    all_up(&bed);
+    assert!(bed.agent_log_text().contains("probe TLS reloaded"), "{}", bed.agent_log_text());
+
+    // Half-written, in place.
+    std::fs::write(&ca, &right[..right.len() / 2]).unwrap();
+    wait_for("the broken CA file refused", Duration::from_secs(20), || {
+        bed.agent_log_text().contains("cannot be used, keeping the config in use")
+    });
+    let log = bed.agent_log_text();
+    let line = log.lines().find(|l| l.contains("cannot be used")).unwrap();
+    assert!(line.contains(&ca_arg), "the log line names the file: {line}");
+    let (_, text) = http_get(metrics, "/metrics");
+    for series in [
+        "kha_probe_tls_reloads_total{result=\"reloaded\"} 1",
+        "kha_probe_tls_reloads_total{result=\"rejected\"} 1",
+    ] {
+        assert!(text.contains(series), "missing {series}: {text}");
+    }
+    // A new probe connection still gets the config in use: m1 dies and comes back.
+    bed.lab.kill_master("m1").unwrap();
+    wait_state(&bed, &m1, "down", false);
+    bed.lab.restart_master("m1").unwrap();
+    all_up(&bed);
+    let run = https(&bed, "127.0.0.1:6443", 12);
+    assert_eq!(run.failed(), 0, "{:?}", run.summary);
+}

@@ -107,6 +107,18 @@ pub fn save(dir: &Path, set: &BTreeSet<SocketAddr>) -> Result<(), StateError> {
     written.map_err(io)
 }
 
+/// [`save`] on a blocking thread: two fsyncs can take seconds on a busy disk, and the
+/// watcher that calls this shares the runtime's thread with the probes and the endpoints.
+pub async fn save_off_thread(dir: PathBuf, set: BTreeSet<SocketAddr>) -> Result<(), StateError> {
+    let path = path(&dir);
+    tokio::task::spawn_blocking(move || save(&dir, &set)).await.unwrap_or_else(|e| {
+        Err(StateError::Write {
+            path,
+            source: std::io::Error::other(format!("the writer thread failed: {e}")),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +146,20 @@ mod tests {
         let names: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)]);
         let _ = fs::remove_dir_all(d.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn saving_off_the_runtime_thread_writes_the_same_file() {
+        let d = dir("off-thread");
+        let s = set(&["192.0.2.11:6443"]);
+        save_off_thread(d.clone(), s.clone()).await.unwrap();
+        assert_eq!(load(&d).unwrap(), Some(s));
+        // A file where the directory should be: the error names the state file.
+        let blocked = d.join("blocked");
+        fs::write(&blocked, b"").unwrap();
+        let e = save_off_thread(blocked.clone(), set(&["192.0.2.12:6443"])).await.unwrap_err();
+        assert!(matches!(&e, StateError::Write { path: p, .. } if *p == path(&blocked)), "{e}");
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]

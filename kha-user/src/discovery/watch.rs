@@ -118,7 +118,7 @@ impl Reporter {
             && !set.is_empty()
             && self.saved.as_ref() != Some(&set)
         {
-            match state::save(dir, &set) {
+            match state::save_off_thread(dir.clone(), set.clone()).await {
                 Ok(()) => self.saved = Some(set.clone()),
                 Err(e) => log::warn!("discovery: {}", chain(&e)),
             }

@@ -40,6 +40,16 @@ pub enum KubesprayError {
     IniInventory { path: PathBuf },
     #[error("--group-vars {}: not a directory", path.display())]
     GroupVarsDir { path: PathBuf },
+    #[error(
+        "{}: a symlink loop: it leads back to {}, a directory being read already; remove the link or point it outside the vars tree",
+        path.display(), target.display()
+    )]
+    VarsDirLoop { path: PathBuf, target: PathBuf },
+    #[error(
+        "{}: vars directories nested more than {limit} deep; flatten the tree (or look for a link that makes it endless)",
+        path.display()
+    )]
+    VarsDirTooDeep { path: PathBuf, limit: usize },
     #[error("{}: no `{wanted}` group{}; groups found: {}", path.display(), alias.map(|a| format!(" (nor its old name `{a}`)")).unwrap_or_default(), list(found))]
     MissingGroup { path: PathBuf, wanted: &'static str, alias: Option<&'static str>, found: Vec<String> },
     #[error("{}: group `{group}` has no hosts", path.display())]

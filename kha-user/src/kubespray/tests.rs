@@ -467,6 +467,47 @@ fn group_vars_may_be_named_explicitly() {
 }
 
 #[test]
+fn symlink_loops_in_group_vars_are_refused_naming_the_link() {
+    let dir = Dir::new();
+    let inv = dir.write("hosts.yaml", INVENTORY);
+    dir.write("group_vars/all/all.yml", "kube_apiserver_port: 7443\n");
+    // A link to a directory outside the tree is read, as Ansible reads it.
+    dir.write("shared/lb.yml", "loadbalancer_apiserver_port: 8443\n");
+    std::os::unix::fs::symlink("../../shared", dir.0.join("group_vars/all/shared")).unwrap();
+    let inventory = Inventory::from_file(&inv).unwrap();
+    let vars = Vars::load(&inventory, None, &[]).unwrap();
+    assert_eq!((vars.apiserver_port().unwrap(), vars.local_lb_port().unwrap()), (7443, 8443));
+    // A link back to a directory being read: one clear error, not the same files again and
+    // again (with two such links, forever).
+    let link = dir.0.join("group_vars/all/again");
+    std::os::unix::fs::symlink("../all", &link).unwrap();
+    let err = Vars::load(&inventory, None, &[]).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, KubesprayError::VarsDirLoop { ref path, .. } if *path == link), "{msg}");
+    assert!(msg.contains("group_vars/all/again: a symlink loop") && msg.contains("remove the link"), "{msg}");
+    std::os::unix::fs::symlink(".", dir.0.join("group_vars/all/again2")).unwrap();
+    assert!(matches!(Vars::load(&inventory, None, &[]), Err(KubesprayError::VarsDirLoop { .. })));
+}
+
+#[test]
+fn endless_vars_trees_are_refused() {
+    let dir = Dir::new();
+    let inv = dir.write("hosts.yaml", INVENTORY);
+    let deep: String = (0..=vars::MAX_VARS_DEPTH).map(|i| format!("d{i}/")).collect();
+    dir.write(&format!("group_vars/all/{deep}x.yml"), "kube_apiserver_port: 7443\n");
+    let inventory = Inventory::from_file(&inv).unwrap();
+    let err = Vars::load(&inventory, None, &[]).unwrap_err();
+    assert!(matches!(err, KubesprayError::VarsDirTooDeep { limit: vars::MAX_VARS_DEPTH, .. }), "{err}");
+    // One level less is fine.
+    let shallow: String = (0..vars::MAX_VARS_DEPTH - 2).map(|i| format!("d{i}/")).collect();
+    let dir = Dir::new();
+    let inv = dir.write("hosts.yaml", INVENTORY);
+    dir.write(&format!("group_vars/all/{shallow}x.yml"), "kube_apiserver_port: 7443\n");
+    let inventory = Inventory::from_file(&inv).unwrap();
+    assert_eq!(Vars::load(&inventory, None, &[]).unwrap().apiserver_port().unwrap(), 7443);
+}
+
+#[test]
 fn bad_var_flags_are_refused() {
     type Is = fn(&KubesprayError) -> bool;
     let cases: [(&str, Is); 5] = [

@@ -301,6 +301,10 @@ pub(crate) fn host_of(v: &Raw) -> Option<Host> {
     }
 }
 
+/// How deep a vars directory may nest. Ansible has no limit of its own; real `group_vars`
+/// trees are two or three levels deep, so this only stops a tree that never ends.
+pub const MAX_VARS_DEPTH: usize = 16;
+
 /// The files Ansible reads for `group_vars/GROUP`: the first of `GROUP` (a file, or a
 /// directory read recursively in name order), `GROUP.yml`, `GROUP.yaml`, `GROUP.json`.
 fn group_vars_files(dir: &Path, group: &str) -> Result<Vec<PathBuf>, KubesprayError> {
@@ -308,7 +312,7 @@ fn group_vars_files(dir: &Path, group: &str) -> Result<Vec<PathBuf>, KubesprayEr
         let path = dir.join(format!("{group}{ext}"));
         if path.is_dir() {
             let mut files = Vec::new();
-            dir_files(&path, &mut files)?;
+            dir_files(&path, &mut Vec::new(), &mut files)?;
             return Ok(files);
         }
         if path.is_file() {
@@ -320,21 +324,32 @@ fn group_vars_files(dir: &Path, group: &str) -> Result<Vec<PathBuf>, KubesprayEr
 
 /// Ansible's rule for a vars directory: every file without an extension or ending in .yml,
 /// .yaml or .json, hidden files and backups (`~`) skipped, subdirectories in place.
-fn dir_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), KubesprayError> {
+/// Symlinks are followed, as Ansible follows them; `ancestors` (the canonical paths of the
+/// directories being read) catches a link back to one of them, which would otherwise read
+/// the same files again and again until the kernel's ELOOP, or forever with two such links.
+fn dir_files(dir: &Path, ancestors: &mut Vec<PathBuf>, out: &mut Vec<PathBuf>) -> Result<(), KubesprayError> {
     let read_err = |source| KubesprayError::Read { path: dir.to_owned(), source };
+    let canonical = std::fs::canonicalize(dir).map_err(read_err)?;
+    if let Some(ancestor) = ancestors.iter().find(|a| **a == canonical) {
+        return Err(KubesprayError::VarsDirLoop { path: dir.to_owned(), target: ancestor.clone() });
+    }
+    if ancestors.len() >= MAX_VARS_DEPTH {
+        return Err(KubesprayError::VarsDirTooDeep { path: dir.to_owned(), limit: MAX_VARS_DEPTH });
+    }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(read_err)?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()
         .map_err(read_err)?;
     entries.sort();
+    ancestors.push(canonical);
     for path in entries {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
         if name.starts_with('.') || name.ends_with('~') {
             continue;
         }
         if path.is_dir() {
-            dir_files(&path, out)?;
+            dir_files(&path, ancestors, out)?;
             continue;
         }
         let ext = path.extension().and_then(|e| e.to_str());
@@ -342,5 +357,6 @@ fn dir_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), KubesprayError> {
             out.push(path);
         }
     }
+    ancestors.pop();
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! half-done.
 
 mod checks;
+mod destroy_check;
 mod sockdiag;
 mod sys;
 
@@ -23,6 +24,7 @@ pub use checks::{
     PinLock, cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie,
     socket_in_netns,
 };
+pub use destroy_check::{DestroySupport, check_sock_destroy, sock_destroy_support};
 pub use sockdiag::destroy as destroy_sockets;
 pub use sys::LinkInfo;
 

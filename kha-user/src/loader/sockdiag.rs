@@ -11,9 +11,9 @@ use std::{
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const SOCK_DESTROY: u16 = 21;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(super) const SOCK_DESTROY: u16 = 21;
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -23,7 +23,7 @@ const IPPROTO_TCP: u8 = 6;
 /// too, so its caller fails fast and retries.
 const ALL_STATES: u32 = 0xfff;
 /// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
-const SOCKID_LEN: usize = 48;
+pub(super) const SOCKID_LEN: usize = 48;
 const REQ_LEN: usize = 8 + SOCKID_LEN;
 /// `struct inet_diag_msg` up to and including the socket id.
 const MSG_ID_END: usize = 4 + SOCKID_LEN;
@@ -87,7 +87,7 @@ fn cookie_of(id: &[u8; SOCKID_LEN]) -> u64 {
     lo | (hi << 32)
 }
 
-fn request(family: u8, id: &[u8; SOCKID_LEN]) -> [u8; REQ_LEN] {
+pub(super) fn request(family: u8, id: &[u8; SOCKID_LEN]) -> [u8; REQ_LEN] {
     let mut r = [0u8; REQ_LEN];
     r[0] = family;
     r[1] = IPPROTO_TCP;
@@ -96,7 +96,7 @@ fn request(family: u8, id: &[u8; SOCKID_LEN]) -> [u8; REQ_LEN] {
     r
 }
 
-fn open() -> io::Result<OwnedFd> {
+pub(super) fn open() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); owned right away.
     let fd =
         unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
@@ -119,7 +119,7 @@ fn open() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn send(nl: &OwnedFd, msg_type: u16, flags: u16, body: &[u8]) -> io::Result<()> {
+pub(super) fn send(nl: &OwnedFd, msg_type: u16, flags: u16, body: &[u8]) -> io::Result<()> {
     let len = NLMSG_HDRLEN + body.len();
     let mut buf = Vec::with_capacity(len);
     buf.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -157,7 +157,7 @@ fn read_until_done(nl: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<()> 
     }
 }
 
-fn read_ack(nl: &OwnedFd) -> io::Result<i32> {
+pub(super) fn read_ack(nl: &OwnedFd) -> io::Result<i32> {
     let mut buf = [0u8; 1024];
     let n = recv(nl, &mut buf)?;
     let ty = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));

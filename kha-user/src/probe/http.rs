@@ -40,7 +40,7 @@ pub(crate) fn request(path: &str, addr: SocketAddr) -> Vec<u8> {
 
 /// A complete response.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Response {
+pub struct Response {
     pub status: u16,
     /// The decoded body (chunk framing removed); at most the response limit.
     pub body: Vec<u8>,
@@ -62,7 +62,7 @@ enum State {
 }
 
 /// Feeds on the bytes read from the connection; see [`ResponseParser::feed`].
-pub(crate) struct ResponseParser {
+pub struct ResponseParser {
     limit: usize,
     /// Received bytes not yet consumed by the state machine.
     buf: Vec<u8>,
@@ -400,7 +400,7 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
 /// of a kube-apiserver `/readyz`, `/livez` or `/healthz` (which list every check, passed ones
 /// first), else the first non-empty line. Trimmed, non-printable characters replaced, at most
 /// [`STATUS_LINE_CHARS`] characters.
-pub(crate) fn reason_line(body: &[u8]) -> String {
+pub fn reason_line(body: &[u8]) -> String {
     let lines = || body.split(|&b| b == b'\n').map(trim_line).filter(|l| !l.is_empty());
     let line = lines().find(|l| l.starts_with(b"[-]")).or_else(|| lines().next()).unwrap_or_default();
     let mut out = String::new();

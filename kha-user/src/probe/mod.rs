@@ -14,6 +14,10 @@
 //!   says why, e.g. `[-]etcd failed: reason withheld`), malformed, oversized, closed.
 //! - **Verification**: the server certificate is checked against the CA of [`tls_config`]
 //!   with the backend's IP address as the name (`ServerName::IpAddress`), never a DNS name.
+//! - **Rotation**: the TLS config is taken from [`ProbeSettings::tls`] at each new connection,
+//!   so a reloaded CA or client certificate (see [`TlsStore`]) is used from the next reconnect
+//!   on; an established connection is kept (its certificate is checked against a new CA, and
+//!   a warning logged if the next reconnect would fail).
 //! - **Bounded**: connect plus TLS handshake, and request plus response, each have
 //!   [`ProbeSettings::timeout`]; a response (head and body) may not exceed
 //!   [`ProbeSettings::max_response_bytes`]. A slow, never-ending or garbage-spewing server
@@ -42,30 +46,32 @@
 //! and handshake when it had to open a connection (the first probe, and after a loss).
 
 mod failure;
-mod http;
+mod files;
+/// Public for the fuzz target `probe_response` (fuzz/); the agent uses it through [`run`].
+pub mod http;
 mod jitter;
 mod prober;
+mod reload;
 pub mod socket;
 mod tls;
 
 #[cfg(test)]
 pub(crate) mod test_events;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::ClientConfig;
-
 pub use failure::{Errno, Malformed, Phase, ProbeFailure, SNIPPET_BYTES, STATUS_LINE_CHARS};
+pub use files::{MAX_PEM_BYTES, TlsDefaults, TlsFiles, TlsPem};
 pub use jitter::JITTER;
 pub use prober::{
     CLOSE_AFTER_RESPONSE_GRACE, LOST_CONNECT_ATTEMPT, LOST_RECONNECT_WINDOW, LOST_RETRY_MAX, LOST_RETRY_MIN,
     MIN_INTERVAL, run,
 };
+pub use reload::{Reload, TLS_CHECK_INTERVAL, TlsHandle, TlsPublisher, TlsStore};
 pub use socket::{MakeSocket, default_socket};
-pub use tls::{ProbeConfigError, tls_config};
+pub use tls::{ProbeConfigError, ProbeTlsConfig, tls_config};
 
 /// The path probed when a frontend does not name one: kube-apiserver's readiness endpoint,
 /// which fails while the apiserver cannot serve (etcd unreachable, informers not synced,
@@ -102,8 +108,9 @@ pub struct ProbeSettings {
     pub interval: Duration,
     /// Bound for connect plus TLS handshake, and for each request plus response.
     pub timeout: Duration,
-    /// From [`tls_config`] (or any rustls client config offering ALPN `http/1.1` or none).
-    pub tls: Arc<ClientConfig>,
+    /// From [`tls_config`] (or any rustls client config offering ALPN `http/1.1` or none),
+    /// or a [`TlsHandle`] that [`TlsStore`] reloads: read at each new connection.
+    pub tls: TlsHandle,
     /// Bound on a response, head and body together; a larger one fails as
     /// [`ProbeFailure::Oversized`].
     pub max_response_bytes: usize,
@@ -112,12 +119,12 @@ pub struct ProbeSettings {
 impl ProbeSettings {
     /// The defaults ([`DEFAULT_PATH`], [`DEFAULT_INTERVAL`], [`DEFAULT_TIMEOUT`],
     /// [`DEFAULT_MAX_RESPONSE_BYTES`]) with the given TLS config.
-    pub fn new(tls: Arc<ClientConfig>) -> Self {
+    pub fn new(tls: impl Into<TlsHandle>) -> Self {
         ProbeSettings {
             path: DEFAULT_PATH.to_owned(),
             interval: DEFAULT_INTERVAL,
             timeout: DEFAULT_TIMEOUT,
-            tls,
+            tls: tls.into(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }

@@ -5,7 +5,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::{ServerName, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
@@ -106,7 +107,6 @@ struct Prober {
     settings: ProbeSettings,
     interval: Duration,
     make_socket: MakeSocket,
-    connector: TlsConnector,
     server_name: ServerName<'static>,
     request_bytes: Vec<u8>,
     rng: Rng,
@@ -121,7 +121,6 @@ impl Prober {
         Prober {
             addr,
             interval: settings.interval.max(MIN_INTERVAL),
-            connector: TlsConnector::from(settings.tls.clone()),
             // The backend's IP, never a DNS name: that is what its certificate must carry.
             server_name: ServerName::IpAddress(addr.ip().into()),
             request_bytes: http::request(&settings.path, addr),
@@ -138,6 +137,7 @@ impl Prober {
         let mut next = Instant::now();
         let mut last_quick_retry: Option<Instant> = None;
         loop {
+            self.recheck_trust();
             let (event, lost) = match self.idle_until(next).await {
                 Some(failure) => (ProbeEvent::ConnectionLost { failure }, true),
                 None => {
@@ -160,6 +160,27 @@ impl Prober {
                 } else {
                     regular
                 };
+        }
+    }
+
+    /// After a TLS reload, the established connection is kept (see [`super::reload`]), but if
+    /// the new CA does not trust this master's certificate the next reconnect will fail: say
+    /// so now, while the probes still pass, rather than when the master suddenly goes down.
+    fn recheck_trust(&mut self) {
+        let Some(new) = self.settings.tls.take_changed() else { return };
+        let (Some(conn), Some(verifier)) = (&self.conn, &new.verifier) else { return };
+        let Some((end_entity, intermediates)) =
+            conn.tls.get_ref().1.peer_certificates().and_then(|c| c.split_first())
+        else {
+            return;
+        };
+        match verifier.verify_server_cert(end_entity, intermediates, &self.server_name, &[], UnixTime::now())
+        {
+            Ok(_) => log::debug!("probe {}: the reloaded TLS config trusts this master too", self.addr),
+            Err(e) => log::warn!(
+                "probe {}: the reloaded CA does not trust this master's certificate ({e}); the established probe connection is kept, but the next reconnect will fail",
+                self.addr
+            ),
         }
     }
 
@@ -243,7 +264,9 @@ impl Prober {
         } else {
             (self.connect_tcp(deadline).await?, deadline)
         };
-        match timeout_at(deadline, self.connector.connect(self.server_name.clone(), tcp)).await {
+        // The config of the moment: a reloaded CA or client certificate applies from here on.
+        let connector = TlsConnector::from(self.settings.tls.for_connect().client.clone());
+        match timeout_at(deadline, connector.connect(self.server_name.clone(), tcp)).await {
             Err(_elapsed) => Err(ProbeFailure::Timeout { phase: Phase::Handshake }),
             Ok(Err(e)) => Err(classify(&e, Phase::Handshake)),
             Ok(Ok(tls)) => Ok(tls),

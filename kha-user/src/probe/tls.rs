@@ -4,15 +4,17 @@
 //! The ring provider is named explicitly rather than taken from the process default, so the
 //! config does not depend on what other crates in the binary install.
 
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use super::files::{TlsFiles, TlsPem};
 
 /// Why the probes' TLS settings cannot be used. Each names the file and the problem; the
 /// underlying error, where there is one, is the `source` (print with `{:#}` for the chain).
@@ -44,6 +46,12 @@ pub enum ProbeConfigError {
         #[source]
         source: rustls::Error,
     },
+    #[error("CA file {}: no usable trust anchor in it", path.display())]
+    Verifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::client::VerifierBuilderError,
+    },
     #[error("client key {} contains no PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display())]
     NoPrivateKey { path: PathBuf },
     #[error(
@@ -72,12 +80,22 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A probe TLS config as the probes use it: the rustls client config, and the verifier in it
+/// (none with `insecure_skip_verify`), kept so that a probe can check an established
+/// connection's certificate against a reloaded CA without a new handshake.
+#[derive(Debug)]
+pub struct ProbeTlsConfig {
+    pub client: Arc<ClientConfig>,
+    pub(super) verifier: Option<Arc<WebPkiServerVerifier>>,
+}
+
 /// Builds the probes' client config.
 ///
 /// - `ca_file`: PEM bundle of the CA(s) that sign the apiservers' serving certificates (the
 ///   cluster CA). Required unless `insecure_skip_verify`; ignored if it is set.
 /// - `client_cert` + `client_key`: PEM certificate chain and private key presented to the
-///   apiservers, for clusters without anonymous auth. Both or neither.
+///   apiservers, for clusters without anonymous auth. Both or neither; they may be one file
+///   (kubelet's `kubelet-client-current.pem`).
 /// - `insecure_skip_verify`: accept any server certificate (the handshake still runs and its
 ///   signature is still checked against the certificate's key, so a probe still means "a TLS
 ///   server answered"). The caller logs the warning.
@@ -89,39 +107,62 @@ pub fn tls_config(
     client_key: Option<&Path>,
     insecure_skip_verify: bool,
 ) -> Result<Arc<ClientConfig>, ProbeConfigError> {
+    let files = TlsFiles {
+        ca_file: ca_file.map(Path::to_owned),
+        client_cert: client_cert.map(Path::to_owned),
+        client_key: client_key.map(Path::to_owned),
+        insecure_skip_verify,
+    };
+    Ok(files.load()?.client.clone())
+}
+
+/// The config from `files` as read into `pem`. Built from the bytes read once, not from the
+/// files again, so what is checked for change is exactly what the config was made from.
+pub(super) fn build(files: &TlsFiles, pem: &TlsPem) -> Result<Arc<ProbeTlsConfig>, ProbeConfigError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|source| ProbeConfigError::Protocol { source })?;
-    let builder = if insecure_skip_verify {
+    let (builder, verifier) = if files.insecure_skip_verify {
         let verifier = AcceptAnyCertificate { algorithms: provider.signature_verification_algorithms };
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
+        (builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)), None)
     } else {
-        let ca_file = ca_file.ok_or(ProbeConfigError::NoCaFile)?;
-        builder.with_root_certificates(roots(ca_file)?)
+        let (path, ca) = match (&files.ca_file, &pem.ca) {
+            (Some(path), Some(ca)) => (path, ca),
+            _ => return Err(ProbeConfigError::NoCaFile),
+        };
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(path, ca)?), provider)
+            .build()
+            .map_err(|source| ProbeConfigError::Verifier { path: path.clone(), source })?;
+        (builder.with_webpki_verifier(verifier.clone()), Some(verifier))
     };
-    let mut config = match (client_cert, client_key) {
-        (None, None) => builder.with_no_client_auth(),
-        (Some(path), None) => return Err(ProbeConfigError::CertWithoutKey { path: path.to_owned() }),
-        (None, Some(path)) => return Err(ProbeConfigError::KeyWithoutCert { path: path.to_owned() }),
-        (Some(cert), Some(key)) => {
-            let chain = certificates(cert, "client certificate")?;
-            builder.with_client_auth_cert(chain, private_key(key)?).map_err(|source| {
-                ProbeConfigError::ClientAuth { cert: cert.to_owned(), key: key.to_owned(), source }
+    let mut config = match (&files.client_cert, &files.client_key, &pem.client_cert, &pem.client_key) {
+        (None, None, _, _) => builder.with_no_client_auth(),
+        (Some(path), None, _, _) => return Err(ProbeConfigError::CertWithoutKey { path: path.clone() }),
+        (None, Some(path), _, _) => return Err(ProbeConfigError::KeyWithoutCert { path: path.clone() }),
+        (Some(cert), Some(key), Some(cert_pem), Some(key_pem)) => {
+            let chain = certificates(cert, "client certificate", cert_pem)?;
+            // rustls checks that the key is the certificate's: a certificate and key written
+            // one after the other are refused until both are the new ones.
+            builder.with_client_auth_cert(chain, private_key(key, key_pem)?).map_err(|source| {
+                ProbeConfigError::ClientAuth { cert: cert.clone(), key: key.clone(), source }
             })?
+        }
+        // `TlsFiles::read` reads every file named; nothing to build from otherwise.
+        (Some(path), Some(_), _, _) => {
+            return Err(ProbeConfigError::NoCertificate { what: "client certificate", path: path.clone() });
         }
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Arc::new(ProbeTlsConfig { client: Arc::new(config), verifier }))
 }
 
-fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, ProbeConfigError> {
-    fs::read(path).map_err(|source| ProbeConfigError::Read { what, path: path.to_owned(), source })
-}
-
-fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, ProbeConfigError> {
-    let pem = read(path, what)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+fn certificates(
+    path: &Path,
+    what: &'static str,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, ProbeConfigError> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<_, _>>()
         .map_err(|source| ProbeConfigError::Pem { what, path: path.to_owned(), source })?;
     if certs.is_empty() {
@@ -130,9 +171,9 @@ fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-fn roots(path: &Path) -> Result<RootCertStore, ProbeConfigError> {
+fn roots(path: &Path, pem: &[u8]) -> Result<RootCertStore, ProbeConfigError> {
     let mut roots = RootCertStore::empty();
-    for cert in certificates(path, "CA file")? {
+    for cert in certificates(path, "CA file", pem)? {
         roots
             .add(cert)
             .map_err(|source| ProbeConfigError::BadCaCertificate { path: path.to_owned(), source })?;
@@ -140,11 +181,9 @@ fn roots(path: &Path) -> Result<RootCertStore, ProbeConfigError> {
     Ok(roots)
 }
 
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, ProbeConfigError> {
-    let what = "client key";
-    let pem = read(path, what)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| ProbeConfigError::Pem { what, path: path.to_owned(), source })?
+fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, ProbeConfigError> {
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|source| ProbeConfigError::Pem { what: "client key", path: path.to_owned(), source })?
         .ok_or_else(|| ProbeConfigError::NoPrivateKey { path: path.to_owned() })
 }
 

@@ -33,7 +33,7 @@ use crate::{
 use local::LocalWarnings;
 use pending::{Pending, Verdict, Why};
 
-pub use probes::{ProbeSet, ProbeTemplate, TlsFor};
+pub use probes::{ProbeSet, ProbeTemplate};
 pub use terminate::{SockDestroy, TerminateError, Terminator};
 
 /// A (frontend, backend) pair. Sockets are terminated per pair: the connect hook recorded both

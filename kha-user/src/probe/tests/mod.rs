@@ -1,7 +1,7 @@
 //! The prober against a real rustls server on 127.0.0.1 (see `server.rs`): no root, no fixed
 //! sleeps except where a real socket needs time to pass (the clean-close grace).
 
-mod server;
+pub(crate) mod server;
 
 use std::io;
 use std::net::SocketAddr;
@@ -274,7 +274,7 @@ async fn insecure_skip_verify_accepts_any_certificate() {
     let other = Ca::new("some other CA");
     let server = Server::start(server_config(&other.localhost(), None), Reply::Ok).await;
     let tls = tls_config(None, None, None, true).unwrap();
-    let mut probe = Probe::spawn(server.addr, ProbeSettings { tls, ..fx.settings() });
+    let mut probe = Probe::spawn(server.addr, ProbeSettings { tls: tls.into(), ..fx.settings() });
     let event = probe.next().await;
     assert!(is_ready(&event), "{event:?}");
     probe.stop().await;
@@ -440,7 +440,7 @@ async fn client_certificate_when_the_server_requires_one() {
     let cert = fx.dir.write("client.crt", &client.cert_pem);
     let key = fx.dir.write("client.key", &client.key_pem);
     let tls = tls_config(Some(&fx.ca_file), Some(&cert), Some(&key), false).unwrap();
-    let mut with_cert = Probe::spawn(server.addr, ProbeSettings { tls, ..fx.settings() });
+    let mut with_cert = Probe::spawn(server.addr, ProbeSettings { tls: tls.into(), ..fx.settings() });
     let event = with_cert.next().await;
     assert!(is_ready(&event), "{event:?}");
     with_cert.stop().await;
@@ -453,6 +453,43 @@ async fn client_certificate_when_the_server_requires_one() {
         ProbeFailure::Tls(rustls::Error::AlertReceived(AlertDescription::CertificateRequired))
     );
     without.stop().await;
+}
+
+/// A reloaded TLS config (certificate rotation) reaches the next new connection; the
+/// established connection is not torn down for it and keeps carrying the probes.
+#[tokio::test]
+async fn a_reloaded_config_applies_to_reconnects_not_to_the_established_connection() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let other = fx.dir.write("other-ca.crt", &Ca::new("another CA").pem());
+    let good = TlsFiles { ca_file: Some(fx.ca_file.clone()), ..TlsFiles::default() }.load().unwrap();
+    let wrong = TlsFiles { ca_file: Some(other), ..TlsFiles::default() }.load().unwrap();
+    let (publish, handle) = TlsHandle::channel(good.clone());
+    let mut probe = Probe::spawn(server.addr, ProbeSettings { tls: handle, ..fx.settings() });
+    assert!(is_ready(&probe.next().await));
+    // A CA that no longer trusts this master: the working connection stays.
+    publish.send_replace(wrong);
+    for _ in 0..3 {
+        let event = probe.next().await;
+        assert!(is_ready(&event), "{event:?}");
+    }
+    assert_eq!(server.accepts(), 1, "a reload forces no reconnect");
+    // The next connection is made with the new config, and fails by it.
+    server.kill(Kill::ResetConnections);
+    let unknown = ProbeFailure::Tls(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+    let mut seen = Vec::new();
+    while !seen.contains(&Some(unknown.clone())) {
+        assert!(seen.len() < 5, "no verification failure after the reset: {seen:?}");
+        seen.push(probe.next().await.failure().cloned());
+    }
+    // And a config that trusts it again is taken by the next reconnect.
+    publish.send_replace(good);
+    let mut events = Vec::new();
+    while !events.last().is_some_and(is_ready) {
+        assert!(events.len() < 5, "not ready again: {events:?}");
+        events.push(probe.next().await);
+    }
+    probe.stop().await;
 }
 
 #[tokio::test]
