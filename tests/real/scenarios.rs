@@ -157,8 +157,8 @@ struct Figures {
     relists: usize,
 }
 
-fn longest_gap(watchers: &[Watcher]) -> Duration {
-    watchers.iter().map(Watcher::longest_gap).max().unwrap_or_default()
+fn longest_gap(watchers: &[Watcher], after: Instant) -> Duration {
+    watchers.iter().map(|w| w.longest_gap_after(after)).max().unwrap_or_default()
 }
 
 /// SIGTERM to every apiserver in turn (kubeadm's default: no shutdown delay), while a loop of
@@ -218,7 +218,7 @@ fn rolling_restart(w: &mut World, delay: Duration) -> Figures {
     Figures {
         requests: requests.load(Ordering::SeqCst),
         failed: failed.load(Ordering::SeqCst),
-        longest_gap: longest_gap(&watchers),
+        longest_gap: longest_gap(&watchers, t_start),
         relists,
     }
 }

@@ -123,9 +123,11 @@ impl Watcher {
         })
     }
 
-    /// The longest time between a watch ending and the next one starting.
-    pub fn longest_gap(&self) -> Duration {
-        longest_gap(&self.recs())
+    /// The longest time between a watch ending after `after` and the next one starting.
+    pub fn longest_gap_after(&self, after: Instant) -> Duration {
+        let recs = self.recs();
+        let from = recs.iter().position(|(t, _)| *t > after).unwrap_or(recs.len());
+        longest_gap(&recs[from..])
     }
 }
 

@@ -42,6 +42,7 @@ mod outcome;
 mod plan;
 mod real;
 mod report;
+mod rolling;
 mod wait;
 mod world;
 
@@ -72,6 +73,11 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
         args,
         "the failover bench creates network namespaces, attaches eBPF programs and runs nginx and haproxy",
     )?;
+    if args.real {
+        let bins = crate::setup::controlplane::ensure()?;
+        // SAFETY: no other thread runs yet; the control plane reads it to find its binaries.
+        unsafe { std::env::set_var("KHA_CONTROLPLANE_BIN", bins) };
+    }
     let mut plan = if args.quick { Plan::quick() } else { Plan::full() };
     plan.real = args.real;
     if let Some(r) = args.rounds {
@@ -114,9 +120,11 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
                 all.extend(o);
             }
         }
-        all
+        let rolling = if plan.real { rolling::rolling_restarts(&mut world, Plan::d(plan.settle_s))? } else { Vec::new() };
+        (all, rolling)
         // The world drops here: clients, proxies, agent, pins, masters, namespaces.
     };
+    let (outcomes, rolling) = outcomes;
     settings.insert("load average before".into(), load_before);
     settings.insert("load average after".into(), super::loadavg());
     let report = FailoverReport {
@@ -127,6 +135,7 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
         contenders: contenders(),
         failures: FAILURES.to_vec(),
         outcomes,
+        rolling,
     };
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let (json, md) = report::files(report.plan.real);
@@ -198,8 +207,8 @@ fn fault(w: &mut World, plan: &Plan, failure: Failure, round: usize, target: &st
     // Real: writes through a master that is not failed, for the watchers to see.
     let writer = match &w.real {
         Some(r) => {
-            let other = w.masters.iter().find(|m| *m != target).context("a second master")?;
-            Some(r.writer(&w.bed, other)?)
+            let others: Vec<String> = w.masters.iter().filter(|m| *m != target).cloned().collect();
+            Some(r.writer(&w.bed, &others)?)
         }
         None => None,
     };

@@ -117,10 +117,21 @@ impl Real {
         )?)
     }
 
-    /// Starts writing through `master` (one that is not failed), until the returned writer drops.
-    pub(super) fn writer(&self, bed: &Bed, master: &str) -> Result<Writer> {
-        let kubeconfig = self.direct_kubeconfig(bed, master)?;
-        Writer::start(self.cp.bin("kubectl"), bed.lab.node_netns().to_owned(), kubeconfig)
+    /// Starts writing through the first of `masters` that answers (masters that are not
+    /// failed), until the returned writer drops.
+    pub(super) fn writer(&self, bed: &Bed, masters: &[String]) -> Result<Writer> {
+        let kubeconfigs = masters.iter().map(|m| self.direct_kubeconfig(bed, m)).collect::<Result<_>>()?;
+        Writer::start(self.cp.bin("kubectl"), bed.lab.node_netns().to_owned(), kubeconfigs)
+    }
+
+    /// The longest time one of contender `c`'s watchers had no watch open, after `after`.
+    pub(super) fn longest_gap(&self, c: &Contender, after: Instant) -> Duration {
+        self.watchers
+            .iter()
+            .filter(|(id, _)| *id == c.id)
+            .flat_map(|(_, ws)| ws.iter().map(|w| w.longest_gap_after(after)))
+            .max()
+            .unwrap_or_default()
     }
 
     /// The figures of contender `c` for writes made in `[t0, t_end]`, seen until now.
@@ -159,7 +170,7 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    fn start(kubectl: PathBuf, netns: String, kubeconfig: PathBuf) -> Result<Writer> {
+    fn start(kubectl: PathBuf, netns: String, kubeconfigs: Vec<PathBuf>) -> Result<Writer> {
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(Mutex::new(Vec::new()));
         let (s, out) = (stop.clone(), writes.clone());
@@ -169,7 +180,7 @@ impl Writer {
             let mut seq = 0u64;
             while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
                 seq += 1;
-                if let Some(rv) = patch(&kubectl, &netns, &kubeconfig, seq) {
+                if let Some(rv) = kubeconfigs.iter().find_map(|k| patch(&kubectl, &netns, k, seq)) {
                     out.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), rv));
                 }
                 thread::sleep(Duration::from_millis(TICK_MS));
@@ -192,8 +203,9 @@ impl Drop for Writer {
     }
 }
 
-/// One write; its resourceVersion, or `None` if it failed (the writer's master is healthy, so
-/// a failure is the bench's problem, not a contender's: such writes are simply not counted).
+/// One write through the master `kubeconfig` names; its resourceVersion, or `None` if it failed
+/// (the writer's masters are not failed, so a failure is the bench's problem, not a
+/// contender's: such writes are simply not counted).
 fn patch(kubectl: &Path, netns: &str, kubeconfig: &Path, seq: u64) -> Option<u64> {
     let mut c = Command::new(kubectl);
     c.arg("--kubeconfig").arg(kubeconfig).args([

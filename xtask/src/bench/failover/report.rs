@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     outcome::{Outcome, Watch},
+    rolling::{DELAYS_S, Rolling},
     plan::{
         Contender, FAILURES, Failure, KEEP_INTERVAL_MS, LOOP_INTERVAL_MS, LOOP_TIMEOUT_MS, Plan, STALL_MS,
         contenders,
@@ -30,6 +31,9 @@ pub struct FailoverReport {
     pub contenders: Vec<Contender>,
     pub failures: Vec<Failure>,
     pub outcomes: Vec<Outcome>,
+    /// Real control plane only: the rolling restarts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolling: Vec<Rolling>,
 }
 
 /// Seconds with a bound: `None` is "> bound s".
@@ -101,6 +105,35 @@ impl FailoverReport {
                     if ws.is_empty() { "**missing**".into() } else { count_cell(&ws.iter().map(|w| w.relists).collect::<Vec<_>>()) },
                 );
             }
+        }
+    }
+
+    /// The rolling restarts of the real control plane.
+    fn rolling_table(&self, m: &mut String) {
+        let _ = writeln!(
+            m,
+            "\nRolling restart of every kube-apiserver: SIGTERM to each in turn (graceful termination: `/readyz` \
+             fails, the shutdown delay, the listener closed, requests drained, GOAWAY to HTTP/2 clients), started \
+             again and ready before the next; the loop and the watchers as above. *failed*, *stalled*: loop requests \
+             that ended during the restart; *longest watch gap*: the longest a watcher had no watch open.\n\n\
+             | shutdown delay | contender | restart took | requests | failed | stalled (> 1 s) | longest delay of a write | relists | longest watch gap |\n\
+             |---|---|---|---|---|---|---|---|---|"
+        );
+        for r in &self.rolling {
+            let errors: Vec<String> = r.errors.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+            let failed = if errors.is_empty() { r.failed.to_string() } else { format!("{} ({})", r.failed, errors.join(", ")) };
+            let _ = writeln!(
+                m,
+                "| {} s | {} | {} s | {} | {failed} | {} | {} | {} | {} s |",
+                r.shutdown_delay_s,
+                r.contender,
+                num(r.phase_s),
+                r.requests,
+                r.stalled,
+                secs(r.watch.delay_s, r.phase_s),
+                r.watch.relists,
+                num(r.longest_gap_s),
+            );
         }
     }
 
@@ -200,6 +233,7 @@ impl FailoverReport {
         );
         if p.real {
             self.watch_table(&mut m);
+            self.rolling_table(&mut m);
         }
         let _ = writeln!(
             m,
@@ -315,6 +349,14 @@ pub fn verify(dir: &Path, real: bool) -> Result<()> {
             }
         }
     }
+    for delay in DELAYS_S.iter().filter(|_| real) {
+        for c in contenders() {
+            let n = r.rolling.iter().filter(|x| x.shutdown_delay_s == *delay && x.contender == c.id && x.requests > 0).count();
+            if n != 1 {
+                missing.push(format!("rolling restart, {delay} s delay / {}: {n} results with requests", c.id));
+            }
+        }
+    }
     let md = fs::read_to_string(dir.join(markdown)).unwrap_or_default();
     if !md.contains("| failure | contender |") || md.contains("**missing**") {
         missing.push(format!("{markdown} not written or incomplete"));
@@ -367,6 +409,7 @@ mod tests {
             contenders: contenders(),
             failures: FAILURES.to_vec(),
             outcomes,
+            rolling: Vec::new(),
         }
     }
 

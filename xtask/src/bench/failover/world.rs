@@ -97,6 +97,10 @@ impl World {
         Ok(w)
     }
 
+    pub(super) fn real_mut(&mut self) -> Result<&mut Real> {
+        self.real.as_mut().context("this needs the real control plane (--real)")
+    }
+
     fn masters(&mut self) -> Masters<'_> {
         Masters { bed: &mut self.bed, real: self.real.as_mut().map(|r| &mut r.cp) }
     }
