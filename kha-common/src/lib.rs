@@ -15,8 +15,10 @@ pub mod addr;
 pub mod cgroup;
 #[cfg(feature = "user")]
 pub mod errno;
+pub mod iter;
 pub mod maps;
 pub mod select;
 
 pub use addr::*;
+pub use iter::*;
 pub use maps::*;

@@ -16,8 +16,11 @@ pub const MAP_SERVICES: &str = "KHA_SVC";
 pub const MAP_BACKENDS: &str = "KHA_BACKENDS";
 /// The agent's settings for the kernel side: index 0 -> `DatapathConfig`.
 pub const MAP_CONFIG: &str = "KHA_CONFIG";
-/// Per-CPU counters, indexed by the `STAT_*` constants.
-pub const MAP_STATS: &str = "KHA_STATS";
+/// Per-CPU counters, indexed by the `STAT_*` constants. `_V2`: 16 slots where `KHA_STATS` had
+/// 8 (the per-way termination counters did not fit).
+pub const MAP_STATS: &str = "KHA_STATS_V2";
+/// Maps of earlier layouts that a newer kha no longer uses; `kha detach` removes their pins.
+pub const RETIRED_MAPS: [&str; 1] = ["KHA_STATS"];
 /// Per-backend connection counters kept by sock_ops: `backend id -> BackendStats`.
 pub const MAP_BACKEND_STATS: &str = "KHA_BE_STATS";
 /// Per-backend passive health: `backend id -> BackendHealth`. The kernel marks a backend
@@ -77,11 +80,18 @@ pub const STAT_FOREIGN_NETNS: u32 = 4;
 pub const STAT_SUSPECT_SKIPPED: u32 = 5;
 /// Choices where every backend was suspect, so one was used anyway.
 pub const STAT_ALL_SUSPECT: u32 = 6;
-/// Sockets the agent terminated (SOCK_DESTROY) because their backend failed or was removed.
+/// Sockets the agent terminated because their backend failed or was removed, either way.
 /// Written by the agent, not the kernel.
 pub const STAT_TERMINATED: u32 = 7;
-pub const STATS_LEN: usize = 8;
-pub const STAT_NAMES: [&str; 8] = [
+/// Of those, sockets ended by a forged TCP RST (the client reads ECONNRESET, which client-go
+/// takes for the normal end of a watch). Written by the agent.
+pub const STAT_TERMINATED_RESET: u32 = 8;
+/// Of those, sockets ended by sock_diag SOCK_DESTROY (the client reads ECONNABORTED): the
+/// fallback when no RST could be sent or one did not end the socket. Written by the agent.
+pub const STAT_TERMINATED_DESTROY: u32 = 9;
+/// Room for counters to come without another layout change (`KHA_STATS_V2` has 16 slots).
+pub const STATS_LEN: usize = 16;
+pub const STAT_NAMES: [&str; 10] = [
     "rewritten",
     "no_backend",
     "inconsistent",
@@ -90,6 +100,8 @@ pub const STAT_NAMES: [&str; 8] = [
     "suspect_skipped",
     "all_suspect",
     "terminated",
+    "terminated_reset",
+    "terminated_destroy",
 ];
 
 /// Key of `KHA_SVC`.
@@ -272,8 +284,13 @@ pub const PROBE_UNCHECKED: u8 = 4;
 /// reconnect finds it ready again (up) or confirms the failure (down). A new value in the same
 /// `u8`, not a new layout: a `kha status` from before shows it as `?`.
 pub const PROBE_SUSPECT: u8 = 5;
+/// Named only by discovery (not configured, not in the last run's set) and no probe has passed
+/// yet: not served, not even by the all-down fallback. A new value in the same `u8`, as
+/// `PROBE_SUSPECT`.
+pub const PROBE_UNPROVEN: u8 = 6;
 /// Indexed by `PROBE_*`.
-pub const PROBE_STATE_NAMES: [&str; 6] = ["unknown", "up", "down", "draining", "unchecked", "suspect"];
+pub const PROBE_STATE_NAMES: [&str; 7] =
+    ["unknown", "up", "down", "draining", "unchecked", "suspect", "unproven"];
 pub const PROBE_REASON_LEN: usize = 112;
 
 /// Value of `KHA_PROBES`.
@@ -315,7 +332,7 @@ mod tests {
     #[test]
     fn map_names_fit_the_kernel_limit() {
         // BPF_OBJ_NAME_LEN is 16 including the NUL; longer names are silently truncated.
-        for name in ALL_MAPS {
+        for name in ALL_MAPS.iter().chain(&RETIRED_MAPS) {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
             assert!(name.starts_with("KHA_"));
         }
@@ -327,6 +344,8 @@ mod tests {
         assert_eq!(STAT_NAMES[STAT_FOREIGN_NETNS as usize], "foreign_netns");
         assert_eq!(STAT_NAMES[STAT_ALL_SUSPECT as usize], "all_suspect");
         assert_eq!(POLICY_NAMES[POLICY_P2C as usize], "p2c");
+        assert_eq!(STAT_NAMES[STAT_TERMINATED_RESET as usize], "terminated_reset");
+        assert_eq!(STAT_NAMES[STAT_TERMINATED_DESTROY as usize], "terminated_destroy");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 #![feature(core_intrinsics)]
 
 mod connect;
+mod iter;
 mod maps;
 mod peername;
 mod release;
@@ -52,6 +53,15 @@ pub fn kha_sockops(ctx: SockOpsContext) -> u32 {
 pub fn kha_release(ctx: SockContext) -> i32 {
     let _ = release::try_sock_release(&ctx);
     1
+}
+
+/// iter/tcp, run by the agent (not attached to the cgroup): lists the sockets kha redirected
+/// with what it needs to reset them. No aya-ebpf macro for iterators: the section by hand.
+#[unsafe(link_section = "iter/tcp")]
+#[unsafe(no_mangle)]
+pub fn kha_iter_tcp(ctx: *mut iter::IterTcpCtx) -> i32 {
+    let _ = iter::try_iter_tcp(ctx);
+    0
 }
 
 #[cfg(not(test))]

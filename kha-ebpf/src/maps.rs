@@ -23,7 +23,7 @@ pub static KHA_BACKENDS: HashMap<u32, Backend, MAX_BACKENDS> = HashMap::new();
 pub static KHA_CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 #[btf_map(pin_by_name)]
-pub static KHA_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
+pub static KHA_STATS_V2: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
 
 #[btf_map(pin_by_name)]
 pub static KHA_BE_STATS: Array<BackendStats, BACKEND_ARRAY_LEN> = Array::new();
@@ -42,7 +42,7 @@ pub static KHA_PROBES: HashMap<ProbeKey, ProbeStatus, { MAX_FRONTENDS * MAX_BACK
 
 #[inline(always)]
 pub fn count(stat: u32) {
-    if let Some(c) = KHA_STATS.get_ptr_mut(stat) {
+    if let Some(c) = KHA_STATS_V2.get_ptr_mut(stat) {
         // Per-CPU slot: no other writer can race this increment.
         unsafe { *c += 1 };
     }

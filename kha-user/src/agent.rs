@@ -41,6 +41,8 @@ pub struct Settings {
 pub struct Discovery {
     pub feed: kha::discovery::Feed,
     pub updates: mpsc::Receiver<kha::discovery::Update>,
+    /// Where the watcher may reach the API directly, published after every change.
+    pub route: tokio::sync::watch::Sender<kha::discovery::watch::Route>,
 }
 
 /// The next discovery update; never, without discovery.
@@ -70,9 +72,9 @@ pub async fn run(
             Arc::new(move |addr| loader::socket_in_netns(&ns, addr)) as MakeSocket
         }
     };
-    let (mut feed, mut updates) = match settings.discovery.take() {
-        Some(d) => (Some(d.feed), Some(d.updates)),
-        None => (None, None),
+    let (mut feed, mut updates, route) = match settings.discovery.take() {
+        Some(d) => (Some(d.feed), Some(d.updates), Some(d.route)),
+        None => (None, None, None),
     };
     let mut resync = tokio::time::interval(settings.resync);
     let terminator =
@@ -90,9 +92,11 @@ pub async fn run(
         recorders: settings.recorders.clone(),
     };
     let mut sup = Supervisor::new(core, config, maps, terminator);
-    let replace = |sup: &mut Supervisor<_, _>, probes: &mut ProbeSet, c: Config| {
+    // A backend only discovery names is served once a probe passed (`health::State::Unproven`).
+    let replace = |sup: &mut Supervisor<_, _>, probes: &mut ProbeSet, c: Config, feed: &Option<_>| {
         probes.reconcile(&c);
-        sup.replace_config(c);
+        let only = feed.as_ref().map(kha::discovery::Feed::discovered_only).unwrap_or_default();
+        sup.replace_config_from(c, &only);
     };
     loop {
         let deadline = sup.next_deadline();
@@ -107,7 +111,7 @@ pub async fn run(
                             Some(f) => f.set_base(c),
                             None => c,
                         };
-                        replace(&mut sup, &mut probes, c);
+                        replace(&mut sup, &mut probes, c, &feed);
                     }
                     Err(e) => log::error!("SIGHUP: keeping the running config: {e:#}"),
                 }
@@ -116,7 +120,7 @@ pub async fn run(
             _ = tls_check.tick() => probes.check_tls(),
             Some((target, event)) = rx.recv() => sup.observe(target, event),
             Some(update) = next_update(&mut updates) => match feed.as_mut().and_then(|f| f.update(update)) {
-                Some(c) => replace(&mut sup, &mut probes, c),
+                Some(c) => replace(&mut sup, &mut probes, c, &feed),
                 None => continue,
             },
             _ = resync.tick() => sup.resync(),
@@ -125,5 +129,16 @@ pub async fn run(
         let mut shared = settings.shared.lock().unwrap_or_else(|p| p.into_inner());
         shared.agent = sup.snapshot();
         shared.last_loop = Some(std::time::Instant::now());
+        if let Some(tx) = &route {
+            let next = kha::discovery::watch::Route {
+                frontends: sup.config().frontends.iter().map(|f| f.address).collect(),
+                masters: sup.api_candidates(),
+            };
+            tx.send_if_modified(|r| {
+                let changed = *r != next;
+                *r = next;
+                changed
+            });
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use kha_common::{
     FRONTEND_FALLBACK, PROBE_DOWN, PROBE_DRAINING, PROBE_REASON_LEN, PROBE_SUSPECT, PROBE_UNCHECKED,
-    PROBE_UNKNOWN, PROBE_UP, ProbeKey, ProbeStatus,
+    PROBE_UNKNOWN, PROBE_UNPROVEN, PROBE_UP, ProbeKey, ProbeStatus,
 };
 
 use crate::{
@@ -48,6 +48,14 @@ pub enum State {
     Suspect,
     /// Health checks are off.
     Unchecked,
+    /// Named only by discovery (neither configured nor in the set the last run persisted) and
+    /// no probe has passed yet: not served, and not part of the all-down fallback either.
+    /// Whoever can write an EndpointSlice must not be able to steer a single connection to an
+    /// address that never answered a verified TLS probe. The first result decides, as for
+    /// `Unknown`: a pass is up at once (the probe verified the cluster CA's certificate for
+    /// that very address, which is what a newcomer has to prove; waiting `rise` probes would
+    /// only delay a joining master), a failure is down, and from down `rise` passes bring it up.
+    Unproven,
 }
 
 impl State {
@@ -59,6 +67,7 @@ impl State {
             State::Draining => PROBE_DRAINING,
             State::Suspect => PROBE_SUSPECT,
             State::Unchecked => PROBE_UNCHECKED,
+            State::Unproven => PROBE_UNPROVEN,
         }
     }
 
@@ -90,6 +99,9 @@ pub struct BackendHealth {
     pub since: SystemTime,
     /// The last probe was answered 401 (counted as up, readiness unknown).
     pub unauthorized: Option<u16>,
+    /// Configured, persisted by the last run, or passed a probe since: may be served by the
+    /// all-down fallback. A backend only discovery names is not, until a probe passed.
+    vouched: bool,
 }
 
 impl BackendHealth {
@@ -103,6 +115,26 @@ impl BackendHealth {
             last_latency: None,
             since: now,
             unauthorized: None,
+            vouched: true,
+        }
+    }
+
+    /// A backend only discovery names: [`State::Unproven`] until a probe passes.
+    pub fn discovered(now: SystemTime) -> Self {
+        Self { state: State::Unproven, vouched: false, ..Self::new(true, now) }
+    }
+
+    /// Configured, persisted, or it passed a probe: the all-down fallback may serve it.
+    pub fn vouched(&self) -> bool {
+        self.vouched
+    }
+
+    /// The operator now names it (a SIGHUP put a discovered master into the static list): it
+    /// is treated as configured from here on.
+    pub fn vouch(&mut self) {
+        self.vouched = true;
+        if self.state == State::Unproven {
+            self.state = State::Unknown;
         }
     }
 
@@ -146,7 +178,7 @@ impl BackendHealth {
         let down = if still_answers(failure) { State::Draining } else { State::Down };
         let lost = matches!(event, ProbeEvent::ConnectionLost { .. }) || failure.connection_died();
         let next = match self.state {
-            State::Unknown => down,
+            State::Unknown | State::Unproven => down,
             State::Up if lost => State::Suspect,
             State::Up if self.failures >= h.fall => down,
             // The reconnect failed too: confirmed.
@@ -164,9 +196,13 @@ impl BackendHealth {
         }
         self.successes += 1;
         self.failures = 0;
+        // A verified TLS handshake with this address (a 401 too: the server certificate was
+        // checked before the answer was read).
+        self.vouched = true;
         let next = match self.state {
-            // A suspect was up until a moment ago: one good reconnect clears it.
-            State::Unknown | State::Suspect => State::Up,
+            // A suspect was up until a moment ago: one good reconnect clears it. A newcomer's
+            // first pass is the proof it had to give.
+            State::Unknown | State::Suspect | State::Unproven => State::Up,
             State::Down | State::Draining if self.successes >= h.rise => State::Up,
             s => s,
         };
@@ -203,7 +239,8 @@ fn still_answers(f: &ProbeFailure) -> bool {
 }
 
 /// A frontend's live set from its configured backends and their health, and whether it fell
-/// back to all of them because none is healthy.
+/// back to all of them because none is healthy. The fallback takes only vouched backends: one
+/// that only discovery names and that never passed a probe is never served.
 pub fn live_set(
     configured: &[SocketAddr],
     health: &BTreeMap<SocketAddr, BackendHealth>,
@@ -214,10 +251,45 @@ pub fn live_set(
     if !serving.is_empty() || configured.is_empty() {
         return (serving, false);
     }
+    let vouched: Vec<SocketAddr> =
+        configured.iter().copied().filter(|b| health.get(b).is_none_or(BackendHealth::vouched)).collect();
     match all_down {
-        AllDown::Fallback => (configured.to_vec(), true),
-        AllDown::FailClosed => (Vec::new(), false),
+        AllDown::Fallback if !vouched.is_empty() => (vouched, true),
+        AllDown::Fallback | AllDown::FailClosed => (Vec::new(), false),
     }
+}
+
+/// The masters discovery may reach the API on directly, best first: the backends of the
+/// frontends discovery feeds, proven up ones first, then up, then not yet probed, then the
+/// failing ones (a probe can fail for reasons of its own; the API client verifies TLS anyway).
+/// Never one that only discovery names and no probe vouched for: discovery must not learn the
+/// next set from an address the last (perhaps forged) set brought in.
+pub fn api_candidates(config: &Config, health: &BTreeMap<ProbeTarget, BackendHealth>) -> Vec<SocketAddr> {
+    let mut ranked: BTreeMap<SocketAddr, u8> = BTreeMap::new();
+    let mut order = Vec::new();
+    for f in config.frontends.iter().filter(|f| f.discover) {
+        for b in &f.backends {
+            let rank = match health.get(&(*b, f.health_path.clone())) {
+                None => Some(2),
+                Some(h) if !h.vouched => None,
+                Some(h) if h.proven() => Some(0),
+                Some(h) if h.state == State::Up => Some(1),
+                Some(h) if h.state.serves() => Some(2),
+                Some(_) => Some(3),
+            };
+            let Some(rank) = rank else { continue };
+            match ranked.get_mut(b) {
+                Some(r) => *r = (*r).min(rank),
+                None => {
+                    ranked.insert(*b, rank);
+                    order.push(*b);
+                }
+            }
+        }
+    }
+    // Stable: within a rank, in config order (static masters first).
+    order.sort_by_key(|b| ranked[b]);
+    order
 }
 
 /// A configured backend as the probes see it: its address and the path probed on it (one
@@ -325,7 +397,6 @@ mod tests {
         assert_eq!(changes[4], Change::WentDown);
     }
 
-
     #[test]
     fn a_lost_probe_connection_is_suspect_until_the_reconnect_decides() {
         let (b, changes) = run(&[ready(), lost()]);
@@ -375,6 +446,92 @@ mod tests {
         assert_eq!(changes[3], Change::None);
         let (b, changes) = run(&[ready(), lost(), refused(), ready(), ready()]);
         assert_eq!((b.state, changes[4]), (State::Up, Change::WentUp));
+    }
+
+    fn discovered(events: &[ProbeEvent]) -> (BackendHealth, Vec<Change>) {
+        let mut b = BackendHealth::discovered(SystemTime::UNIX_EPOCH);
+        let changes = events.iter().map(|e| b.observe(e, H, SystemTime::UNIX_EPOCH)).collect();
+        (b, changes)
+    }
+
+    #[test]
+    fn a_discovered_backend_is_served_only_after_a_probe_passed() {
+        let (b, _) = discovered(&[]);
+        assert_eq!((b.state, b.state.serves(), b.vouched()), (State::Unproven, false, false));
+        assert_eq!(b.state.code(), kha_common::PROBE_UNPROVEN);
+        assert_eq!(kha_common::PROBE_STATE_NAMES[b.state.code() as usize], "unproven");
+        // The first pass is the proof: up at once.
+        let (b, changes) = discovered(&[ready()]);
+        assert_eq!((b.state, changes[0], b.vouched()), (State::Up, Change::WentUp, true));
+        assert!(b.proven());
+        // A 401 is a verified handshake too.
+        let unauthorized = ProbeEvent::Failed {
+            failure: ProbeFailure::Status { code: 401, line: String::new() },
+            latency: Duration::ZERO,
+        };
+        assert_eq!(discovered(&[unauthorized]).0.state, State::Up);
+        // A failure first: down, still never vouched for; back only after `rise` passes.
+        let (b, _) = discovered(&[timeout()]);
+        assert_eq!((b.state, b.vouched()), (State::Down, false));
+        assert_eq!(discovered(&[refused(), ready()]).0.state, State::Down);
+        let (b, _) = discovered(&[refused(), ready(), ready()]);
+        assert_eq!((b.state, b.vouched()), (State::Up, true));
+        assert_eq!(discovered(&[not_ready()]).0.state, State::Draining);
+        // An operator who names it vouches for it: unknown, served as any configured backend.
+        let (mut b, _) = discovered(&[]);
+        b.vouch();
+        assert_eq!((b.state, b.state.serves(), b.vouched()), (State::Unknown, true, true));
+    }
+
+    #[test]
+    fn the_fallback_never_serves_a_backend_no_probe_vouched_for() {
+        let a: SocketAddr = "192.0.2.11:6443".parse().unwrap();
+        let forged: SocketAddr = "192.0.2.200:6443".parse().unwrap();
+        let mut health = BTreeMap::new();
+        health.insert(forged, BackendHealth::discovered(SystemTime::UNIX_EPOCH));
+        assert_eq!(live_set(&[a, forged], &health, AllDown::Fallback), (vec![a], false));
+        // Every one down: the fallback is the vouched ones only, the forged one never.
+        let (down, _) = run(&[refused()]);
+        health.insert(a, down);
+        assert_eq!(live_set(&[a, forged], &health, AllDown::Fallback), (vec![a], true));
+        let (forged_down, _) = discovered(&[refused()]);
+        health.insert(forged, forged_down);
+        assert_eq!(live_set(&[a, forged], &health, AllDown::Fallback), (vec![a], true));
+        assert_eq!(live_set(&[forged], &health, AllDown::Fallback), (vec![], false), "nothing vouched");
+        // Once it passed a probe it is like any other.
+        let (recovered, _) = discovered(&[ready(), refused(), refused()]);
+        assert_eq!(recovered.state, State::Down);
+        health.insert(forged, recovered);
+        assert_eq!(live_set(&[a, forged], &health, AllDown::Fallback), (vec![a, forged], true));
+    }
+
+    #[test]
+    fn discovery_asks_proven_masters_first_and_never_an_unvouched_one() {
+        let mut config = Config::from_flags(
+            &["127.0.0.1:6443".into(), "[::1]:6443".into()],
+            &["192.0.2.11:6443".into(), "192.0.2.12:6443".into(), "192.0.2.13:6443".into()],
+            &Default::default(),
+        )
+        .unwrap();
+        let m = |i: u8| SocketAddr::from(([192, 0, 2, 10 + i], 6443));
+        let path = |b: SocketAddr| (b, "/readyz".to_string());
+        // Not fed by discovery: none.
+        assert!(api_candidates(&config, &BTreeMap::new()).is_empty());
+        config.frontends.iter_mut().for_each(|f| f.discover = true);
+        assert_eq!(
+            api_candidates(&config, &BTreeMap::new()),
+            vec![m(1), m(2), m(3)],
+            "config order, once each"
+        );
+        config.frontends.iter_mut().for_each(|f| f.backends.push(m(4)));
+        let mut health = BTreeMap::new();
+        health.insert(path(m(1)), run(&[refused()]).0);
+        health.insert(path(m(2)), BackendHealth::new(true, SystemTime::UNIX_EPOCH));
+        health.insert(path(m(3)), run(&[ready()]).0);
+        health.insert(path(m(4)), discovered(&[]).0);
+        assert_eq!(api_candidates(&config, &health), vec![m(3), m(2), m(1)]);
+        health.insert(path(m(4)), discovered(&[ready()]).0);
+        assert_eq!(api_candidates(&config, &health), vec![m(3), m(4), m(2), m(1)]);
     }
 
     #[test]

@@ -225,6 +225,13 @@ fn main() {
 }
 
 fn load_config(args: &RunArgs) -> Result<Config> {
+    if args.discovery.discover && args.health.no_health_checks {
+        // A discovered master is served only after a verified probe passed; without probes
+        // anyone who can write the EndpointSlice would choose where this node's API traffic goes.
+        bail!(
+            "--discover needs health checks: a discovered master is served only once its TLS probe passed, and --no-health-checks probes nothing; drop --no-health-checks (the probes need the cluster CA: --ca-file), or drop --discover and list the masters with --backend"
+        );
+    }
     let defaults = FrontendDefaults {
         policy: kha::config::parse_policy("--policy", &args.policy)?,
         health_path: args.health.health_path.clone(),
@@ -327,13 +334,17 @@ fn run(args: RunArgs) -> Result<()> {
             "discovery: watching the kubernetes service's EndpointSlices through {}",
             args.discovery.kubeconfig.display()
         );
-        agent::Discovery {
-            feed,
-            updates: kha::discovery::watch::spawn(kha::discovery::watch::WatchSettings::new(
-                args.discovery.kubeconfig.clone(),
-                Some(args.discovery.state_dir.clone()),
-            )),
-        }
+        // Until the agent's first publication: the masters in config order, none probed yet.
+        let (route, known) = tokio::sync::watch::channel(kha::discovery::watch::Route {
+            frontends: config.frontends.iter().map(|f| f.address).collect(),
+            masters: kha::health::api_candidates(&config, &Default::default()),
+        });
+        let mut watch = kha::discovery::watch::WatchSettings::new(
+            args.discovery.kubeconfig.clone(),
+            Some(args.discovery.state_dir.clone()),
+        );
+        watch.known = Some(known);
+        agent::Discovery { feed, updates: kha::discovery::watch::spawn(watch), route }
     });
     let settings = agent::Settings {
         shared,
@@ -423,6 +434,24 @@ fn detach(pin_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use clap::Parser as _;
+
+    #[test]
+    fn discovery_without_health_checks_is_refused() {
+        let cli = super::Cli::try_parse_from([
+            "kha",
+            "run",
+            "--discover",
+            "--no-health-checks",
+            "--backend",
+            "192.0.2.11:6443",
+        ])
+        .unwrap();
+        let super::Command::Run(args) = cli.command else { panic!("not run") };
+        let e = super::load_config(&args).unwrap_err().to_string();
+        assert!(e.contains("--discover needs health checks") && e.contains("--ca-file"), "{e}");
+    }
 
     /// While the agent loop blocks (here in a std channel wait, standing for a SOCK_DESTROY
     /// run), a task it spawned still runs: with a current-thread runtime it never would.

@@ -11,7 +11,7 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use kha_common::{
     Backend, BackendHealth, BackendStats, Conn, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONFIG, MAP_CONNS, MAP_PROBES, MAP_SERVICES, MAP_STATS, ProbeKey, ProbeStatus,
-    STAT_NAMES, STAT_TERMINATED, ServiceKey, ServiceValue,
+    STAT_NAMES, STAT_TERMINATED, STAT_TERMINATED_DESTROY, STAT_TERMINATED_RESET, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -43,6 +43,7 @@ pub enum MapsError {
 }
 
 pub struct KhaMaps {
+    dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     config: Array<MapData, DatapathConfig>,
@@ -67,6 +68,7 @@ impl KhaMaps {
             move |source| MapsError::Open { path, source }
         };
         Ok(Self {
+            dir: maps_dir.to_owned(),
             services: HashMap::try_from(open(maps_dir, MAP_SERVICES)?).map_err(typed(MAP_SERVICES))?,
             backends: HashMap::try_from(open(maps_dir, MAP_BACKENDS)?).map_err(typed(MAP_BACKENDS))?,
             config: Array::try_from(open(maps_dir, MAP_CONFIG)?).map_err(typed(MAP_CONFIG))?,
@@ -80,20 +82,36 @@ impl KhaMaps {
         })
     }
 
-    /// Adds to the `terminated` counter (the agent's own, kept with the kernel's so `kha status`
-    /// shows it without an agent).
-    pub fn count_terminated(&mut self, n: u64) -> Result<(), MapsError> {
+    /// The directory the maps are pinned in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Adds to the `terminated` counters (the agent's own, kept with the kernel's so `kha
+    /// status` shows them without an agent): `reset` sockets ended by an RST, `destroyed` by
+    /// SOCK_DESTROY, and both to the total.
+    pub fn count_terminated(&mut self, reset: u64, destroyed: u64) -> Result<(), MapsError> {
+        for (stat, n) in [
+            (STAT_TERMINATED, reset + destroyed),
+            (STAT_TERMINATED_RESET, reset),
+            (STAT_TERMINATED_DESTROY, destroyed),
+        ] {
+            if n > 0 {
+                self.add_stat(stat, n)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_stat(&mut self, stat: u32, n: u64) -> Result<(), MapsError> {
         let read = |source| MapsError::Read { map: MAP_STATS, source };
-        let mut values: Vec<u64> =
-            self.stats.get(&STAT_TERMINATED, 0).map_err(read)?.iter().copied().collect();
+        let mut values: Vec<u64> = self.stats.get(&stat, 0).map_err(read)?.iter().copied().collect();
         if let Some(first) = values.first_mut() {
             *first += n;
         }
         let values = aya::maps::PerCpuValues::try_from(values)
             .map_err(|e| MapsError::Write { map: MAP_STATS, source: MapError::IoError(e) })?;
-        self.stats
-            .set(STAT_TERMINATED, values, 0)
-            .map_err(|source| MapsError::Write { map: MAP_STATS, source })
+        self.stats.set(stat, values, 0).map_err(|source| MapsError::Write { map: MAP_STATS, source })
     }
 
     /// The kernel's counters for one backend id.

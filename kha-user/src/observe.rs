@@ -162,13 +162,25 @@ pub struct Kernel {
     pub attached: bool,
     pub backends: BTreeMap<SocketAddr, BackendStats>,
     pub terminated: u64,
+    /// Of `terminated`, those ended by a forged TCP RST (clients read ECONNRESET).
+    pub terminated_reset: u64,
+    /// Of `terminated`, those ended by SOCK_DESTROY (clients read ECONNABORTED; client-go
+    /// relists).
+    pub terminated_destroy: u64,
     /// The start-up check found SOCK_DESTROY working: kha can move connections off a failed
     /// master.
     pub sock_destroy: bool,
 }
 
-const STATES: [State; 6] =
-    [State::Unknown, State::Up, State::Down, State::Draining, State::Suspect, State::Unchecked];
+const STATES: [State; 7] = [
+    State::Unknown,
+    State::Up,
+    State::Down,
+    State::Draining,
+    State::Suspect,
+    State::Unchecked,
+    State::Unproven,
+];
 
 fn state_name(s: State) -> &'static str {
     kha_common::PROBE_STATE_NAMES[s.code() as usize]
@@ -248,6 +260,20 @@ pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> Str
         "Sockets terminated because their backend failed or was removed",
         terminated,
     );
+    let reset = Counter::<u64>::default();
+    reset.inc_by(kernel.terminated_reset);
+    r.register(
+        "sockets_reset",
+        "Of the terminated sockets, those ended by a TCP RST (clients read connection reset by peer)",
+        reset,
+    );
+    let destroyed = Counter::<u64>::default();
+    destroyed.inc_by(kernel.terminated_destroy);
+    r.register(
+        "sockets_destroyed",
+        "Of the terminated sockets, those ended by SOCK_DESTROY (clients read ECONNABORTED; client-go relists)",
+        destroyed,
+    );
     r.register("map_update_errors", "Failed writes to the BPF maps", rec.map_update_errors.clone());
     r.register("probe_duration_seconds", "Duration of each health probe", rec.probe_duration.clone());
     r.register(
@@ -312,7 +338,14 @@ mod tests {
 
     #[test]
     fn metric_names_follow_prometheus_conventions() {
-        let mut kernel = Kernel { attached: true, terminated: 4, sock_destroy: true, ..Default::default() };
+        let mut kernel = Kernel {
+            attached: true,
+            terminated: 4,
+            terminated_reset: 3,
+            terminated_destroy: 1,
+            sock_destroy: true,
+            ..Default::default()
+        };
         kernel.backends.insert(
             "192.0.2.11:6443".parse().unwrap(),
             BackendStats { chosen: 10, established: 9, active: 2, failed: 1, rto: 0, srtt_us: 1500, _pad: 0 },
@@ -335,6 +368,8 @@ mod tests {
             "kha_connections_active{backend=\"192.0.2.11:6443\"} 2",
             "kha_backend_srtt_seconds{backend=\"192.0.2.11:6443\"} 0.0015",
             "kha_sockets_terminated_total 4",
+            "kha_sockets_reset_total 3",
+            "kha_sockets_destroyed_total 1",
             "kha_map_update_errors_total 0",
             "kha_probe_duration_seconds_count{backend=\"192.0.2.11:6443\"} 1",
             "kha_probe_local_errors_total{backend=\"192.0.2.12:6443\",error=\"EMFILE\"} 1",

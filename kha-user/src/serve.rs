@@ -141,10 +141,10 @@ fn kernel(ep: &Endpoints) -> Kernel {
             }
         }
     }
-    k.terminated = maps
-        .stats()
-        .ok()
-        .and_then(|s| s.iter().find(|(n, _)| *n == "terminated").map(|(_, v)| *v))
-        .unwrap_or(0);
+    let stats = maps.stats().unwrap_or_default();
+    let stat = |name: &str| stats.iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v);
+    k.terminated = stat("terminated");
+    k.terminated_reset = stat("terminated_reset");
+    k.terminated_destroy = stat("terminated_destroy");
     k
 }

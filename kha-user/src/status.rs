@@ -70,7 +70,7 @@ pub struct BackendStatus {
     pub id: u32,
     /// In the live set: new connects may go to it.
     pub serving: bool,
-    /// Probe state: up, down, draining, suspect, unknown, unchecked; "serving" without probe
+    /// Probe state: up, down, draining, suspect, unknown, unchecked, unproven; "serving" without probe
     /// records.
     pub state: &'static str,
     pub reason: Option<String>,
@@ -177,7 +177,7 @@ pub fn render_text(s: &Status, color: bool) -> String {
     let paint = |text: String, code: &str| if color { format!("\x1b[{code}m{text}\x1b[0m") } else { text };
     let state_color = |state: &str| match state {
         "up" | "serving" | "unchecked" => "32",
-        "draining" | "suspect" | "unknown" => "33",
+        "draining" | "suspect" | "unknown" | "unproven" => "33",
         _ => "31",
     };
     let mut out = String::new();

@@ -192,6 +192,11 @@ pub struct LiveClient {
 
 impl LiveClient {
     pub fn start(bed: &Bed, count: u32) -> Self {
+        Self::start_via(bed, count, "127.0.0.1:6443")
+    }
+
+    /// The same, connecting to `connect_addr` (a frontend).
+    pub fn start_via(bed: &Bed, count: u32, connect_addr: &str) -> Self {
         let ca = bed.pki.ca_cert.display().to_string();
         let mut child = bed
             .spawn_lab_tool(
@@ -201,7 +206,7 @@ impl LiveClient {
                     "--url",
                     "https://localhost:6443/version",
                     "--connect-addr",
-                    "127.0.0.1:6443",
+                    connect_addr,
                     "--ca",
                     &ca,
                     "--count",

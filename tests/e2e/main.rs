@@ -11,3 +11,4 @@ mod health;
 mod lifecycle;
 mod privileges;
 mod refusals;
+mod terminate;

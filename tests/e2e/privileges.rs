@@ -39,13 +39,14 @@ struct Cap {
 }
 
 const NET_ADMIN: Cap = Cap { bit: 12, name: "CAP_NET_ADMIN" };
+const NET_RAW: Cap = Cap { bit: 13, name: "CAP_NET_RAW" };
 const SYS_ADMIN: Cap = Cap { bit: 21, name: "CAP_SYS_ADMIN" };
 const PERFMON: Cap = Cap { bit: 38, name: "CAP_PERFMON" };
 const BPF: Cap = Cap { bit: 39, name: "CAP_BPF" };
 
 /// What deploy/ grants; xtask/tests/manifests.rs holds the manifests and the unit to the same
-/// four.
-const GRANTED: [Cap; 4] = [BPF, PERFMON, NET_ADMIN, SYS_ADMIN];
+/// five.
+const GRANTED: [Cap; 5] = [BPF, PERFMON, NET_ADMIN, NET_RAW, SYS_ADMIN];
 
 fn without(drop: &[Cap]) -> Vec<Cap> {
     GRANTED.iter().copied().filter(|c| !drop.contains(c)).collect()
@@ -270,10 +271,7 @@ fn checked_args(bed: &Bed) -> Vec<String> {
 }
 
 fn terminated(bed: &Bed) -> u64 {
-    let st = bed.status().expect("kha status");
-    st["counters"].as_array().unwrap().iter().find(|c| c["name"] == "terminated").unwrap()["value"]
-        .as_u64()
-        .unwrap()
+    crate::terminate::counter(bed, "terminated")
 }
 
 /// Freezes the master a long-lived client landed on (SIGSTOP: its sockets stay open, so only
@@ -296,8 +294,8 @@ fn with_only_the_granted_capabilities_the_agent_balances_terminates_and_takes_ov
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
     assert!(["m1", "m2", "m3"].iter().filter(|m| run.by_master(m) > 0).count() >= 2, "{:?}", run.summary);
 
-    // SOCK_DESTROY (CAP_NET_ADMIN): the client's connection to the frozen master is aborted
-    // once the probes take it out, and its next request is answered by another master.
+    // A forged RST (CAP_NET_RAW): the client's connection to the frozen master is reset once
+    // the probes take it out, and its next request is answered by another master.
     let (victim, addr, client) = freeze_a_used_master(&bed);
     let failure = loop {
         let r = client.next();
@@ -306,6 +304,7 @@ fn with_only_the_granted_capabilities_the_agent_balances_terminates_and_takes_ov
         }
     };
     assert!(failure["latency_ms"].as_f64().unwrap() < 15_000.0, "the request hung: {failure}");
+    assert!(failure["error"].as_str().unwrap().contains("ECONNRESET"), "{failure}");
     let recovered = loop {
         let r = client.next();
         if r["error"].is_null() {
@@ -328,21 +327,48 @@ fn with_only_the_granted_capabilities_the_agent_balances_terminates_and_takes_ov
 }
 
 #[test]
-fn without_cap_net_admin_the_sockets_of_a_failed_master_are_not_terminated() {
+fn without_cap_net_admin_the_sockets_of_a_failed_master_are_still_reset() {
     let Some(bed) = harness::bed(3) else { return };
     // CAP_SYS_ADMIN stands in for CAP_NET_ADMIN in bpf(2)'s checks, so it attaches...
     let agent = started(&bed, &without(&[NET_ADMIN]), &checked_args(&bed));
     all_up(&bed);
     assert_eq!(https(&bed, "127.0.0.1:6443", 10).failed(), 0);
-    // ...but sock_diag's SOCK_DESTROY asks for CAP_NET_ADMIN itself.
+    // ...and sock_diag's SOCK_DESTROY asks for CAP_NET_ADMIN itself, but the RST needs only
+    // CAP_NET_RAW: an established connection is ended all the same.
     let (victim, addr, _client) = freeze_a_used_master(&bed);
     wait_state(&bed, &addr, "down", false);
-    wait_for("the failed SOCK_DESTROY in the log", Duration::from_secs(15), || {
-        agent.log_text().contains("SOCK_DESTROY failed")
+    wait_for("a reset socket", Duration::from_secs(15), || {
+        crate::terminate::counter(&bed, "terminated_reset") >= 1
     });
     let log = agent.log_text();
-    assert!(log.contains("SOCK_DESTROY failed: Operation not permitted"), "{log}");
-    assert_eq!(terminated(&bed), 0, "{log}");
+    assert_eq!(crate::terminate::counter(&bed, "terminated_destroy"), 0, "{log}");
+    assert!(!log.contains("SOCK_DESTROY failed"), "{log}");
+    bed.lab.cont_master(&victim).unwrap();
+}
+
+#[test]
+fn without_cap_net_raw_the_sockets_of_a_failed_master_are_destroyed_instead() {
+    let Some(bed) = harness::bed(3) else { return };
+    let agent = started(&bed, &without(&[NET_RAW]), &checked_args(&bed));
+    all_up(&bed);
+    // No raw socket: SOCK_DESTROY ends the connection (ECONNABORTED) and the log says why once.
+    let (victim, addr, client) = freeze_a_used_master(&bed);
+    let failure = loop {
+        let r = client.next();
+        if !r["error"].is_null() {
+            break r;
+        }
+    };
+    assert!(failure["latency_ms"].as_f64().unwrap() < 15_000.0, "the request hung: {failure}");
+    assert!(failure["error"].as_str().unwrap().contains("ECONNABORTED"), "{failure}");
+    wait_state(&bed, &addr, "down", false);
+    let log = agent.log_text();
+    assert!(crate::terminate::counter(&bed, "terminated_destroy") >= 1, "{log}");
+    assert_eq!(crate::terminate::counter(&bed, "terminated_reset"), 0, "{log}");
+    assert!(
+        log.contains("cannot open a raw socket: Operation not permitted (os error 1) (grant CAP_NET_RAW"),
+        "{log}"
+    );
     bed.lab.cont_master(&victim).unwrap();
 }
 

@@ -265,6 +265,14 @@ pub fn blackholed_master_moves_watches(w: &mut World) {
     let (victim, moved, watchers, t0) =
         fail_a_watched_master(w, |w, m| w.bed.lab.link_down(m).expect("link down"));
     report_moves(w, &victim, &moved, &watchers, t0, Duration::from_secs(40), "was blackholed");
+    // kha ends the blackholed master's sockets with an RST: client-go reads "connection reset
+    // by peer", a normal end of the watch, and resumes it from its resourceVersion. After
+    // SOCK_DESTROY's ECONNABORTED every informer relisted (docs/health.md).
+    for i in &moved {
+        assert_eq!(watchers[*i].relists_after(t0), 0, "watcher {i} relisted after kha moved it off {victim}");
+    }
+    assert!(w.counter("terminated_reset") >= 1, "no socket reset");
+    assert_eq!(w.counter("terminated_destroy"), 0, "a socket fell back to SOCK_DESTROY");
     w.bed.lab.link_up(&victim).expect("link up");
     w.wait_all_up(Duration::from_secs(60));
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod lab_client;
 mod masters;
 mod setup;
@@ -37,6 +38,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmark kha against direct connects, nginx and haproxy (docs/benchmarks.md).
     Bench(bench::BenchArgs),
+    /// Run the fuzz targets of fuzz/ (config file, probe responses, kubespray inventories and
+    /// vars, EndpointSlices) for a bounded time each; installs the pinned nightly and cargo-fuzz
+    /// first. docs/testing.md, "Fuzzing".
+    Fuzz(fuzz::FuzzArgs),
     /// Set up, build and run every test: unit tests, then the root end-to-end tests (simulated
     /// masters, then the real control plane), the demo and the bench harnesses.
     Test {
@@ -54,6 +59,7 @@ fn main() {
         Command::Run { args } => run(args),
         Command::Demo(args) => demo::demo(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Fuzz(args) => fuzz::fuzz(args),
         Command::Test { filter } => test(filter),
     };
     if let Err(e) = result {
@@ -102,6 +108,8 @@ fn test(filter: Option<String>) -> Result<()> {
         } else if ci {
             anyhow::bail!("the demo and bench smoke tests need root");
         }
+        // Every fuzz target for a bounded time (docs/testing.md, "Fuzzing"): no root needed.
+        fuzz::fuzz(fuzz::FuzzArgs::quick())?;
     }
     Ok(())
 }

@@ -27,8 +27,8 @@ const CONTAINERFILE: &str = "Containerfile";
 
 const KHA: &str = "/usr/local/bin/kha";
 /// What kha is granted everywhere, as Kubernetes spells capabilities. Each is proved needed,
-/// and the four enough, by tests/e2e/privileges.rs (its `GRANTED`).
-const CAPABILITIES: [&str; 4] = ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"];
+/// and the five enough, by tests/e2e/privileges.rs (its `GRANTED`).
+const CAPABILITIES: [&str; 5] = ["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_ADMIN"];
 const CONFIG_PATH: &str = "/etc/kha/kha.toml";
 const CA_FILE: &str = "/etc/kubernetes/ssl/ca.crt";
 

@@ -4,7 +4,8 @@
 //! of its own with its own runtime, so it serves tokio tests and plain (root) tests alike.
 //!
 //! Not a general API server: one resource, label selectors of `k=v` terms, no field
-//! selectors, no pagination (one page), no bookmarks; everything else gets 404.
+//! selectors, no pagination (one page), no bookmarks; `/readyz` and `/livez` answer `ok` (so
+//! kha's probes can vouch for it as a master); everything else gets 404.
 
 use std::{
     collections::BTreeMap,
@@ -377,6 +378,12 @@ where
             return respond(&mut s, 500, &status(500, "InternalError", "fake apiserver failing"), true).await;
         }
         let (path, params) = query(&target);
+        if path == "/readyz" || path == "/livez" {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok";
+            s.write_all(head.as_bytes()).await?;
+            s.flush().await?;
+            continue;
+        }
         if path != SLICES_PATH {
             respond(
                 &mut s,

@@ -36,6 +36,19 @@ impl Feed {
         &self.current
     }
 
+    /// The backends of the config to serve that only discovery names: not in any static list
+    /// and not in the set the last run persisted. They are served only once a probe passed.
+    pub fn discovered_only(&self) -> BTreeSet<SocketAddr> {
+        let named: BTreeSet<SocketAddr> =
+            self.base.frontends.iter().flat_map(|f| f.backends.iter().copied()).collect();
+        self.current
+            .frontends
+            .iter()
+            .flat_map(|f| f.backends.iter().copied())
+            .filter(|b| !named.contains(b) && !self.persisted.contains(b))
+            .collect()
+    }
+
     /// A reloaded static config (SIGHUP): what discovery found still applies to it.
     pub fn set_base(&mut self, base: Config) -> Config {
         let fed: BTreeSet<SocketAddr> =
@@ -291,6 +304,20 @@ mod tests {
         let c = feed.update(Update::Discovered(many)).unwrap();
         assert_eq!(c.frontends[0].backends.len(), MAX_BACKENDS_PER_FRONTEND);
         assert_eq!(c.frontends[0].backends[0], sa("192.0.2.250:6443"), "the static master is kept first");
+    }
+
+    #[test]
+    fn only_what_discovery_alone_names_is_discovered_only() {
+        let mut feed = Feed::new(base(), set(&["192.0.2.12:6443"]));
+        assert!(feed.discovered_only().is_empty(), "the static list and the last run's set are vouched for");
+        feed.update(Update::Discovered(set(&["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443"])))
+            .unwrap();
+        assert_eq!(feed.discovered_only(), set(&["192.0.2.13:6443"]));
+        // An operator who lists it (SIGHUP) vouches for it.
+        let mut named = base();
+        named.frontends[0].backends.push(sa("192.0.2.13:6443"));
+        feed.set_base(named);
+        assert!(feed.discovered_only().is_empty());
     }
 
     #[test]

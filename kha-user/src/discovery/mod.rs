@@ -28,6 +28,14 @@
 //! `https` (the only port when it has one port). An IPv4 frontend takes only IPv4 endpoints; an
 //! IPv6 frontend takes both (IPv4 ones v4-mapped), as with static backends.
 //!
+//! # What discovery is trusted with
+//!
+//! A backend only discovery names (not in a static list, not in the persisted set) is served
+//! only after a probe passed ([`crate::health::State::Unproven`], [`Feed::discovered_only`]);
+//! static masters go first when the per-frontend cap cuts; and the API is asked through a
+//! master the agent knows, not through kha's own frontend ([`watch`]). `--discover` needs
+//! health checks: without them nothing could be proven.
+//!
 //! # The state file
 //!
 //! The last good discovered set is kept in `STATE_DIR/discovered.json` (`--state-dir`, default

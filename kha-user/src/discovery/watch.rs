@@ -6,6 +6,28 @@
 //! then `...&watch=true&timeoutSeconds=60&allowWatchBookmarks=true&resourceVersion=RV` from the
 //! list's resource version, again after each timeout; a new list after an error (kube-rs backs
 //! off from 0.8 s to 30 s).
+//!
+//! # Which apiserver it asks
+//!
+//! On a node the kubeconfig's server is usually `https://localhost:6443`: kha's own frontend.
+//! Discovery must not depend on the set it is meant to repair (a bad set would keep the node
+//! from ever seeing the fix), so when the server is one of kha's frontends (`localhost`, or an
+//! IP literal, on a frontend's address and port) the client connects to a master the agent
+//! knows instead: the agent publishes them best first ([`KnownMasters`], from
+//! [`crate::health::api_candidates`]: proven up ones first, never one only discovery named
+//! and no probe vouched for). The certificate is still verified against the kubeconfig's CA
+//! for the kubeconfig's server name (`localhost`, `127.0.0.1`, ...; kubespray's and kubeadm's
+//! serving certificates carry it, as the kubelet's own connections need), or its
+//! `tls-server-name` if it has one. When that master fails (an error from the watch, or it
+//! leaves the agent's list), the next one is taken; when all have failed, the first again
+//! after a backoff. With no master known at all, the kubeconfig's server is used. A server
+//! that is not a frontend (a VIP, an external load balancer, a master) is used as it is: kha
+//! is not on that path.
+//!
+//! The agent's own sockets are in the cgroup kha serves when it attaches to the root cgroup
+//! (the default; the systemd unit and the DaemonSet do): its connects to a frontend are
+//! rewritten like any other. A connect straight to a master's address is not (only frontend
+//! addresses are rewritten), which is what both the probes and this client rely on.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,9 +43,16 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 
-use super::{LABEL_SELECTOR, NAMESPACE, Update, chain, slices::{apiserver_slices, ready_endpoints}, state};
+use super::{
+    LABEL_SELECTOR, NAMESPACE, Update, chain,
+    slices::{apiserver_slices, ready_endpoints},
+    state,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -56,7 +85,19 @@ pub struct WatchSettings {
     pub rebuild_after_errors: Duration,
     /// And at least this often, so a rotated certificate is picked up before the old expires.
     pub max_client_age: Duration,
+    /// The masters the agent knows and its frontends; `None`: always the kubeconfig's server.
+    pub known: Option<KnownMasters>,
 }
+
+/// What the agent publishes for the watcher: its frontends (is the kubeconfig's server one of
+/// them?) and the masters to reach the API on instead, best first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Route {
+    pub frontends: BTreeSet<SocketAddr>,
+    pub masters: Vec<SocketAddr>,
+}
+
+pub type KnownMasters = watch::Receiver<Route>;
 
 impl WatchSettings {
     pub fn new(kubeconfig: PathBuf, state_dir: Option<PathBuf>) -> Self {
@@ -66,6 +107,7 @@ impl WatchSettings {
             watch_timeout: Duration::from_secs(60),
             rebuild_after_errors: Duration::from_secs(60),
             max_client_age: Duration::from_secs(3600),
+            known: None,
         }
     }
 }
@@ -78,13 +120,52 @@ pub fn spawn(settings: WatchSettings) -> mpsc::Receiver<Update> {
 }
 
 pub async fn client(path: &std::path::Path) -> Result<Client, DiscoveryError> {
+    client_via(path, kube_config(path).await?)
+}
+
+async fn kube_config(path: &std::path::Path) -> Result<kube::Config, DiscoveryError> {
     let kubeconfig = Kubeconfig::read_from(path)
         .map_err(|source| DiscoveryError::Kubeconfig { path: path.to_owned(), source })?;
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .map_err(|source| DiscoveryError::Kubeconfig { path: path.to_owned(), source })?;
     config.connect_timeout = Some(Duration::from_secs(5));
+    Ok(config)
+}
+
+fn client_via(path: &std::path::Path, config: kube::Config) -> Result<Client, DiscoveryError> {
     Client::try_from(config).map_err(|source| DiscoveryError::Client { path: path.to_owned(), source })
+}
+
+/// The kubeconfig server's host, without the brackets of an IPv6 literal.
+fn server_host(config: &kube::Config) -> Option<String> {
+    let host = config.cluster_url.host()?;
+    Some(host.trim_start_matches('[').trim_end_matches(']').to_string())
+}
+
+/// Whether the kubeconfig's server is one of kha's frontends: `localhost` or an IP literal on
+/// a frontend's address and port. Another name is not resolved (it is not kha's).
+pub fn via_frontend(config: &kube::Config, frontends: &BTreeSet<SocketAddr>) -> bool {
+    let Some(host) = server_host(config) else { return false };
+    let port = config.cluster_url.port_u16().unwrap_or(443);
+    let ips: Vec<std::net::IpAddr> = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![ip.to_canonical()],
+        Err(_) if host.eq_ignore_ascii_case("localhost") => {
+            vec![std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()]
+        }
+        Err(_) => return false,
+    };
+    ips.into_iter().any(|ip| frontends.iter().any(|f| f.ip().to_canonical() == ip && f.port() == port))
+}
+
+/// Points `config` at `master`, verifying the certificate for the name the kubeconfig's server
+/// had (or its `tls-server-name`). `false` (and `config` unchanged) if that cannot be done.
+pub fn redirect(config: &mut kube::Config, master: SocketAddr) -> bool {
+    let Some(name) = config.tls_server_name.clone().or_else(|| server_host(config)) else { return false };
+    let Ok(url) = format!("https://{master}").parse() else { return false };
+    config.cluster_url = url;
+    config.tls_server_name = Some(name);
+    true
 }
 
 struct Reporter {
@@ -131,12 +212,65 @@ impl Reporter {
     }
 }
 
+/// How one client's watch ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// Time for a new client (its age, errors for long, or its master left the agent's list).
+    Rebuild,
+    /// The master it talked to directly failed: take the next one. `listed`: it had answered.
+    MasterFailed { listed: bool },
+    /// The agent is gone.
+    Gone,
+}
+
+/// The next master to ask: the best one that has not failed since the last that answered.
+/// When every one has, they get another round (after a backoff, by the caller).
+fn next_master(known: &[SocketAddr], failed: &mut BTreeSet<SocketAddr>) -> (Option<SocketAddr>, bool) {
+    if let Some(m) = known.iter().find(|m| !failed.contains(m)) {
+        return (Some(*m), false);
+    }
+    failed.clear();
+    (known.first().copied(), !known.is_empty())
+}
+
 pub async fn run(settings: WatchSettings, tx: mpsc::Sender<Update>) {
     let saved = settings.state_dir.as_deref().and_then(|d| state::load(d).ok().flatten());
     let mut r = Reporter { tx, settings: settings.clone(), sent: None, saved, failing_since: None };
     let mut retry = Duration::from_secs(1);
+    let mut failed: BTreeSet<SocketAddr> = BTreeSet::new();
+    let mut said: Option<Option<SocketAddr>> = None;
     loop {
-        let client = match client(&settings.kubeconfig).await {
+        let built = match kube_config(&settings.kubeconfig).await {
+            Ok(mut config) => {
+                let route = settings.known.as_ref().map(|k| k.borrow().clone()).unwrap_or_default();
+                let mut master = None;
+                if via_frontend(&config, &route.frontends) {
+                    let (m, round) = next_master(&route.masters, &mut failed);
+                    if round {
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(Duration::from_secs(30));
+                    }
+                    master = m.filter(|m| redirect(&mut config, *m));
+                    if said != Some(master) {
+                        match master {
+                            Some(m) => log::info!(
+                                "discovery: asking master {m} directly (TLS name {}), not kha's frontend {}",
+                                config.tls_server_name.as_deref().unwrap_or("?"),
+                                settings.kubeconfig.display()
+                            ),
+                            None => log::warn!(
+                                "discovery: no master known to ask directly; asking the kubeconfig's server {} through kha",
+                                config.cluster_url
+                            ),
+                        }
+                        said = Some(master);
+                    }
+                }
+                client_via(&settings.kubeconfig, config).map(|c| (c, master))
+            }
+            Err(e) => Err(e),
+        };
+        let (client, master) = match built {
             Ok(c) => c,
             Err(e) => {
                 if !r.failed(e).await {
@@ -147,15 +281,28 @@ pub async fn run(settings: WatchSettings, tx: mpsc::Sender<Update>) {
                 continue;
             }
         };
-        retry = Duration::from_secs(1);
-        if !watch(client, &settings, &mut r).await {
-            return;
+        match watch(client, master, &settings, &mut r).await {
+            End::Gone => return,
+            End::Rebuild => retry = Duration::from_secs(1),
+            End::MasterFailed { listed } => {
+                if listed {
+                    failed.clear();
+                    retry = Duration::from_secs(1);
+                }
+                failed.extend(master);
+            }
         }
     }
 }
 
-/// One client's watch, until it should be rebuilt (`true`) or the agent is gone (`false`).
-async fn watch(client: Client, settings: &WatchSettings, r: &mut Reporter) -> bool {
+/// One client's watch, until it should be rebuilt or the agent is gone. `master`: the master
+/// it talks to directly, left at its first error.
+async fn watch(
+    client: Client,
+    master: Option<SocketAddr>,
+    settings: &WatchSettings,
+    r: &mut Reporter,
+) -> End {
     let api = Api::<EndpointSlice>::namespaced(client, NAMESPACE);
     let timeout = u32::try_from(settings.watch_timeout.as_secs()).unwrap_or(290).clamp(1, 290);
     let config = watcher::Config::default().labels(LABEL_SELECTOR).timeout(timeout);
@@ -165,23 +312,33 @@ async fn watch(client: Client, settings: &WatchSettings, r: &mut Reporter) -> bo
     tokio::pin!(retire);
     let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
     let mut listing: Option<BTreeMap<String, EndpointSlice>> = None;
+    let mut listed = false;
+    let mut known = settings.known.clone();
     loop {
         let event = tokio::select! {
             e = stream.next() => e,
-            _ = &mut retire => return true,
+            _ = &mut retire => return End::Rebuild,
+            Some(()) = left(&mut known, master) => {
+                log::info!("discovery: master {} is no longer one to ask; taking another", master.map_or_else(String::new, |m| m.to_string()));
+                return End::Rebuild;
+            }
         };
-        let Some(event) = event else { return true };
+        let Some(event) = event else { return End::Rebuild };
         let key = |s: &EndpointSlice| s.metadata.name.clone().unwrap_or_default();
         let ok = match event {
             Err(e) => {
                 if !r.failed(DiscoveryError::Watch(e)).await {
-                    return false;
+                    return End::Gone;
+                }
+                if let Some(m) = master {
+                    log::info!("discovery: master {m} failed; asking the next one");
+                    return End::MasterFailed { listed };
                 }
                 // At most once per `rebuild_after_errors`: a new client starts without backoff.
                 let long = |t: Instant| t.elapsed() >= settings.rebuild_after_errors;
                 if r.failing_since.is_some_and(long) && long(started) {
                     log::info!("discovery: building the client anew from {}", settings.kubeconfig.display());
-                    return true;
+                    return End::Rebuild;
                 }
                 continue;
             }
@@ -195,6 +352,7 @@ async fn watch(client: Client, settings: &WatchSettings, r: &mut Reporter) -> bo
             }
             Ok(watcher::Event::InitDone) => {
                 slices = listing.take().unwrap_or_default();
+                listed = true;
                 r.current(&slices).await
             }
             Ok(watcher::Event::Apply(s)) => {
@@ -207,7 +365,21 @@ async fn watch(client: Client, settings: &WatchSettings, r: &mut Reporter) -> bo
             }
         };
         if !ok {
-            return false;
+            return End::Gone;
+        }
+    }
+}
+
+/// Resolves when `master` (asked directly) leaves the agent's list; never without one, or when
+/// the agent stopped publishing.
+async fn left(known: &mut Option<KnownMasters>, master: Option<SocketAddr>) -> Option<()> {
+    let (Some(rx), Some(m)) = (known.as_mut(), master) else { return std::future::pending().await };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !rx.borrow_and_update().masters.contains(&m) {
+            return Some(());
         }
     }
 }

@@ -15,7 +15,7 @@ use kha_lab::fake_apiserver::{FakeApiserver, FakeTls, SLICES_PATH};
 
 use super::{
     Feed, Update, state,
-    watch::{DiscoveryError, WatchSettings, spawn},
+    watch::{DiscoveryError, Route, WatchSettings, spawn},
 };
 use crate::config::{Config, FrontendDefaults};
 
@@ -263,4 +263,76 @@ async fn the_kubeconfig_is_read_again_when_failures_last() {
     new.write_kubeconfig(&path, &p.ca_file, None).unwrap();
     assert_eq!(discovered(&mut rx).await, set(&[M2]));
     let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn through_kha_s_own_frontend_discovery_asks_the_known_masters_directly() {
+    // The kubeconfig names https://localhost:PORT, which is kha's frontend, and nothing
+    // answers there (on a node: the frontend serves a broken set). The masters the agent
+    // knows are asked instead, best first; when one fails, the next.
+    let p = pki("direct");
+    let mut a = fake(&p, false);
+    a.set_masters("kubernetes", &masters(&[M1]));
+    let b = fake(&p, false);
+    b.set_masters("kubernetes", &masters(&[M2]));
+    let frontend = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let dead = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let path = p.dir.join("kubelet.conf");
+    let text = std::fs::read_to_string(a.write_kubeconfig(&path, &p.ca_file, None).unwrap()).unwrap();
+    std::fs::write(&path, text.replace(&a.url(), &format!("https://localhost:{}", frontend.port()))).unwrap();
+    let (tx, known) = tokio::sync::watch::channel(Route {
+        frontends: [frontend, sa("[::1]:6443")].into(),
+        masters: vec![dead, a.addr, b.addr],
+    });
+    let mut s = settings(path, &p.dir.join("state"));
+    s.known = Some(known);
+    let mut rx = spawn(s);
+    // The dead master's failure is reported (once), then the next one answers.
+    assert!(matches!(failed(&mut rx).await, DiscoveryError::Watch(_)));
+    assert_eq!(discovered(&mut rx).await, set(&[M1]), "the dead master skipped, the next one asked");
+    assert!(a.requests().iter().any(|r| r.starts_with(&format!("GET {SLICES_PATH}?"))));
+    // Master a dies: the watcher moves on to b.
+    a.stop();
+    assert!(matches!(failed(&mut rx).await, DiscoveryError::Watch(_)));
+    assert_eq!(discovered(&mut rx).await, set(&[M2]));
+    // The agent no longer lists b (it went down): the watcher leaves it, and with no master
+    // known at all it tries the kubeconfig's server (kha's frontend), which fails here.
+    tx.send_modify(|r| r.masters.clear());
+    assert!(matches!(failed(&mut rx).await, DiscoveryError::Watch(_)));
+    let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+#[test]
+fn the_kubeconfig_server_is_kha_s_frontend_when_it_names_one() {
+    use super::watch::{redirect, via_frontend};
+    let frontends: BTreeSet<SocketAddr> = [sa("127.0.0.1:6443"), sa("[::1]:6443")].into();
+    let config = |url: &str| kube::Config::new(url.parse().unwrap());
+    for url in
+        ["https://localhost:6443", "https://127.0.0.1:6443", "https://[::1]:6443", "https://LOCALHOST:6443"]
+    {
+        assert!(via_frontend(&config(url), &frontends), "{url}");
+    }
+    for url in
+        ["https://localhost:6444", "https://192.0.2.11:6443", "https://lb.example:6443", "https://localhost"]
+    {
+        assert!(!via_frontend(&config(url), &frontends), "{url}");
+    }
+    // Redirected: the master's address, the kubeconfig's name to verify.
+    let mut c = config("https://localhost:6443");
+    assert!(redirect(&mut c, sa("[2001:db8::12]:6443")));
+    assert_eq!(c.cluster_url.to_string(), "https://[2001:db8::12]:6443/");
+    assert_eq!(c.tls_server_name.as_deref(), Some("localhost"));
+    let mut c = config("https://[::1]:6443");
+    assert!(redirect(&mut c, sa(M1)));
+    assert_eq!(c.tls_server_name.as_deref(), Some("::1"));
+    // A tls-server-name of the kubeconfig's own wins.
+    let mut c = config("https://127.0.0.1:6443");
+    c.tls_server_name = Some("kubernetes".into());
+    assert!(redirect(&mut c, sa(M1)));
+    assert_eq!(c.tls_server_name.as_deref(), Some("kubernetes"));
 }

@@ -9,6 +9,7 @@
 
 mod checks;
 mod destroy_check;
+mod reset;
 mod sockdiag;
 mod sys;
 
@@ -25,6 +26,7 @@ pub use checks::{
     socket_in_netns,
 };
 pub use destroy_check::{DestroySupport, check_sock_destroy, sock_destroy_support};
+pub use reset::{Leftover, Outcome as ResetOutcome, ResetError, Resetter};
 pub use sockdiag::destroy as destroy_sockets;
 pub use sys::LinkInfo;
 
@@ -342,7 +344,8 @@ pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
         std::fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
         report.links += 1;
     }
-    for name in kha_common::ALL_MAPS {
+    // Pins an older kha left in a layout this one no longer uses go too.
+    for name in kha_common::ALL_MAPS.iter().chain(&kha_common::RETIRED_MAPS) {
         let path = pins.maps().join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;

@@ -89,7 +89,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
             retired: BTreeSet::new(),
             local_warnings: LocalWarnings::default(),
         };
-        s.set_config(config);
+        s.set_config(config, &BTreeSet::new());
         s
     }
 
@@ -131,12 +131,19 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         self.apply();
     }
 
-    /// A new config (SIGHUP, discovery). Pairs it no longer names keep their sockets for the
-    /// drain time.
+    /// A new config (SIGHUP) whose every backend the operator named. Pairs it no longer names
+    /// keep their sockets for the drain time.
     pub fn replace_config(&mut self, config: Config) {
+        self.replace_config_from(config, &BTreeSet::new());
+    }
+
+    /// A new config of which `discovered_only` are named by discovery alone (not configured,
+    /// not in the last run's set): those that are new start [`State::Unproven`] and are served
+    /// only once a probe passed.
+    pub fn replace_config_from(&mut self, config: Config, discovered_only: &BTreeSet<SocketAddr>) {
         let now = Instant::now();
         let before = pairs_of(&self.config);
-        self.set_config(config);
+        self.set_config(config, discovered_only);
         let after = pairs_of(&self.config);
         let backends = |pairs: &BTreeSet<Pair>| pairs.iter().map(|(_, b)| *b).collect::<BTreeSet<_>>();
         let still = backends(&after);
@@ -159,18 +166,33 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         self.apply();
     }
 
-    fn set_config(&mut self, config: Config) {
+    fn set_config(&mut self, config: Config, discovered_only: &BTreeSet<SocketAddr>) {
         let targets: BTreeSet<ProbeTarget> = config
             .frontends
             .iter()
             .flat_map(|f| f.backends.iter().map(|b| (*b, f.health_path.clone())))
             .collect();
         self.health.retain(|t, _| targets.contains(t));
+        let checked = self.settings.checked;
         for t in targets {
-            let checked = self.settings.checked;
-            self.health.entry(t).or_insert_with(|| BackendHealth::new(checked, SystemTime::now()));
+            // Without health checks nothing can be proven (the binary refuses --discover
+            // then); a new backend is unchecked, whoever named it.
+            let only_discovered = checked && discovered_only.contains(&t.0);
+            let h = self.health.entry(t).or_insert_with(|| match only_discovered {
+                true => BackendHealth::discovered(SystemTime::now()),
+                false => BackendHealth::new(checked, SystemTime::now()),
+            });
+            if !only_discovered {
+                h.vouch();
+            }
         }
         self.config = config;
+    }
+
+    /// Where discovery may reach the API directly, best first (see
+    /// [`crate::health::api_candidates`]).
+    pub fn api_candidates(&self) -> Vec<SocketAddr> {
+        crate::health::api_candidates(&self.config, &self.health)
     }
 
     /// One probe result.

@@ -120,7 +120,6 @@ fn supervisor(config: Config) -> Sup {
     Supervisor::new(settings, config, table, sockets)
 }
 
-
 fn feed(sup: &mut Sup, backend: SocketAddr, events: &[ProbeEvent]) {
     for e in events {
         sup.observe((backend, "/readyz".into()), e.clone());
@@ -528,4 +527,32 @@ async fn masters_that_refuse_anonymous_probes_are_served_as_up_and_say_why() {
     assert!(reason.starts_with("probe not authorized (401): "), "kha status shows why: {reason}");
     run_deadlines_for(&mut sup, DRAIN * 2).await;
     assert_eq!(terminated(&sup), []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_only_discovery_names_is_served_after_its_first_passed_probe() {
+    let mut sup = supervisor(config(&[F], &[m(1), m(2)]));
+    all_up(&mut sup);
+    // Discovery adds m3 (named by nobody else) and m4, which the operator vouches for.
+    let only: BTreeSet<SocketAddr> = [m(3)].into();
+    sup.replace_config_from(config(&[F], &[m(1), m(2), m(3), m(4)]), &only);
+    assert_eq!(state(&sup, m(3)), State::Unproven);
+    assert_eq!(state(&sup, m(4)), State::Unknown);
+    assert_eq!(live(&sup, F), vec![m(1), m(2), m(4)], "not served before a probe passed");
+    let shown: Vec<(u8, u8)> = sup.table().statuses.values().map(|s| (s.state, s.serving)).collect();
+    assert!(shown.contains(&(kha_common::PROBE_UNPROVEN, 0)), "kha status shows it: {shown:?}");
+    assert!(!sup.api_candidates().contains(&m(3)), "discovery does not ask it either");
+    // Every vouched backend down: the fallback serves them, not the unproven one.
+    for b in [m(1), m(2), m(4)] {
+        feed(&mut sup, b, &[refused(), refused()]);
+    }
+    assert_eq!(live(&sup, F), vec![m(1), m(2), m(4)]);
+    assert!(sup.snapshot().fallback[&addr(F)]);
+    // Its first probe passes: served, and the fallback is over.
+    feed(&mut sup, m(3), &[ready()]);
+    assert_eq!(state(&sup, m(3)), State::Up);
+    assert_eq!(live(&sup, F), vec![m(3)]);
+    // The same config again (a repeated discovery) changes nothing for it.
+    sup.replace_config_from(config(&[F], &[m(1), m(2), m(3), m(4)]), &only);
+    assert_eq!(state(&sup, m(3)), State::Up);
 }

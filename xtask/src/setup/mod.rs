@@ -18,6 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd;
 
 pub mod controlplane;
+pub mod fuzz;
 
 /// Debian packages: LLVM 22 for bpf-linker (rustc 1.98 emits LLVM 22 bitcode), bpftool to
 /// inspect maps and programs, iproute2 for the lab's namespaces.
