@@ -124,10 +124,14 @@ impl FailoverReport {
             let failed = if errors.is_empty() { r.failed.to_string() } else { format!("{} ({})", r.failed, errors.join(", ")) };
             let _ = writeln!(
                 m,
-                "| {} s | {} | {} s | {} | {failed} | {} | {} | {} | {} s |",
+                "| {} s | {} | {} | {} | {failed} | {} | {} | {} | {} s |",
                 r.shutdown_delay_s,
                 r.contender,
-                num(r.phase_s),
+                if r.not_exited.is_empty() {
+                    format!("{} s", num(r.phase_s))
+                } else {
+                    format!("{} s (not exited 60 s after SIGTERM, killed: {})", num(r.phase_s), r.not_exited.join(", "))
+                },
                 r.requests,
                 r.stalled,
                 secs(r.watch.delay_s, r.phase_s),

@@ -38,6 +38,9 @@ pub struct Rolling {
     pub watch: Watch,
     /// The longest time one of the contender's watchers had no watch open.
     pub longest_gap_s: f64,
+    /// Apiservers that had not exited a minute after SIGTERM (plus their delay): killed.
+    #[serde(default)]
+    pub not_exited: Vec<String>,
 }
 
 /// Restarts every apiserver in turn once per delay of [`DELAYS_S`]; the apiservers running
@@ -83,10 +86,16 @@ fn restart_all(w: &mut World, delay: u64, next: Duration, settle: Duration) -> R
     let writer = w.real.as_ref().context("the real control plane")?.writer(&w.bed, &masters)?;
     thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
+    let mut hung = Vec::new();
     for m in &masters {
         stopped()?;
         let real = w.real_mut()?;
-        real.cp.terminate_apiserver(m)?;
+        // An apiserver that does not finish its graceful termination is killed (the error
+        // drops it) and reported: it is what the cluster's clients got.
+        if let Err(e) = real.cp.terminate_apiserver(m) {
+            eprintln!("xtask: bench failover: {m}: {}", e.to_string().lines().next().unwrap_or_default());
+            hung.push(m.clone());
+        }
         real.cp.start_apiserver(m, next)?;
     }
     let t_end = Instant::now();
@@ -114,6 +123,7 @@ fn restart_all(w: &mut World, delay: u64, next: Duration, settle: Duration) -> R
             errors,
             watch: real.figures(c, &writes, t0, t_end),
             longest_gap_s: real.longest_gap(c, t0).as_secs_f64(),
+            not_exited: hung.clone(),
         });
     }
     Ok(out)
