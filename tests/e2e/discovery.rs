@@ -50,6 +50,17 @@ fn persisted(state_dir: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("state file JSON")
 }
 
+/// The probe flags and `--discover` with `kubeconfig` and `state_dir`.
+fn discover_args(kubeconfig: &std::path::Path, state_dir: &std::path::Path) -> Vec<String> {
+    probe_args(&[
+        "--discover",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--state-dir",
+        &state_dir.display().to_string(),
+    ])
+}
+
 #[test]
 fn discovered_masters_join_and_leave_and_a_dead_api_changes_nothing() {
     let Some(mut bed) = harness::bed(3) else { return };
@@ -60,13 +71,7 @@ fn discovered_masters_join_and_leave_and_a_dead_api_changes_nothing() {
     api.set_masters("kubernetes", &m);
 
     // The static list names master 1 only; the API announces all three.
-    let mut a = probe_args(&[
-        "--discover",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--state-dir",
-        &state_dir.display().to_string(),
-    ]);
+    let mut a = discover_args(&kubeconfig, &state_dir);
     a.extend(["--backend".to_string(), m[0].to_string()]);
     start(&mut bed, &a);
     wait_backends(&bed, &m, "all three discovered masters serving");
@@ -113,13 +118,7 @@ fn an_endpoint_that_never_passed_a_probe_is_never_served() {
     let workdir = bed.lab.workdir().to_path_buf();
     let (api, kubeconfig) = fake_apiserver::start_for_lab(&bed.pki, &workdir).expect("fake apiserver");
     api.set_masters("kubernetes", &m);
-    let mut a = probe_args(&[
-        "--discover",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--state-dir",
-        &workdir.join("state").display().to_string(),
-    ]);
+    let mut a = discover_args(&kubeconfig, &workdir.join("state"));
     for b in &m {
         a.extend(["--backend".to_string(), b.to_string()]);
     }
@@ -187,13 +186,7 @@ fn discovery_asks_a_known_master_directly_not_kha_s_own_frontend() {
     let kubeconfig = workdir.join("kubelet.conf");
     let text = std::fs::read_to_string(&fake_kubeconfig).unwrap();
     std::fs::write(&kubeconfig, text.replace(&api.url(), "https://127.0.0.1:6443")).unwrap();
-    let mut a = probe_args(&[
-        "--discover",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--state-dir",
-        &workdir.join("state").display().to_string(),
-    ]);
+    let mut a = discover_args(&kubeconfig, &workdir.join("state"));
     a.extend(["--backend".to_string(), master.to_string()]);
     start(&mut bed, &a);
     let mut last = None;

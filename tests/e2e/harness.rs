@@ -238,6 +238,30 @@ impl LiveClient {
     pub fn next(&self) -> Value {
         self.records.recv_timeout(Duration::from_secs(40)).expect("a record from the client")
     }
+
+    /// The next failed request.
+    pub fn next_failure(&self) -> Value {
+        loop {
+            let r = self.next();
+            if !r["error"].is_null() {
+                return r;
+            }
+        }
+    }
+
+    /// The next failed request, then the first answer after it, which must come from a master
+    /// other than `victim`.
+    pub fn failure_then_recovery(&self, victim: &str) -> (Value, Value) {
+        let failure = self.next_failure();
+        let recovered = loop {
+            let r = self.next();
+            if r["error"].is_null() {
+                break r;
+            }
+        };
+        assert_ne!(recovered["master"], victim, "answered by the frozen master");
+        (failure, recovered)
+    }
 }
 
 /// A `kha-lab connect --read-ident` loop in kha's cgroup, its output read as it comes (a full

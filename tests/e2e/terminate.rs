@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 
 use kha_lab::bed::Bed;
-use serde_json::Value;
 
 use crate::{
     harness::{self, LiveClient, backends, start},
@@ -17,24 +16,6 @@ pub fn counter(bed: &Bed, name: &str) -> u64 {
     let st = bed.status().expect("kha status");
     let c = st["counters"].as_array().unwrap().iter().find(|c| c["name"] == name);
     c.unwrap_or_else(|| panic!("no counter {name}: {st}"))["value"].as_u64().unwrap()
-}
-
-/// The first failed request, then the first answer after it (from another master).
-fn failure_then_recovery(client: &LiveClient, victim: &str) -> (Value, Value) {
-    let failure = loop {
-        let r = client.next();
-        if !r["error"].is_null() {
-            break r;
-        }
-    };
-    let recovered = loop {
-        let r = client.next();
-        if r["error"].is_null() {
-            break r;
-        }
-    };
-    assert_ne!(recovered["master"], victim, "answered by the frozen master");
-    (failure, recovered)
 }
 
 /// A long-lived client through `frontend` on a master that is then frozen (SIGSTOP: its
@@ -51,7 +32,7 @@ fn frozen_master_resets(frontend: &str, backend: impl Fn(&kha_lab::topology::Lab
     let addr = bed.lab.master(&victim).unwrap().https_v4().to_string();
     bed.lab.stop_master(&victim).unwrap();
 
-    let (failure, _) = failure_then_recovery(&client, &victim);
+    let (failure, _) = client.failure_then_recovery(&victim);
     eprintln!("frozen {victim}: {failure}");
     let error = failure["error"].as_str().unwrap();
     assert!(error.contains("ECONNRESET"), "not reset by kha's RST: {failure}");
