@@ -155,22 +155,19 @@ fn socket_cookie() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut cookie = 0u64;
+    getsockopt_u64(fd.as_raw_fd(), SO_NETNS_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a `u64` (the socket's or its namespace's cookie).
+pub(super) fn getsockopt_u64(fd: std::os::fd::RawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: an 8-byte buffer for SO_NETNS_COOKIE.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
+    // SAFETY: an 8-byte buffer for an 8-byte option, on a descriptor the caller holds open.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, option, (&mut value as *mut u64).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// An unconnected TCP socket for `addr`, created inside the namespace `ns` by a short-lived

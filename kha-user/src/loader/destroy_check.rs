@@ -99,21 +99,7 @@ fn probe_here() -> io::Result<()> {
     // A listener needs no traffic and no loopback link up, and is ours alone to destroy.
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let port = listener.local_addr()?.port();
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: an 8-byte buffer for SO_COOKIE.
-    let rc = unsafe {
-        libc::getsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let cookie = super::checks::getsockopt_u64(listener.as_raw_fd(), SO_COOKIE)?;
     let nl = sockdiag::open()?;
     sockdiag::send(
         &nl,
