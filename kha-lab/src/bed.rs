@@ -54,7 +54,8 @@ pub struct ChildCgroup {
 
 impl ChildCgroup {
     pub fn create(name: &str) -> Result<Self, BedError> {
-        let root = kha_common::cgroup::cgroup2_mount().map_err(BedError::Mounts)?.ok_or(BedError::NoCgroup)?;
+        let root =
+            kha_common::cgroup::cgroup2_mount().map_err(BedError::Mounts)?.ok_or(BedError::NoCgroup)?;
         let path = root.join(name);
         fs::create_dir(&path).map_err(|source| BedError::Io {
             what: "creating cgroup",
@@ -168,7 +169,11 @@ impl Bed {
         let child = if self.agent_in_node {
             self.lab.spawn_in_node(None, cmd)?
         } else {
-            cmd.spawn().map_err(|source| BedError::Io { what: "starting", path: self.kha_bin.clone(), source })?
+            cmd.spawn().map_err(|source| BedError::Io {
+                what: "starting",
+                path: self.kha_bin.clone(),
+                source,
+            })?
         };
         self.agent = Some(KillOnDrop(child));
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -328,11 +333,7 @@ fn detach(kha_bin: &Path, pins: &Path) -> Result<(), String> {
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", kha_bin.display()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    }
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()) }
 }
 
 /// The per-request records and the summary (`Null` if missing) of `kha-lab ... --json` output.
@@ -361,7 +362,12 @@ pub struct ToolRun {
 impl ToolRun {
     pub fn parse(out: &Output) -> Self {
         let (records, summary) = parse_json_lines(&String::from_utf8_lossy(&out.stdout));
-        ToolRun { records, summary, exit: out.status, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+        ToolRun {
+            records,
+            summary,
+            exit: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 
     pub fn ok(&self) -> u64 {

@@ -50,9 +50,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::errno::io_error_key;
-use crate::pki::SERVING_CN_PREFIX;
 use crate::http::{self, Limits, ReadError};
 pub use crate::master::MASTER_HEADER;
+use crate::pki::SERVING_CN_PREFIX;
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(2000);
 
@@ -77,22 +77,14 @@ pub struct HttpsUrl {
 
 impl HttpsUrl {
     pub fn parse(url: &str) -> Result<Self, UrlError> {
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| UrlError::Scheme(url.to_owned()))?;
+        let rest = url.strip_prefix("https://").ok_or_else(|| UrlError::Scheme(url.to_owned()))?;
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let path = if path.starts_with('?') {
-            format!("/{path}")
-        } else {
-            path.to_owned()
-        };
+        let path = if path.starts_with('?') { format!("/{path}") } else { path.to_owned() };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| UrlError::Host(url.to_owned()))?;
+            let (host, after) = v6.split_once(']').ok_or_else(|| UrlError::Host(url.to_owned()))?;
             (host, after.strip_prefix(':'))
         } else {
             match authority.rsplit_once(':') {
@@ -105,31 +97,15 @@ impl HttpsUrl {
         }
         let port = match port {
             None => 443,
-            Some(p) => p
-                .parse()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| UrlError::Port(url.to_owned()))?,
+            Some(p) => p.parse().ok().filter(|p| *p != 0).ok_or_else(|| UrlError::Port(url.to_owned()))?,
         };
-        Ok(HttpsUrl {
-            host: host.to_owned(),
-            port,
-            path,
-        })
+        Ok(HttpsUrl { host: host.to_owned(), port, path })
     }
 
     /// The `Host` header value.
     pub fn authority(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == 443 {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        if self.port == 443 { host } else { format!("{host}:{}", self.port) }
     }
 }
 
@@ -224,11 +200,7 @@ impl fmt::Display for RequestRecord {
 
 impl fmt::Display for RequestSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "summary: count={} ok={} failed={}",
-            self.count, self.ok, self.failed
-        )?;
+        write!(f, "summary: count={} ok={} failed={}", self.count, self.ok, self.failed)?;
         write_tally(f, "by_master", &self.by_master)?;
         write_tally(f, "by_status", &self.by_status)?;
         write_tally(f, "errors", &self.errors)
@@ -255,10 +227,7 @@ struct Failure {
 
 impl Failure {
     fn new(phase: &str, reason: impl fmt::Display, detail: impl fmt::Display) -> Self {
-        Failure {
-            key: format!("{phase}:{reason}"),
-            detail: detail.to_string(),
-        }
+        Failure { key: format!("{phase}:{reason}"), detail: detail.to_string() }
     }
 
     fn deadline(phase: &str) -> Self {
@@ -272,10 +241,7 @@ impl Failure {
 
 /// tokio-rustls reports TLS failures as io::Error wrapping a rustls::Error.
 fn io_or_tls_key(err: &io::Error) -> String {
-    match err
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    {
+    match err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         Some(tls_err) => crate::tls::error_key(tls_err).to_owned(),
         None => io_error_key(err),
     }
@@ -292,10 +258,7 @@ struct Conn {
 }
 
 /// Runs `opts.count` requests, calling `on_record` after each.
-pub async fn run(
-    opts: &ClientOptions,
-    mut on_record: impl FnMut(&RequestRecord),
-) -> RequestSummary {
+pub async fn run(opts: &ClientOptions, mut on_record: impl FnMut(&RequestRecord)) -> RequestSummary {
     let mut summary = RequestSummary::default();
     let mut conn = None;
     for seq in 0..opts.count {
@@ -356,12 +319,7 @@ async fn request_once(opts: &ClientOptions, slot: &mut Option<Conn>, seq: u64) -
             record.ok = (200..300).contains(&resp.status);
             if !record.ok {
                 record.error = Some(format!("status:{}", resp.status));
-                record.detail = Some(
-                    String::from_utf8_lossy(&resp.body)
-                        .chars()
-                        .take(200)
-                        .collect(),
-                );
+                record.detail = Some(String::from_utf8_lossy(&resp.body).chars().take(200).collect());
             }
         }
         Err(f) => {
@@ -386,11 +344,8 @@ async fn connect(opts: &ClientOptions, deadline: Instant) -> Result<Conn, Connec
     let no_addr = |f| (f, None, None);
     let addrs: Vec<SocketAddr> = match opts.connect_addr {
         Some(a) => vec![a],
-        None => match timeout_at(
-            deadline,
-            tokio::net::lookup_host((opts.url.host.as_str(), opts.url.port)),
-        )
-        .await
+        None => match timeout_at(deadline, tokio::net::lookup_host((opts.url.host.as_str(), opts.url.port)))
+            .await
         {
             Ok(Ok(addrs)) => addrs.collect(),
             Ok(Err(e)) => return Err(no_addr(Failure::io("resolve", &e))),
@@ -398,11 +353,7 @@ async fn connect(opts: &ClientOptions, deadline: Instant) -> Result<Conn, Connec
         },
     };
     // Try each resolved address in turn, as `localhost` may give ::1 and 127.0.0.1.
-    let mut last = Failure::new(
-        "resolve",
-        "no_address",
-        format!("{} resolved to nothing", opts.url.host),
-    );
+    let mut last = Failure::new("resolve", "no_address", format!("{} resolved to nothing", opts.url.host));
     let mut tcp = None;
     for addr in addrs {
         match timeout_at(deadline, TcpStream::connect(addr)).await {
@@ -432,14 +383,13 @@ async fn connect(opts: &ClientOptions, deadline: Instant) -> Result<Conn, Connec
     let connector = TlsConnector::from(opts.tls.clone());
     match timeout_at(deadline, connector.connect(name, tcp)).await {
         Ok(Ok(stream)) => {
-            let cert_master = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| master_of_cert(c));
-            Ok(Conn {
-                stream,
-                buf: Vec::new(),
-                peer,
-                local,
-                cert_master,
-            })
+            let cert_master = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| master_of_cert(c));
+            Ok(Conn { stream, buf: Vec::new(), peer, local, cert_master })
         }
         Ok(Err(e)) => Err((Failure::io("tls", &e), peer, local)),
         Err(_) => Err((Failure::deadline("tls"), peer, local)),
@@ -479,11 +429,7 @@ async fn exchange(
         Ok(Ok(r)) => r,
         Ok(Err(ReadError::Io(e))) => return Err(Failure::io("response", &e)),
         Ok(Err(ReadError::UnexpectedEof)) => {
-            return Err(Failure::new(
-                "response",
-                "EOF",
-                "connection closed before a full response",
-            ));
+            return Err(Failure::new("response", "EOF", "connection closed before a full response"));
         }
         Ok(Err(ReadError::Head(e))) => return Err(Failure::new("response", "malformed", e)),
         Err(_) => return Err(Failure::deadline("response")),
@@ -519,42 +465,18 @@ mod tests {
     #[test]
     fn parses_urls_with_ipv6_ports_and_paths() {
         let u = HttpsUrl::parse("https://localhost:6443/version").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.path.as_str()),
-            ("localhost", 6443, "/version")
-        );
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("localhost", 6443, "/version"));
         assert_eq!(u.authority(), "localhost:6443");
         let u = HttpsUrl::parse("https://[::1]:6443/readyz?verbose").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.path.as_str()),
-            ("::1", 6443, "/readyz?verbose")
-        );
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("::1", 6443, "/readyz?verbose"));
         assert_eq!(u.authority(), "[::1]:6443");
         let u = HttpsUrl::parse("https://kubernetes.default.svc").unwrap();
-        assert_eq!(
-            (u.port, u.path.as_str(), u.authority().as_str()),
-            (443, "/", "kubernetes.default.svc")
-        );
-        assert!(matches!(
-            HttpsUrl::parse("http://x/"),
-            Err(UrlError::Scheme(_))
-        ));
-        assert!(matches!(
-            HttpsUrl::parse("https://x:0/"),
-            Err(UrlError::Port(_))
-        ));
-        assert!(matches!(
-            HttpsUrl::parse("https://x:99999/"),
-            Err(UrlError::Port(_))
-        ));
-        assert!(matches!(
-            HttpsUrl::parse("https://:6443/"),
-            Err(UrlError::Host(_))
-        ));
-        assert!(matches!(
-            HttpsUrl::parse("https://[::1/"),
-            Err(UrlError::Host(_))
-        ));
+        assert_eq!((u.port, u.path.as_str(), u.authority().as_str()), (443, "/", "kubernetes.default.svc"));
+        assert!(matches!(HttpsUrl::parse("http://x/"), Err(UrlError::Scheme(_))));
+        assert!(matches!(HttpsUrl::parse("https://x:0/"), Err(UrlError::Port(_))));
+        assert!(matches!(HttpsUrl::parse("https://x:99999/"), Err(UrlError::Port(_))));
+        assert!(matches!(HttpsUrl::parse("https://:6443/"), Err(UrlError::Host(_))));
+        assert!(matches!(HttpsUrl::parse("https://[::1/"), Err(UrlError::Host(_))));
     }
 
     #[test]

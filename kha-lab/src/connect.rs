@@ -88,13 +88,7 @@ impl ConnectSummary {
 impl fmt::Display for ConnectRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
-        write!(
-            f,
-            "#{} peer={} local={}",
-            self.seq,
-            or_dash(&self.peer),
-            or_dash(&self.local)
-        )?;
+        write!(f, "#{} peer={} local={}", self.seq, or_dash(&self.peer), or_dash(&self.local))?;
         if let Some(m) = &self.master {
             write!(f, " master={m}")?;
         }
@@ -108,11 +102,7 @@ impl fmt::Display for ConnectRecord {
 
 impl fmt::Display for ConnectSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "summary: count={} ok={} failed={}",
-            self.count, self.ok, self.failed
-        )?;
+        write!(f, "summary: count={} ok={} failed={}", self.count, self.ok, self.failed)?;
         write_tally(f, "by_peer", &self.by_peer)?;
         write_tally(f, "by_master", &self.by_master)?;
         write_tally(f, "errors", &self.errors)
@@ -120,10 +110,7 @@ impl fmt::Display for ConnectSummary {
 }
 
 /// Runs `opts.count` attempts, calling `on_record` after each.
-pub async fn run(
-    opts: &ConnectOptions,
-    mut on_record: impl FnMut(&ConnectRecord),
-) -> ConnectSummary {
+pub async fn run(opts: &ConnectOptions, mut on_record: impl FnMut(&ConnectRecord)) -> ConnectSummary {
     let mut summary = ConnectSummary::default();
     for seq in 0..opts.count {
         if seq > 0 && !opts.interval.is_zero() {
@@ -154,18 +141,13 @@ async fn attempt(opts: &ConnectOptions, seq: u64) -> ConnectRecord {
             record.peer = stream.peer_addr().ok().map(|a| a.to_string());
             record.local = stream.local_addr().ok().map(|a| a.to_string());
             if opts.read_ident {
-                read_ident(&mut stream, deadline)
-                    .await
-                    .map(|name| record.master = Some(name))
+                read_ident(&mut stream, deadline).await.map(|name| record.master = Some(name))
             } else {
                 Ok(())
             }
         }
         Ok(Err(e)) => Err((format!("connect:{}", io_error_key(&e)), e.to_string())),
-        Err(_) => Err((
-            "connect:ETIMEDOUT".to_owned(),
-            "connect deadline expired".to_owned(),
-        )),
+        Err(_) => Err(("connect:ETIMEDOUT".to_owned(), "connect deadline expired".to_owned())),
     };
     record.latency_ms = start.elapsed().as_secs_f64() * 1000.0;
     match outcome {
@@ -194,10 +176,7 @@ async fn read_ident(stream: &mut TcpStream, deadline: Instant) -> Result<String,
     .await;
     match read {
         Err(_) => {
-            return Err((
-                "ident:ETIMEDOUT".to_owned(),
-                "no identity line before the deadline".to_owned(),
-            ));
+            return Err(("ident:ETIMEDOUT".to_owned(), "no identity line before the deadline".to_owned()));
         }
         Ok(Err(e)) => return Err((format!("ident:{}", io_error_key(&e)), e.to_string())),
         Ok(Ok(())) => {}
@@ -205,10 +184,7 @@ async fn read_ident(stream: &mut TcpStream, deadline: Instant) -> Result<String,
     let text = String::from_utf8_lossy(&line);
     match text.split('\n').next().map(str::trim) {
         Some(name) if !name.is_empty() && text.contains('\n') => Ok(name.to_owned()),
-        _ => Err((
-            "ident:EOF".to_owned(),
-            format!("no identity line in {:?}", text),
-        )),
+        _ => Err(("ident:EOF".to_owned(), format!("no identity line in {:?}", text))),
     }
 }
 
@@ -248,11 +224,7 @@ mod tests {
     #[tokio::test]
     async fn refused_connects_are_named_by_errno() {
         // Bind then drop to get a loopback port that is (almost surely) closed.
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let mut records = Vec::new();
         let summary = run(&opts(addr, false), |r| records.push(r.clone())).await;
         assert_eq!(summary.errors["connect:ECONNREFUSED"], 2, "{summary:?}");

@@ -39,17 +39,8 @@ mod tests {
         assert_eq!(errno_name(libc::ECONNREFUSED), Some("ECONNREFUSED"));
         assert_eq!(errno_name(libc::EHOSTUNREACH), Some("EHOSTUNREACH"));
         assert_eq!(errno_name(9999), None);
-        assert_eq!(
-            io_error_key(&io::Error::from_raw_os_error(libc::ETIMEDOUT)),
-            "ETIMEDOUT"
-        );
-        assert_eq!(
-            io_error_key(&io::Error::from_raw_os_error(9999)),
-            "errno9999"
-        );
-        assert_eq!(
-            io_error_key(&io::Error::from(io::ErrorKind::UnexpectedEof)),
-            "EOF"
-        );
+        assert_eq!(io_error_key(&io::Error::from_raw_os_error(libc::ETIMEDOUT)), "ETIMEDOUT");
+        assert_eq!(io_error_key(&io::Error::from_raw_os_error(9999)), "errno9999");
+        assert_eq!(io_error_key(&io::Error::from(io::ErrorKind::UnexpectedEof)), "EOF");
     }
 }

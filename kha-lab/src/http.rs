@@ -25,10 +25,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_head: DEFAULT_MAX_HEAD,
-            max_body: DEFAULT_MAX_BODY,
-        }
+        Limits { max_head: DEFAULT_MAX_HEAD, max_body: DEFAULT_MAX_BODY }
     }
 }
 
@@ -133,12 +130,7 @@ impl Response {
     pub fn encode(&self, keep_alive: bool, include_body: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(256 + self.body.len());
         out.extend_from_slice(
-            format!(
-                "HTTP/1.1 {} {}\r\n",
-                self.status,
-                reason_phrase(self.status)
-            )
-            .as_bytes(),
+            format!("HTTP/1.1 {} {}\r\n", self.status, reason_phrase(self.status)).as_bytes(),
         );
         for (name, value) in &self.headers {
             // Header values are ours, but a CR/LF in one would split the
@@ -178,10 +170,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
 }
 
 fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 fn connection_has(headers: &[(String, String)], token: &str) -> bool {
@@ -193,9 +182,7 @@ fn connection_has(headers: &[(String, String)], token: &str) -> bool {
 }
 
 fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// A head split into its start line and fields; `len` includes the blank line.
@@ -208,14 +195,9 @@ struct RawHead<'a> {
 fn split_head(buf: &[u8], limit: usize) -> Result<Option<RawHead<'_>>, HeadError> {
     let window = &buf[..buf.len().min(limit)];
     let Some(end) = window.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if buf.len() >= limit {
-            Err(HeadError::TooLarge { limit })
-        } else {
-            Ok(None)
-        };
+        return if buf.len() >= limit { Err(HeadError::TooLarge { limit }) } else { Ok(None) };
     };
-    let text =
-        std::str::from_utf8(&buf[..end]).map_err(|_| HeadError::Malformed { what: "encoding" })?;
+    let text = std::str::from_utf8(&buf[..end]).map_err(|_| HeadError::Malformed { what: "encoding" })?;
     let mut lines = text.split("\r\n");
     let start = lines.next().unwrap_or_default();
     let mut headers = Vec::new();
@@ -224,57 +206,32 @@ fn split_head(buf: &[u8], limit: usize) -> Result<Option<RawHead<'_>>, HeadError
             return Err(HeadError::TooManyFields);
         }
         if line.starts_with([' ', '\t']) {
-            return Err(HeadError::Malformed {
-                what: "folded header field",
-            });
+            return Err(HeadError::Malformed { what: "folded header field" });
         }
-        let (name, value) = line.split_once(':').ok_or(HeadError::Malformed {
-            what: "header field",
-        })?;
+        let (name, value) = line.split_once(':').ok_or(HeadError::Malformed { what: "header field" })?;
         if !is_token(name) {
-            return Err(HeadError::Malformed {
-                what: "header name",
-            });
+            return Err(HeadError::Malformed { what: "header name" });
         }
         let value = value.trim_matches([' ', '\t']);
         if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
-            return Err(HeadError::Malformed {
-                what: "header value",
-            });
+            return Err(HeadError::Malformed { what: "header value" });
         }
         headers.push((name.to_owned(), value.to_owned()));
     }
-    Ok(Some(RawHead {
-        start,
-        headers,
-        len: end + 4,
-    }))
+    Ok(Some(RawHead { start, headers, len: end + 4 }))
 }
 
 /// The body length announced by a head: `Content-Length`, 0 if absent.
 fn content_length(headers: &[(String, String)]) -> Result<Option<usize>, HeadError> {
     if find_header(headers, "transfer-encoding").is_some() {
-        return Err(HeadError::Unsupported {
-            what: "transfer-encoding",
-        });
+        return Err(HeadError::Unsupported { what: "transfer-encoding" });
     }
     let mut length = None;
-    for (_, v) in headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-    {
-        let n = if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
-            v.parse().ok()
-        } else {
-            None
-        };
-        let n: usize = n.ok_or(HeadError::Malformed {
-            what: "content-length",
-        })?;
+    for (_, v) in headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
+        let n = if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) { v.parse().ok() } else { None };
+        let n: usize = n.ok_or(HeadError::Malformed { what: "content-length" })?;
         if length.is_some_and(|l| l != n) {
-            return Err(HeadError::Malformed {
-                what: "conflicting content-length",
-            });
+            return Err(HeadError::Malformed { what: "conflicting content-length" });
         }
         length = Some(n);
     }
@@ -284,10 +241,7 @@ fn content_length(headers: &[(String, String)]) -> Result<Option<usize>, HeadErr
 /// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read
 /// more. On success returns the request (without body), the head length and
 /// the body length still to read.
-pub fn parse_request_head(
-    buf: &[u8],
-    limits: &Limits,
-) -> Result<Option<(Request, usize, usize)>, HeadError> {
+pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usize, usize)>, HeadError> {
     let Some(raw) = split_head(buf, limits.max_head)? else {
         return Ok(None);
     };
@@ -295,9 +249,7 @@ pub fn parse_request_head(
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(HeadError::Malformed {
-            what: "request line",
-        });
+        return Err(HeadError::Malformed { what: "request line" });
     };
     if !is_token(method) {
         return Err(HeadError::Malformed { what: "method" });
@@ -305,25 +257,18 @@ pub fn parse_request_head(
     if !(target.starts_with('/') || target == "*")
         || target.bytes().any(|b| b.is_ascii_control() || b == b' ')
     {
-        return Err(HeadError::Malformed {
-            what: "request target",
-        });
+        return Err(HeadError::Malformed { what: "request target" });
     }
     let version = match version {
         "HTTP/1.1" => Version::Http11,
         "HTTP/1.0" => Version::Http10,
         _ => {
-            return Err(HeadError::Malformed {
-                what: "HTTP version",
-            });
+            return Err(HeadError::Malformed { what: "HTTP version" });
         }
     };
     let body_len = content_length(&raw.headers)?.unwrap_or(0);
     if body_len > limits.max_body {
-        return Err(HeadError::BodyTooLarge {
-            length: body_len,
-            limit: limits.max_body,
-        });
+        return Err(HeadError::BodyTooLarge { length: body_len, limit: limits.max_body });
     }
     let request = Request {
         method: method.to_owned(),
@@ -353,21 +298,15 @@ pub fn parse_response_head(
     };
     let mut parts = raw.start.splitn(3, ' ');
     let (Some(version), Some(status)) = (parts.next(), parts.next()) else {
-        return Err(HeadError::Malformed {
-            what: "status line",
-        });
+        return Err(HeadError::Malformed { what: "status line" });
     };
     if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(HeadError::Malformed {
-            what: "HTTP version",
-        });
+        return Err(HeadError::Malformed { what: "HTTP version" });
     }
     let status: u16 = match status.parse() {
         Ok(s) if status.len() == 3 && (100..=999).contains(&s) => s,
         _ => {
-            return Err(HeadError::Malformed {
-                what: "status code",
-            });
+            return Err(HeadError::Malformed { what: "status code" });
         }
     };
     let body = if status < 200 || status == 204 || status == 304 {
@@ -375,24 +314,13 @@ pub fn parse_response_head(
     } else {
         match content_length(&raw.headers)? {
             Some(n) if n > limits.max_body => {
-                return Err(HeadError::BodyTooLarge {
-                    length: n,
-                    limit: limits.max_body,
-                });
+                return Err(HeadError::BodyTooLarge { length: n, limit: limits.max_body });
             }
             Some(n) => BodyLength::Exactly(n),
             None => BodyLength::UntilClose,
         }
     };
-    Ok(Some((
-        Response {
-            status,
-            headers: raw.headers,
-            body: Vec::new(),
-        },
-        raw.len,
-        body,
-    )))
+    Ok(Some((Response { status, headers: raw.headers, body: Vec::new() }, raw.len, body)))
 }
 
 /// Appends what one read returns to `buf`; 0 means end of stream.
@@ -423,11 +351,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(
             return Ok(Some(request));
         }
         if fill(r, buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(ReadError::UnexpectedEof)
-            };
+            return if buf.is_empty() { Ok(None) } else { Err(ReadError::UnexpectedEof) };
         }
     }
 }
@@ -454,11 +378,7 @@ pub async fn read_response<R: AsyncRead + Unpin>(
                     while fill(r, buf).await? != 0 {
                         if buf.len() - head_len > limits.max_body {
                             let length = buf.len() - head_len;
-                            return Err(HeadError::BodyTooLarge {
-                                length,
-                                limit: limits.max_body,
-                            }
-                            .into());
+                            return Err(HeadError::BodyTooLarge { length, limit: limits.max_body }.into());
                         }
                     }
                     response.body = buf[head_len..].to_vec();
@@ -483,11 +403,8 @@ mod tests {
 
     #[test]
     fn parses_a_get_and_reports_lengths() {
-        let raw =
-            b"GET /readyz?verbose HTTP/1.1\r\nHost: localhost:6443\r\nAccept:  */* \r\n\r\nNEXT";
-        let (req, head_len, body_len) = parse_request_head(raw, &limits())
-            .unwrap()
-            .expect("complete");
+        let raw = b"GET /readyz?verbose HTTP/1.1\r\nHost: localhost:6443\r\nAccept:  */* \r\n\r\nNEXT";
+        let (req, head_len, body_len) = parse_request_head(raw, &limits()).unwrap().expect("complete");
         assert_eq!(req.method, "GET");
         assert_eq!(req.path(), "/readyz");
         assert_eq!(req.header("host"), Some("localhost:6443"));
@@ -499,33 +416,21 @@ mod tests {
 
     #[test]
     fn incomplete_head_asks_for_more() {
-        assert_eq!(
-            parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\n", &limits()),
-            Ok(None)
-        );
+        assert_eq!(parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\n", &limits()), Ok(None));
         assert_eq!(parse_request_head(b"", &limits()), Ok(None));
     }
 
     #[test]
     fn oversized_head_is_rejected_without_a_terminator() {
-        let small = Limits {
-            max_head: 64,
-            max_body: 0,
-        };
+        let small = Limits { max_head: 64, max_body: 0 };
         let mut raw = b"GET / HTTP/1.1\r\nX: ".to_vec();
         raw.resize(64, b'a');
-        assert_eq!(
-            parse_request_head(&raw, &small),
-            Err(HeadError::TooLarge { limit: 64 })
-        );
+        assert_eq!(parse_request_head(&raw, &small), Err(HeadError::TooLarge { limit: 64 }));
         // A terminator that ends past the limit does not count either.
         let mut raw = b"GET / HTTP/1.1\r\nX: ".to_vec();
         raw.resize(62, b'a');
         raw.extend_from_slice(b"\r\n\r\n");
-        assert_eq!(
-            parse_request_head(&raw, &small),
-            Err(HeadError::TooLarge { limit: 64 })
-        );
+        assert_eq!(parse_request_head(&raw, &small), Err(HeadError::TooLarge { limit: 64 }));
     }
 
     #[test]
@@ -546,32 +451,18 @@ mod tests {
         ];
         for raw in cases {
             let err = parse_request_head(raw, &limits()).expect_err(&String::from_utf8_lossy(raw));
-            assert_eq!(
-                err.status(),
-                400,
-                "{:?}: {err:?}",
-                String::from_utf8_lossy(raw)
-            );
+            assert_eq!(err.status(), 400, "{:?}: {err:?}", String::from_utf8_lossy(raw));
         }
         let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(
-            parse_request_head(chunked, &limits()).unwrap_err().status(),
-            501
-        );
+        assert_eq!(parse_request_head(chunked, &limits()).unwrap_err().status(), 501);
         let big = b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n";
-        assert_eq!(
-            parse_request_head(big, &limits()).unwrap_err().status(),
-            413
-        );
+        assert_eq!(parse_request_head(big, &limits()).unwrap_err().status(), 413);
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..=MAX_HEADER_FIELDS {
             many.extend_from_slice(format!("X{i}: v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        assert_eq!(
-            parse_request_head(&many, &limits()),
-            Err(HeadError::TooManyFields)
-        );
+        assert_eq!(parse_request_head(&many, &limits()), Err(HeadError::TooManyFields));
     }
 
     #[test]
@@ -588,21 +479,14 @@ mod tests {
         let wire = resp.encode(true, true);
         let text = String::from_utf8(wire.clone()).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(
-            text.contains("Content-Length: 2\r\n") && text.ends_with("\r\n\r\nok"),
-            "{text}"
-        );
+        assert!(text.contains("Content-Length: 2\r\n") && text.ends_with("\r\n\r\nok"), "{text}");
         let (parsed, head_len, body) = parse_response_head(&wire, &limits()).unwrap().unwrap();
         assert_eq!(parsed.status, 200);
         assert_eq!(parsed.header("x-kha-lab-master"), Some("m1"));
         assert_eq!(body, BodyLength::Exactly(2));
         assert_eq!(&wire[head_len..], b"ok");
         // HEAD: same headers, no body bytes.
-        assert!(
-            String::from_utf8(resp.encode(false, false))
-                .unwrap()
-                .ends_with("Connection: close\r\n\r\n")
-        );
+        assert!(String::from_utf8(resp.encode(false, false)).unwrap().ends_with("Connection: close\r\n\r\n"));
     }
 
     #[test]
@@ -614,59 +498,33 @@ mod tests {
 
     #[test]
     fn malformed_responses_are_errors() {
-        for raw in [
-            &b"HTTP/1.1 2000 OK\r\n\r\n"[..],
-            b"HTTP/9 200 OK\r\n\r\n",
-            b"garbage\r\n\r\n",
-        ] {
-            assert!(
-                parse_response_head(raw, &limits()).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(raw)
-            );
+        for raw in [&b"HTTP/1.1 2000 OK\r\n\r\n"[..], b"HTTP/9 200 OK\r\n\r\n", b"garbage\r\n\r\n"] {
+            assert!(parse_response_head(raw, &limits()).is_err(), "{:?}", String::from_utf8_lossy(raw));
         }
-        let (r, _, body) = parse_response_head(b"HTTP/1.1 204\r\n\r\n", &limits())
-            .unwrap()
-            .unwrap();
+        let (r, _, body) = parse_response_head(b"HTTP/1.1 204\r\n\r\n", &limits()).unwrap().unwrap();
         assert_eq!((r.status, body), (204, BodyLength::Exactly(0)));
     }
 
     #[tokio::test]
     async fn reader_handles_pipelined_requests_bodies_and_eof() {
-        let wire =
-            b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n\r\n".to_vec();
+        let wire = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n\r\n".to_vec();
         let mut src = &wire[..];
         let mut buf = Vec::new();
-        let first = read_request(&mut src, &mut buf, &limits())
-            .await
-            .unwrap()
-            .unwrap();
+        let first = read_request(&mut src, &mut buf, &limits()).await.unwrap().unwrap();
         assert_eq!((first.path(), first.body.as_slice()), ("/a", &b"abc"[..]));
-        let second = read_request(&mut src, &mut buf, &limits())
-            .await
-            .unwrap()
-            .unwrap();
+        let second = read_request(&mut src, &mut buf, &limits()).await.unwrap().unwrap();
         assert_eq!(second.path(), "/b");
-        assert!(
-            read_request(&mut src, &mut buf, &limits())
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(read_request(&mut src, &mut buf, &limits()).await.unwrap().is_none());
 
         let mut truncated = &b"GET / HTTP/1.1\r\nHost"[..];
-        let err = read_request(&mut truncated, &mut Vec::new(), &limits())
-            .await
-            .unwrap_err();
+        let err = read_request(&mut truncated, &mut Vec::new(), &limits()).await.unwrap_err();
         assert!(matches!(err, ReadError::UnexpectedEof), "{err:?}");
     }
 
     #[tokio::test]
     async fn reader_reads_response_until_close_when_unframed() {
         let mut src = &b"HTTP/1.0 200 OK\r\n\r\nhello"[..];
-        let resp = read_response(&mut src, &mut Vec::new(), &limits())
-            .await
-            .unwrap();
+        let resp = read_response(&mut src, &mut Vec::new(), &limits()).await.unwrap();
         assert_eq!(resp.body, b"hello");
     }
 }

@@ -18,18 +18,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use kha_lab::client::{self, ClientOptions, HttpsUrl, Reuse};
 use kha_lab::connect::{self, ConnectOptions};
 use kha_lab::master::{self, MasterConfig};
-use kha_lab::{load, mode};
 use kha_lab::{http, tls};
+use kha_lab::{load, mode};
 
 /// Upper bound on --count, so a typo cannot start an endless run.
 const MAX_COUNT: u64 = 1_000_000;
 const SOME_FAILED: u8 = 3;
 
 #[derive(Parser)]
-#[command(
-    name = "kha-lab",
-    about = "Simulated kube-apiserver masters and clients for testing kha"
-)]
+#[command(name = "kha-lab", about = "Simulated kube-apiserver masters and clients for testing kha")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -173,10 +170,8 @@ fn main() -> anyhow::Result<ExitCode> {
         Cmd::Load(args) => return run_load(args),
         other => other,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting tokio")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
         match command {
             Cmd::Master(args) => run_master(args).await.map(|()| ExitCode::SUCCESS),
@@ -188,8 +183,7 @@ fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn run_master(args: MasterArgs) -> anyhow::Result<()> {
-    let tls = tls::server_config_from_files(&args.cert, &args.key)
-        .context("loading certificate and key")?;
+    let tls = tls::server_config_from_files(&args.cert, &args.key).context("loading certificate and key")?;
     // Handlers go in before binding: once we announce readiness a controller
     // may send SIGHUP, whose default action would kill us.
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
@@ -217,8 +211,7 @@ async fn run_master(args: MasterArgs) -> anyhow::Result<()> {
         announcement.push_str(&format!("ident {addr}\n"));
     }
     if let Some(path) = &args.ready_file {
-        write_atomically(path, &announcement)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_atomically(path, &announcement).with_context(|| format!("writing {}", path.display()))?;
     }
     let mut stdout = std::io::stdout().lock();
     stdout
@@ -253,12 +246,7 @@ fn reload(master: &master::RunningMaster, control: Option<&Path>) {
             }
         }
         Ok(_) => {}
-        Err(e) => warn!(
-            "{}: keeping mode {}: {:#}",
-            master.name(),
-            master.mode(),
-            anyhow::Error::new(e)
-        ),
+        Err(e) => warn!("{}: keeping mode {}: {:#}", master.name(), master.mode(), anyhow::Error::new(e)),
     }
 }
 
@@ -290,22 +278,14 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         count: args.count,
         interval: Duration::from_millis(args.interval_ms),
         timeout: Duration::from_millis(args.timeout_ms),
-        reuse: if args.keep_alive {
-            Reuse::KeepAlive
-        } else {
-            Reuse::NewConnectionEach
-        },
+        reuse: if args.keep_alive { Reuse::KeepAlive } else { Reuse::NewConnectionEach },
         tls,
         limits: http::Limits::default(),
     };
     let summary = client::run(&opts, |r| print_line(args.json, r)).await;
     let failed = summary.failed;
     print_line(args.json, Wrapped { summary });
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(SOME_FAILED)
-    })
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(SOME_FAILED) })
 }
 
 async fn run_connect(args: ConnectArgs) -> anyhow::Result<ExitCode> {
@@ -319,11 +299,7 @@ async fn run_connect(args: ConnectArgs) -> anyhow::Result<ExitCode> {
     let summary = connect::run(&opts, |r| print_line(args.json, r)).await;
     let failed = summary.failed;
     print_line(args.json, Wrapped { summary });
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(SOME_FAILED)
-    })
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(SOME_FAILED) })
 }
 
 fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {

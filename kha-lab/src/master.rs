@@ -163,16 +163,8 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, MasterError> {
     if config.listen.is_empty() {
         return Err(MasterError::NoListeners);
     }
-    let https = config
-        .listen
-        .iter()
-        .map(|a| bind(*a))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ident = config
-        .ident_listen
-        .iter()
-        .map(|a| bind(*a))
-        .collect::<Result<Vec<_>, _>>()?;
+    let https = config.listen.iter().map(|a| bind(*a)).collect::<Result<Vec<_>, _>>()?;
+    let ident = config.ident_listen.iter().map(|a| bind(*a)).collect::<Result<Vec<_>, _>>()?;
     let https_addrs = https.iter().map(|(_, a)| *a).collect();
     let ident_addrs = ident.iter().map(|(_, a)| *a).collect();
 
@@ -194,24 +186,13 @@ pub async fn start(config: MasterConfig) -> Result<RunningMaster, MasterError> {
     }
     for (listener, _) in ident {
         let shared = shared.clone();
-        tasks.push(tokio::spawn(accept_loop(listener, max, move |sock| {
-            serve_ident(sock, shared.clone())
-        })));
+        tasks.push(tokio::spawn(accept_loop(listener, max, move |sock| serve_ident(sock, shared.clone()))));
     }
-    Ok(RunningMaster {
-        name: config.name,
-        https_addrs,
-        ident_addrs,
-        mode: mode_tx,
-        tasks,
-    })
+    Ok(RunningMaster { name: config.name, https_addrs, ident_addrs, mode: mode_tx, tasks })
 }
 
 /// Runs a master until `shutdown` completes.
-pub async fn serve(
-    config: MasterConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), MasterError> {
+pub async fn serve(config: MasterConfig, shutdown: impl Future<Output = ()>) -> Result<(), MasterError> {
     let master = start(config).await?;
     shutdown.await;
     master.shutdown().await;
@@ -221,12 +202,7 @@ pub async fn serve(
 /// Binds a listener; returns it with its actual address (port 0 resolved).
 fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), MasterError> {
     let bind_err = |source| MasterError::Bind { addr, source };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(bind_err)?;
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(bind_err)?;
     // A restarted master must get its port back while old connections sit in TIME_WAIT.
     socket.set_reuseaddr(true).map_err(bind_err)?;
     if addr.is_ipv6() {
@@ -251,11 +227,7 @@ fn set_v6only(socket: &TcpSocket) -> io::Result<()> {
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 struct Shared {
@@ -325,12 +297,7 @@ async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Sha
     };
     let mut buf = Vec::with_capacity(1024);
     loop {
-        let request = match timeout(
-            t.idle,
-            http::read_request(&mut tls, &mut buf, &shared.limits),
-        )
-        .await
-        {
+        let request = match timeout(t.idle, http::read_request(&mut tls, &mut buf, &shared.limits)).await {
             Ok(Ok(Some(request))) => request,
             Ok(Err(ReadError::Head(e))) => {
                 debug!("{}: bad request: {e}", shared.name);
@@ -366,8 +333,7 @@ async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Sha
             }
             continue;
         }
-        let bytes =
-            route(&request, mode, &shared.name).encode(keep_alive, request.method != "HEAD");
+        let bytes = route(&request, mode, &shared.name).encode(keep_alive, request.method != "HEAD");
         let written = timeout(t.write, async {
             tls.write_all(&bytes).await?;
             tls.flush().await
@@ -405,11 +371,7 @@ fn bulk_bytes(request: &Request) -> Option<u64> {
         return None;
     }
     let (_, query) = request.target.split_once('?')?;
-    let n: u64 = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("bytes="))?
-        .parse()
-        .ok()?;
+    let n: u64 = query.split('&').find_map(|kv| kv.strip_prefix("bytes="))?.parse().ok()?;
     (n <= MAX_BULK_BYTES).then_some(n)
 }
 
@@ -465,9 +427,7 @@ pub fn route(request: &Request, mode: FailureMode, name: &str) -> Response {
             "/readyz" if mode == FailureMode::Readyz500 => {
                 Response::new(500, "text/plain; charset=utf-8", READYZ_FAILED_BODY)
             }
-            "/readyz" | "/livez" | "/healthz" => {
-                Response::new(200, "text/plain; charset=utf-8", "ok")
-            }
+            "/readyz" | "/livez" | "/healthz" => Response::new(200, "text/plain; charset=utf-8", "ok"),
             "/version" => Response::new(200, "application/json", version_body()),
             // A valid `/bulk?bytes=N` is streamed by `serve_https` before it gets here.
             "/bulk" => status_response(
@@ -476,12 +436,7 @@ pub fn route(request: &Request, mode: FailureMode, name: &str) -> Response {
                 &format!("/bulk needs ?bytes=N with N at most {MAX_BULK_BYTES}"),
                 name,
             ),
-            _ => status_response(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-                name,
-            ),
+            _ => status_response(404, "NotFound", "the server could not find the requested resource", name),
         }
     };
     with_common_headers(response, name)
@@ -524,8 +479,5 @@ fn status_response(code: u16, reason: &str, message: &str, name: &str) -> Respon
         "details": {},
         "code": code,
     });
-    with_common_headers(
-        Response::new(code, "application/json", status.to_string()),
-        name,
-    )
+    with_common_headers(Response::new(code, "application/json", status.to_string()), name)
 }

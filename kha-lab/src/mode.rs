@@ -94,15 +94,9 @@ pub enum ControlError {
 /// The mode the control file asks for (`normal` when it does not exist).
 pub fn read_control(path: &Path) -> Result<FailureMode, ControlError> {
     match fs::read_to_string(path) {
-        Ok(text) => text.parse().map_err(|source| ControlError::Parse {
-            path: path.to_owned(),
-            source,
-        }),
+        Ok(text) => text.parse().map_err(|source| ControlError::Parse { path: path.to_owned(), source }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(FailureMode::Normal),
-        Err(source) => Err(ControlError::Read {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => Err(ControlError::Read { path: path.to_owned(), source }),
     }
 }
 
@@ -112,10 +106,7 @@ fn replace_file(path: &Path, contents: &str) -> Result<(), ControlError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let write_err = |source| ControlError::Write {
-        path: path.to_owned(),
-        source,
-    };
+    let write_err = |source| ControlError::Write { path: path.to_owned(), source };
     fs::write(&tmp, contents).map_err(write_err)?;
     fs::rename(&tmp, path).map_err(write_err)
 }
@@ -146,12 +137,7 @@ mod tests {
 
     #[test]
     fn modes_round_trip_through_text() {
-        for mode in [
-            FailureMode::Normal,
-            FailureMode::Readyz500,
-            FailureMode::Hang,
-            FailureMode::Endless,
-        ] {
+        for mode in [FailureMode::Normal, FailureMode::Readyz500, FailureMode::Hang, FailureMode::Endless] {
             assert_eq!(mode.to_string().parse::<FailureMode>(), Ok(mode));
         }
         assert_eq!(" hang\n".parse::<FailureMode>(), Ok(FailureMode::Hang));
@@ -170,10 +156,7 @@ mod tests {
         write_applied(&control, FailureMode::Hang).unwrap();
         assert_eq!(read_applied(&control), Some(FailureMode::Hang));
         fs::write(&control, "bogus").unwrap();
-        assert!(matches!(
-            read_control(&control),
-            Err(ControlError::Parse { .. })
-        ));
+        assert!(matches!(read_control(&control), Err(ControlError::Parse { .. })));
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -43,11 +43,7 @@ pub enum NetnsError {
         source: io::Error,
     },
     #[error("`ip {args}` failed ({status}): {stderr}")]
-    IpFailed {
-        args: String,
-        status: ExitStatus,
-        stderr: String,
-    },
+    IpFailed { args: String, status: ExitStatus, stderr: String },
     #[error("listing {NETNS_DIR}")]
     List {
         #[source]
@@ -70,17 +66,10 @@ pub fn ip<S: AsRef<str>>(args: &[S]) -> Result<String, NetnsError> {
         .args(&args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| NetnsError::IpSpawn {
-            args: joined.clone(),
-            source,
-        })?;
+        .map_err(|source| NetnsError::IpSpawn { args: joined.clone(), source })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        return Err(NetnsError::IpFailed {
-            args: joined,
-            status: out.status,
-            stderr,
-        });
+        return Err(NetnsError::IpFailed { args: joined, status: out.status, stderr });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -118,10 +107,7 @@ pub fn list() -> Result<Vec<String>, NetnsError> {
 
 /// Pids of the processes whose network namespace is `name`.
 pub fn pids(name: &str) -> Result<Vec<i32>, NetnsError> {
-    Ok(ip(&["netns", "pids", name])?
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect())
+    Ok(ip(&["netns", "pids", name])?.split_whitespace().filter_map(|p| p.parse().ok()).collect())
 }
 
 /// Spawns `cmd` inside network namespace `netns` and, if given, cgroup v2
@@ -137,10 +123,8 @@ pub fn pids(name: &str) -> Result<Vec<i32>, NetnsError> {
 /// allowed after it; they are close-on-exec, so the program does not inherit
 /// them.
 pub fn spawn_in(netns: &str, cgroup: Option<&Path>, mut cmd: Command) -> Result<Child, NetnsError> {
-    let ns = File::open(netns_path(netns)).map_err(|source| NetnsError::Open {
-        name: netns.to_owned(),
-        source,
-    })?;
+    let ns = File::open(netns_path(netns))
+        .map_err(|source| NetnsError::Open { name: netns.to_owned(), source })?;
     let procs = match cgroup {
         Some(dir) => {
             let path = dir.join("cgroup.procs");
@@ -172,9 +156,7 @@ pub fn spawn_in(netns: &str, cgroup: Option<&Path>, mut cmd: Command) -> Result<
         });
     }
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let child = cmd
-        .spawn()
-        .map_err(|source| NetnsError::Spawn { program, source })?;
+    let child = cmd.spawn().map_err(|source| NetnsError::Spawn { program, source })?;
     drop((ns, procs));
     Ok(child)
 }
@@ -186,10 +168,8 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let ns = File::open(netns_path(netns)).map_err(|source| NetnsError::Open {
-        name: netns.to_owned(),
-        source,
-    })?;
+    let ns = File::open(netns_path(netns))
+        .map_err(|source| NetnsError::Open { name: netns.to_owned(), source })?;
     let name = netns.to_owned();
     let thread = std::thread::spawn(move || {
         // SAFETY: plain syscall on an fd owned by `ns`. setns(CLONE_NEWNET)

@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
 };
 
 /// Common name of the CA that `Pki::generate` creates.
@@ -58,10 +58,7 @@ pub struct MasterIdentity {
 
 impl MasterIdentity {
     pub fn new(name: impl Into<String>, ips: impl IntoIterator<Item = IpAddr>) -> Self {
-        MasterIdentity {
-            name: name.into(),
-            ips: ips.into_iter().collect(),
-        }
+        MasterIdentity { name: name.into(), ips: ips.into_iter().collect() }
     }
 }
 
@@ -76,9 +73,7 @@ pub struct IssuedCert {
 impl std::fmt::Debug for IssuedCert {
     // Keep private keys out of test failure output and logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedCert")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("IssuedCert").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -92,21 +87,13 @@ pub struct CertAuthority {
 
 impl CertAuthority {
     pub fn new(common_name: &str) -> Result<Self, PkiError> {
-        let gen_err = |source| PkiError::Generate {
-            what: format!("CA {common_name:?}"),
-            source,
-        };
+        let gen_err = |source| PkiError::Generate { what: format!("CA {common_name:?}"), source };
         let key = KeyPair::generate().map_err(gen_err)?;
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).map_err(gen_err)?;
         Ok(CertAuthority { cert, key })
     }
@@ -118,33 +105,19 @@ impl CertAuthority {
     /// Issues a server certificate for `identity`, valid for its addresses and
     /// for every name in [`COMMON_SANS`].
     pub fn issue_server(&self, identity: &MasterIdentity) -> Result<IssuedCert, PkiError> {
-        let gen_err = |source| PkiError::Generate {
-            what: format!("certificate for {}", identity.name),
-            source,
-        };
+        let gen_err =
+            |source| PkiError::Generate { what: format!("certificate for {}", identity.name), source };
         let mut sans: Vec<String> = identity.ips.iter().map(IpAddr::to_string).collect();
         sans.extend(COMMON_SANS.iter().map(|s| s.to_string()));
         sans.dedup();
         // CertificateParams::new turns strings that parse as IPs into IP SANs.
         let mut params = CertificateParams::new(sans).map_err(gen_err)?;
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("{SERVING_CN_PREFIX}{}", identity.name),
-        );
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.distinguished_name.push(DnType::CommonName, format!("{SERVING_CN_PREFIX}{}", identity.name));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate().map_err(gen_err)?;
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .map_err(gen_err)?;
-        Ok(IssuedCert {
-            name: identity.name.clone(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        let cert = params.signed_by(&key, &self.cert, &self.key).map_err(gen_err)?;
+        Ok(IssuedCert { name: identity.name.clone(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
@@ -198,18 +171,9 @@ impl Pki {
         Self::generate_with_ca(&CertAuthority::new(LAB_CA_NAME)?, masters)
     }
 
-    pub fn generate_with_ca(
-        ca: &CertAuthority,
-        masters: &[MasterIdentity],
-    ) -> Result<Pki, PkiError> {
-        let masters = masters
-            .iter()
-            .map(|m| ca.issue_server(m))
-            .collect::<Result<_, _>>()?;
-        Ok(Pki {
-            ca_cert_pem: ca.cert_pem(),
-            masters,
-        })
+    pub fn generate_with_ca(ca: &CertAuthority, masters: &[MasterIdentity]) -> Result<Pki, PkiError> {
+        let masters = masters.iter().map(|m| ca.issue_server(m)).collect::<Result<_, _>>()?;
+        Ok(Pki { ca_cert_pem: ca.cert_pem(), masters })
     }
 
     pub fn master(&self, name: &str) -> Option<&IssuedCert> {
@@ -219,10 +183,7 @@ impl Pki {
     /// Writes `ca.pem`, `<name>.pem` and `<name>-key.pem` into `dir`
     /// (created if missing); keys are written mode 0600.
     pub fn write_to(&self, dir: &Path) -> Result<PkiPaths, PkiError> {
-        fs::create_dir_all(dir).map_err(|source| PkiError::Write {
-            path: dir.to_owned(),
-            source,
-        })?;
+        fs::create_dir_all(dir).map_err(|source| PkiError::Write { path: dir.to_owned(), source })?;
         let ca_cert = dir.join("ca.pem");
         write_file(&ca_cert, &self.ca_cert_pem, 0o644)?;
         let mut masters = Vec::with_capacity(self.masters.len());
@@ -231,11 +192,7 @@ impl Pki {
             let key = dir.join(format!("{}-key.pem", m.name));
             write_file(&cert, &m.cert_pem, 0o644)?;
             write_file(&key, &m.key_pem, 0o600)?;
-            masters.push(MasterPaths {
-                name: m.name.clone(),
-                cert,
-                key,
-            });
+            masters.push(MasterPaths { name: m.name.clone(), cert, key });
         }
         Ok(PkiPaths { ca_cert, masters })
     }
@@ -245,18 +202,10 @@ pub(crate) fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), P
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let write = || -> io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(path)?;
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)?;
         f.write_all(contents.as_bytes())
     };
-    write().map_err(|source| PkiError::Write {
-        path: path.to_owned(),
-        source,
-    })
+    write().map_err(|source| PkiError::Write { path: path.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -267,38 +216,23 @@ mod tests {
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
     fn identity() -> MasterIdentity {
-        MasterIdentity::new(
-            "m1",
-            [
-                "192.0.2.11".parse().unwrap(),
-                "2001:db8::11".parse().unwrap(),
-            ],
-        )
+        MasterIdentity::new("m1", ["192.0.2.11".parse().unwrap(), "2001:db8::11".parse().unwrap()])
     }
 
     fn verify(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
         let verifier = tls::server_verifier(ca_pem.as_bytes()).expect("verifier");
-        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .expect("parse cert");
+        let certs: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>().expect("parse cert");
         let name = ServerName::try_from(name.to_owned()).expect("server name");
-        verifier
-            .verify_server_cert(&certs[0], &[], &name, &[], UnixTime::now())
-            .map(|_| ())
+        verifier.verify_server_cert(&certs[0], &[], &name, &[], UnixTime::now()).map(|_| ())
     }
 
     #[test]
     fn server_cert_verifies_for_every_name_a_client_dials() {
         let pki = Pki::generate(&[identity()]).expect("generate");
         let m1 = pki.master("m1").expect("m1");
-        for name in [
-            "127.0.0.1",
-            "::1",
-            "localhost",
-            "192.0.2.11",
-            "2001:db8::11",
-            "kubernetes.default.svc",
-        ] {
+        for name in ["127.0.0.1", "::1", "localhost", "192.0.2.11", "2001:db8::11", "kubernetes.default.svc"]
+        {
             verify(&pki.ca_cert_pem, &m1.cert_pem, name).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         let err = verify(&pki.ca_cert_pem, &m1.cert_pem, "192.0.2.12").expect_err("other ip");
@@ -321,10 +255,7 @@ mod tests {
         let foreign = other.issue_server(&identity()).expect("issue");
         let err = verify(&pki.ca_cert_pem, &foreign.cert_pem, "127.0.0.1").expect_err("wrong CA");
         assert!(
-            matches!(
-                err,
-                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
-            ),
+            matches!(err, rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)),
             "{err:?}"
         );
     }

@@ -49,74 +49,46 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsConfigError> {
-    fs::read(path).map_err(|source| TlsConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })
+    fs::read(path).map_err(|source| TlsConfigError::Read { path: path.to_owned(), source })
 }
 
 pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut &*pem)
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsConfigError::Pem {
-            what: "certificate",
-            source,
-        })?;
+        .map_err(|source| TlsConfigError::Pem { what: "certificate", source })?;
     if certs.is_empty() {
-        return Err(TlsConfigError::Missing {
-            what: "certificate",
-        });
+        return Err(TlsConfigError::Missing { what: "certificate" });
     }
     Ok(certs)
 }
 
 fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
     rustls_pemfile::private_key(&mut &*pem)
-        .map_err(|source| TlsConfigError::Pem {
-            what: "private key",
-            source,
-        })?
-        .ok_or(TlsConfigError::Missing {
-            what: "private key",
-        })
+        .map_err(|source| TlsConfigError::Pem { what: "private key", source })?
+        .ok_or(TlsConfigError::Missing { what: "private key" })
 }
 
 fn roots(ca_pem: &[u8]) -> Result<Arc<RootCertStore>, TlsConfigError> {
     let mut roots = RootCertStore::empty();
     for cert in parse_certs(ca_pem)? {
-        roots.add(cert).map_err(|source| TlsConfigError::Rustls {
-            what: "root store",
-            source,
-        })?;
+        roots.add(cert).map_err(|source| TlsConfigError::Rustls { what: "root store", source })?;
     }
     Ok(Arc::new(roots))
 }
 
 /// A server config offering TLS 1.2 and 1.3 and HTTP/1.1 via ALPN.
-pub fn server_config_from_pem(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<Arc<ServerConfig>, TlsConfigError> {
+pub fn server_config_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(rustls::ALL_VERSIONS)
-        .map_err(|source| TlsConfigError::Rustls {
-            what: "server protocol versions",
-            source,
-        })?
+        .map_err(|source| TlsConfigError::Rustls { what: "server protocol versions", source })?
         .with_no_client_auth()
         .with_single_cert(parse_certs(cert_pem)?, parse_key(key_pem)?)
-        .map_err(|source| TlsConfigError::Rustls {
-            what: "server certificate",
-            source,
-        })?;
+        .map_err(|source| TlsConfigError::Rustls { what: "server certificate", source })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
-pub fn server_config_from_files(
-    cert: &Path,
-    key: &Path,
-) -> Result<Arc<ServerConfig>, TlsConfigError> {
+pub fn server_config_from_files(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsConfigError> {
     server_config_from_pem(&read(cert)?, &read(key)?)
 }
 
@@ -124,10 +96,7 @@ pub fn server_config_from_files(
 pub fn client_config_from_ca_pem(ca_pem: &[u8]) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(rustls::ALL_VERSIONS)
-        .map_err(|source| TlsConfigError::Rustls {
-            what: "client protocol versions",
-            source,
-        })?
+        .map_err(|source| TlsConfigError::Rustls { what: "client protocol versions", source })?
         .with_root_certificates(roots(ca_pem)?)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -151,9 +120,9 @@ pub fn error_key(err: &rustls::Error) -> &'static str {
     use rustls::CertificateError as C;
     match err {
         rustls::Error::InvalidCertificate(C::UnknownIssuer) => "unknown_issuer",
-        rustls::Error::InvalidCertificate(
-            C::NotValidForName | C::NotValidForNameContext { .. },
-        ) => "not_valid_for_name",
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "not_valid_for_name"
+        }
         rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
         rustls::Error::InvalidCertificate(_) => "invalid_certificate",
         rustls::Error::AlertReceived(_) => "alert_received",

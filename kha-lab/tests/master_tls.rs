@@ -14,19 +14,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn identity() -> MasterIdentity {
-    MasterIdentity::new(
-        "m1",
-        [
-            "192.0.2.11".parse().unwrap(),
-            "2001:db8::11".parse().unwrap(),
-        ],
-    )
+    MasterIdentity::new("m1", ["192.0.2.11".parse().unwrap(), "2001:db8::11".parse().unwrap()])
 }
 
 async fn start_master(pki_cert: &kha_lab::pki::IssuedCert) -> RunningMaster {
-    let tls =
-        tls::server_config_from_pem(pki_cert.cert_pem.as_bytes(), pki_cert.key_pem.as_bytes())
-            .expect("server tls");
+    let tls = tls::server_config_from_pem(pki_cert.cert_pem.as_bytes(), pki_cert.key_pem.as_bytes())
+        .expect("server tls");
     let mut config = MasterConfig::new("m1", tls);
     config.listen = vec!["127.0.0.1:0".parse().unwrap()];
     config.ident_listen = vec!["127.0.0.1:0".parse().unwrap()];
@@ -57,14 +50,8 @@ async fn version_is_json_and_names_the_master() {
     let pki = Pki::generate(&[identity()]).expect("pki");
     let m = start_master(pki.master("m1").unwrap()).await;
     let addr = m.https_addrs()[0];
-    let (records, summary) = run(&options(
-        &pki.ca_cert_pem,
-        addr,
-        "/version",
-        1,
-        Reuse::NewConnectionEach,
-    ))
-    .await;
+    let (records, summary) =
+        run(&options(&pki.ca_cert_pem, addr, "/version", 1, Reuse::NewConnectionEach)).await;
     assert_eq!(summary.ok, 1, "{records:?}");
     assert_eq!(records[0].master.as_deref(), Some("m1"));
     assert_eq!(records[0].peer, Some(addr.to_string()));
@@ -85,10 +72,7 @@ async fn raw_get(ca_pem: &str, addr: SocketAddr, path: &str) -> String {
     let tls = tls::client_config_from_ca_pem(ca_pem.as_bytes()).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .expect("handshake");
+    let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
@@ -106,17 +90,11 @@ async fn health_endpoints_and_not_found() {
     let addr = m.https_addrs()[0];
     for path in ["/readyz", "/livez", "/healthz", "/readyz?verbose"] {
         let resp = raw_get(&pki.ca_cert_pem, addr, path).await;
-        assert!(
-            resp.starts_with("HTTP/1.1 200 OK\r\n") && resp.ends_with("\r\n\r\nok"),
-            "{path}: {resp}"
-        );
+        assert!(resp.starts_with("HTTP/1.1 200 OK\r\n") && resp.ends_with("\r\n\r\nok"), "{path}: {resp}");
     }
     let resp = raw_get(&pki.ca_cert_pem, addr, "/api/v1/pods").await;
     assert!(resp.starts_with("HTTP/1.1 404 "), "{resp}");
-    assert!(
-        resp.contains("X-Kha-Lab-Master: m1") && resp.contains("\"kind\":\"Status\""),
-        "{resp}"
-    );
+    assert!(resp.contains("X-Kha-Lab-Master: m1") && resp.contains("\"kind\":\"Status\""), "{resp}");
 }
 
 #[tokio::test]
@@ -127,32 +105,15 @@ async fn readyz_500_mode_fails_readyz_only() {
     m.set_mode(FailureMode::Readyz500);
     let resp = raw_get(&pki.ca_cert_pem, addr, "/readyz").await;
     assert!(resp.starts_with("HTTP/1.1 500 "), "{resp}");
-    assert!(
-        resp.ends_with(&format!("\r\n\r\n{READYZ_FAILED_BODY}")),
-        "{resp}"
-    );
+    assert!(resp.ends_with(&format!("\r\n\r\n{READYZ_FAILED_BODY}")), "{resp}");
     assert!(resp.contains("X-Kha-Lab-Master: m1"), "{resp}");
-    let (records, summary) = run(&options(
-        &pki.ca_cert_pem,
-        addr,
-        "/readyz",
-        2,
-        Reuse::NewConnectionEach,
-    ))
-    .await;
+    let (records, summary) =
+        run(&options(&pki.ca_cert_pem, addr, "/readyz", 2, Reuse::NewConnectionEach)).await;
     assert_eq!(summary.errors["status:500"], 2, "{records:?}");
     assert_eq!(summary.by_master["m1"], 2);
-    assert!(
-        raw_get(&pki.ca_cert_pem, addr, "/livez")
-            .await
-            .ends_with("ok")
-    );
+    assert!(raw_get(&pki.ca_cert_pem, addr, "/livez").await.ends_with("ok"));
     m.set_mode(FailureMode::Normal);
-    assert!(
-        raw_get(&pki.ca_cert_pem, addr, "/readyz")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    assert!(raw_get(&pki.ca_cert_pem, addr, "/readyz").await.starts_with("HTTP/1.1 200"));
 }
 
 #[tokio::test]
@@ -160,31 +121,12 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
     let pki = Pki::generate(&[identity()]).expect("pki");
     let m = start_master(pki.master("m1").unwrap()).await;
     let addr = m.https_addrs()[0];
-    let (records, summary) = run(&options(
-        &pki.ca_cert_pem,
-        addr,
-        "/readyz",
-        4,
-        Reuse::KeepAlive,
-    ))
-    .await;
+    let (records, summary) = run(&options(&pki.ca_cert_pem, addr, "/readyz", 4, Reuse::KeepAlive)).await;
     assert_eq!(summary.ok, 4, "{records:?}");
     assert!(!records[0].reused);
-    assert!(
-        records[1..]
-            .iter()
-            .all(|r| r.reused && r.local == records[0].local),
-        "{records:?}"
-    );
+    assert!(records[1..].iter().all(|r| r.reused && r.local == records[0].local), "{records:?}");
 
-    let (records, _) = run(&options(
-        &pki.ca_cert_pem,
-        addr,
-        "/readyz",
-        3,
-        Reuse::NewConnectionEach,
-    ))
-    .await;
+    let (records, _) = run(&options(&pki.ca_cert_pem, addr, "/readyz", 3, Reuse::NewConnectionEach)).await;
     assert!(records.iter().all(|r| !r.reused));
     assert_ne!(records[0].local, records[1].local);
 }
@@ -194,22 +136,13 @@ async fn hang_mode_accepts_new_connections_but_never_handshakes() {
     let pki = Pki::generate(&[identity()]).expect("pki");
     let m = start_master(pki.master("m1").unwrap()).await;
     let addr = m.https_addrs()[0];
-    let mut opts = options(
-        &pki.ca_cert_pem,
-        addr,
-        "/readyz",
-        2,
-        Reuse::NewConnectionEach,
-    );
+    let mut opts = options(&pki.ca_cert_pem, addr, "/readyz", 2, Reuse::NewConnectionEach);
     opts.timeout = Duration::from_millis(300);
     m.set_mode(FailureMode::Hang);
     let (records, summary) = run(&opts).await;
     assert_eq!(summary.errors.get("tls:ETIMEDOUT"), Some(&2), "{records:?}");
     // The TCP connection itself was accepted.
-    assert!(
-        records.iter().all(|r| r.peer == Some(addr.to_string())),
-        "{records:?}"
-    );
+    assert!(records.iter().all(|r| r.peer == Some(addr.to_string())), "{records:?}");
 }
 
 #[tokio::test]
@@ -220,14 +153,9 @@ async fn hang_mode_holds_requests_on_open_connections() {
     let tls = tls::client_config_from_ca_pem(pki.ca_cert_pem.as_bytes()).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .expect("handshake");
+    let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");
     m.set_mode(FailureMode::Hang);
-    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut buf = [0u8; 64];
     let read = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
     assert!(read.is_err(), "hanging master answered: {read:?}");
@@ -239,19 +167,9 @@ async fn wrong_ca_fails_the_handshake() {
     let other = CertAuthority::new("kha-lab other CA").expect("other CA");
     let foreign = other.issue_server(&identity()).expect("foreign cert");
     let m = start_master(&foreign).await;
-    let (records, summary) = run(&options(
-        &pki.ca_cert_pem,
-        m.https_addrs()[0],
-        "/readyz",
-        1,
-        Reuse::NewConnectionEach,
-    ))
-    .await;
-    assert_eq!(
-        summary.errors.get("tls:unknown_issuer"),
-        Some(&1),
-        "{records:?}"
-    );
+    let (records, summary) =
+        run(&options(&pki.ca_cert_pem, m.https_addrs()[0], "/readyz", 1, Reuse::NewConnectionEach)).await;
+    assert_eq!(summary.errors.get("tls:unknown_issuer"), Some(&1), "{records:?}");
 }
 
 #[tokio::test]
@@ -259,47 +177,31 @@ async fn bad_requests_get_an_error_status_and_the_master_survives() {
     let pki = Pki::generate(&[identity()]).expect("pki");
     let m = start_master(pki.master("m1").unwrap()).await;
     let addr = m.https_addrs()[0];
-    let tls: Arc<rustls::ClientConfig> =
-        tls::client_config_from_ca_pem(pki.ca_cert_pem.as_bytes()).unwrap();
+    let tls: Arc<rustls::ClientConfig> = tls::client_config_from_ca_pem(pki.ca_cert_pem.as_bytes()).unwrap();
     let cases: [(&[u8], &str); 3] = [
         (b"GARBAGE\r\n\r\n", "400"),
-        (
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "501",
-        ),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "501"),
         (&[b'A'; 20 * 1024], "431"),
     ];
     for (input, status) in cases {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(tls.clone())
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.unwrap();
         s.write_all(input).await.unwrap();
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out))
             .await
             .expect("closed in time");
         let text = String::from_utf8_lossy(&out);
-        assert!(
-            text.starts_with(&format!("HTTP/1.1 {status} ")),
-            "{status}: {text}"
-        );
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{status}: {text}");
         assert!(text.contains("Connection: close"), "{text}");
     }
     // Garbage that is not even TLS.
     let mut raw = TcpStream::connect(addr).await.unwrap();
     raw.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut sink = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), raw.read_to_end(&mut sink))
-        .await
-        .expect("closed");
-    assert!(
-        raw_get(&pki.ca_cert_pem, addr, "/readyz")
-            .await
-            .ends_with("ok")
-    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), raw.read_to_end(&mut sink)).await.expect("closed");
+    assert!(raw_get(&pki.ca_cert_pem, addr, "/readyz").await.ends_with("ok"));
 }
 
 #[tokio::test]

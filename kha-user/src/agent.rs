@@ -30,6 +30,8 @@ pub struct Settings {
     pub hysteresis: Hysteresis,
     pub all_down: AllDown,
     pub drain: Duration,
+    pub fallback_grace: Duration,
+    pub rebalance: Option<Duration>,
     pub resync: Duration,
     pub netns: Option<PathBuf>,
     /// The pinned maps: the terminator opens its own handle on them.
@@ -89,6 +91,8 @@ pub async fn run(
         hysteresis: settings.hysteresis,
         all_down: settings.all_down,
         drain: settings.drain,
+        fallback_grace: settings.fallback_grace,
+        rebalance: settings.rebalance,
         recorders: settings.recorders.clone(),
     };
     let mut sup = Supervisor::new(core, config, maps, terminator);

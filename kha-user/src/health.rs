@@ -2,7 +2,7 @@
 //! serves. Pure: the agent feeds events in and applies what comes out.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     time::{Duration, SystemTime},
 };
@@ -13,7 +13,7 @@ use kha_common::{
 };
 
 use crate::{
-    config::Config,
+    config::{Config, Frontend},
     endpoints::{Desired, backend_of, key_of},
     probe::{ProbeEvent, ProbeFailure},
 };
@@ -246,17 +246,32 @@ pub fn live_set(
     health: &BTreeMap<SocketAddr, BackendHealth>,
     all_down: AllDown,
 ) -> (Vec<SocketAddr>, bool) {
-    let serving: Vec<SocketAddr> =
-        configured.iter().copied().filter(|b| health.get(b).is_none_or(|h| h.state.serves())).collect();
+    let serving = serving(configured, health);
     if !serving.is_empty() || configured.is_empty() {
         return (serving, false);
     }
-    let vouched: Vec<SocketAddr> =
-        configured.iter().copied().filter(|b| health.get(b).is_none_or(BackendHealth::vouched)).collect();
+    let vouched = fallback_set(configured, health);
     match all_down {
         AllDown::Fallback if !vouched.is_empty() => (vouched, true),
         AllDown::Fallback | AllDown::FailClosed => (Vec::new(), false),
     }
+}
+
+fn serving(configured: &[SocketAddr], health: &BTreeMap<SocketAddr, BackendHealth>) -> Vec<SocketAddr> {
+    configured.iter().copied().filter(|b| health.get(b).is_none_or(|h| h.state.serves())).collect()
+}
+
+/// What the all-down fallback serves: every vouched backend.
+fn fallback_set(configured: &[SocketAddr], health: &BTreeMap<SocketAddr, BackendHealth>) -> Vec<SocketAddr> {
+    configured.iter().copied().filter(|b| health.get(b).is_none_or(BackendHealth::vouched)).collect()
+}
+
+/// Whether most of a frontend's vouched backends serve again: then a frontend that was on the
+/// all-down fallback leaves it at once, since the reconnecting clients spread over a majority.
+pub fn quorum_serves(configured: &[SocketAddr], health: &BTreeMap<SocketAddr, BackendHealth>) -> bool {
+    let vouched = fallback_set(configured, health);
+    let serving = serving(configured, health).iter().filter(|b| vouched.contains(b)).count();
+    serving * 2 > vouched.len()
 }
 
 /// The masters discovery may reach the API on directly, best first: the backends of the
@@ -296,21 +311,32 @@ pub fn api_candidates(config: &Config, health: &BTreeMap<ProbeTarget, BackendHea
 /// backend may serve two frontends with different paths).
 pub type ProbeTarget = (SocketAddr, String);
 
+/// The health of a frontend's backends, by address.
+pub fn frontend_health(
+    f: &Frontend,
+    health: &BTreeMap<ProbeTarget, BackendHealth>,
+) -> BTreeMap<SocketAddr, BackendHealth> {
+    f.backends.iter().filter_map(|b| Some((*b, health.get(&(*b, f.health_path.clone()))?.clone()))).collect()
+}
+
 /// The backend table and the status records for a config and the health of its backends.
+///
+/// Frontends in `held` stay on the all-down fallback although a backend serves again (the
+/// supervisor's grace after all were down: see `supervise::fallback`).
 pub fn desired_state(
     config: &Config,
     health: &BTreeMap<ProbeTarget, BackendHealth>,
     all_down: AllDown,
+    held: &BTreeSet<SocketAddr>,
 ) -> (Desired, BTreeMap<ProbeKey, ProbeStatus>) {
     let mut desired = Desired::from_config(config);
     let mut statuses = BTreeMap::new();
     for f in &config.frontends {
-        let by_addr: BTreeMap<SocketAddr, BackendHealth> = f
-            .backends
-            .iter()
-            .filter_map(|b| Some((*b, health.get(&(*b, f.health_path.clone()))?.clone())))
-            .collect();
-        let (live, fallback) = live_set(&f.backends, &by_addr, all_down);
+        let by_addr = frontend_health(f, health);
+        let (live, fallback) = match held.contains(&f.address) {
+            true => (fallback_set(&f.backends, &by_addr), true),
+            false => live_set(&f.backends, &by_addr, all_down),
+        };
         let entry = desired.frontends.get_mut(&key_of(f.address, 0)).expect("from the same config");
         entry.backends = live.iter().map(|b| backend_of(*b)).collect();
         entry.flags = if fallback { FRONTEND_FALLBACK } else { 0 };
@@ -554,7 +580,7 @@ mod tests {
         let mut down = BackendHealth::new(true, SystemTime::UNIX_EPOCH);
         down.observe(&not_ready(), H, SystemTime::UNIX_EPOCH);
         health.insert((a, "/readyz".to_string()), down);
-        let (desired, statuses) = desired_state(&config, &health, AllDown::Fallback);
+        let (desired, statuses) = desired_state(&config, &health, AllDown::Fallback, &BTreeSet::new());
         let f = desired.frontends.values().next().unwrap();
         assert_eq!(f.backends, vec![backend_of("192.0.2.12:6443".parse().unwrap())]);
         assert_eq!(f.flags, 0);

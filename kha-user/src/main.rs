@@ -152,6 +152,16 @@ struct HealthArgs {
     /// config) keeps its existing connections before they are terminated.
     #[arg(long, default_value = "10", value_name = "SECONDS")]
     drain_time: u64,
+    /// After every backend of a frontend had failed: how long it stays on the all-down
+    /// fallback once one serves again, unless most of them do (0: leave at once). Keeps every
+    /// node's reconnecting clients from landing on the first master to recover.
+    #[arg(long, default_value = "6000", value_name = "MS")]
+    fallback_grace_ms: u64,
+    /// Every this often (jittered), end one long-lived connection per frontend whose most
+    /// loaded master holds two or more than its least loaded one, so its client reconnects
+    /// there. 0: off. Abrupt for a request in flight on it: see docs/health.md.
+    #[arg(long, default_value = "0", value_name = "MS")]
+    rebalance_interval_ms: u64,
 }
 
 /// Where kubespray and kubeadm keep the cluster CA.
@@ -353,6 +363,9 @@ fn run(args: RunArgs) -> Result<()> {
         hysteresis: Hysteresis { rise: args.health.rise, fall: args.health.fall },
         all_down: args.health.all_down,
         drain: Duration::from_secs(args.health.drain_time),
+        fallback_grace: Duration::from_millis(args.health.fallback_grace_ms),
+        rebalance: (args.health.rebalance_interval_ms > 0)
+            .then(|| Duration::from_millis(args.health.rebalance_interval_ms.max(100))),
         resync: Duration::from_secs(args.resync_interval.max(1)),
         netns: args.netns.clone(),
         pins: pins.clone(),

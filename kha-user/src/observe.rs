@@ -64,6 +64,8 @@ pub struct BuildLabels {
 pub struct Recorders {
     pub probe_duration: Family<BackendLabels, Histogram>,
     pub map_update_errors: Counter,
+    /// Connections ended to rebalance the masters (`--rebalance-interval-ms`).
+    pub rebalanced: Counter,
     /// Probes that failed on this node's side (out of descriptors, memory, ports) and were
     /// therefore not counted against the master.
     pub probe_local_errors: Family<LocalErrorLabels, Counter>,
@@ -89,6 +91,7 @@ impl Default for Recorders {
                 Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14))
             }),
             map_update_errors: Counter::default(),
+            rebalanced: Counter::default(),
             probe_local_errors: Family::default(),
             probe_tls_reloads: Family::default(),
             recorded: Arc::default(),
@@ -275,6 +278,11 @@ pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> Str
         destroyed,
     );
     r.register("map_update_errors", "Failed writes to the BPF maps", rec.map_update_errors.clone());
+    r.register(
+        "rebalanced_connections",
+        "Long-lived connections ended so that their clients reconnect to a less loaded master",
+        rec.rebalanced.clone(),
+    );
     r.register("probe_duration_seconds", "Duration of each health probe", rec.probe_duration.clone());
     r.register(
         "probe_local_errors",
@@ -371,6 +379,7 @@ mod tests {
             "kha_sockets_reset_total 3",
             "kha_sockets_destroyed_total 1",
             "kha_map_update_errors_total 0",
+            "kha_rebalanced_connections_total 0",
             "kha_probe_duration_seconds_count{backend=\"192.0.2.11:6443\"} 1",
             "kha_probe_local_errors_total{backend=\"192.0.2.12:6443\",error=\"EMFILE\"} 1",
         ] {

@@ -295,10 +295,7 @@ fn set_changes_under_a_connect_loop_never_fail_a_connect() {
         base = regions(&bed).0;
     }
     let during = client.records() - records_before;
-    assert!(
-        client.running(),
-        "the client finished before {flips} flips; raise its count"
-    );
+    assert!(client.running(), "the client finished before {flips} flips; raise its count");
     assert!(during >= 1000, "only {during} connects ran during the {flips} flips");
     let slots = regions(&bed).1;
 

@@ -15,12 +15,12 @@ use crate::harness::{self, NO_CHECKS, args, wait_for};
 /// kha-user's `serve::MAX_CONNECTIONS`.
 const MAX_CONNECTIONS: usize = 64;
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `GET path` on a new connection: (status code, body), or `None` without an answer in 3 s.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();

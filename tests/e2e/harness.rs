@@ -239,6 +239,11 @@ impl LiveClient {
         self.records.recv_timeout(Duration::from_secs(40)).expect("a record from the client")
     }
 
+    /// Every record the client wrote since the last call, without waiting.
+    pub fn drain(&self) -> Vec<Value> {
+        self.records.try_iter().collect()
+    }
+
     /// The next failed request.
     pub fn next_failure(&self) -> Value {
         loop {

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use kha_lab::{bed::Bed, topology::IDENT_PORT};
 
-use crate::harness::{self, ConnectLoop, args, backends, bpf_object_exists, cgroup_programs, connect, start, wait_for};
+use crate::harness::{
+    self, ConnectLoop, args, backends, bpf_object_exists, cgroup_programs, connect, start, wait_for,
+};
 
 fn ident_frontend() -> String {
     format!("127.0.0.1:{IDENT_PORT}")

@@ -10,5 +10,6 @@ mod harness;
 mod health;
 mod lifecycle;
 mod privileges;
+mod rebalance;
 mod refusals;
 mod terminate;

@@ -72,7 +72,9 @@ fn main() {
                     failed += 1;
                     // Leave the next scenario a whole control plane and a running agent.
                     if catch_unwind(AssertUnwindSafe(|| world.restore())).is_err() {
-                        eprintln!("real: cannot restore the control plane; the remaining scenarios fail unrun");
+                        eprintln!(
+                            "real: cannot restore the control plane; the remaining scenarios fail unrun"
+                        );
                         failed = total - passed;
                         break;
                     }

@@ -53,12 +53,14 @@ pub fn clients_through_both_frontends(w: &mut World) {
 
     // The lease reconciler keeps one endpoint per live apiserver; each apiserver adds itself
     // within its reconcile interval (10 s).
-    let mut masters: Vec<String> = w.bed.lab.masters().iter().map(|m| m.https_v4().ip().to_string()).collect();
+    let mut masters: Vec<String> =
+        w.bed.lab.masters().iter().map(|m| m.https_v4().ip().to_string()).collect();
     masters.sort();
     let mut slice = Value::Null;
     let mut addrs: Vec<String> = Vec::new();
     wait_for("the kubernetes EndpointSlice to list every apiserver", Duration::from_secs(30), || {
-        let o = w.kubectl(&w.admin_v4, &["get", "endpointslice", "-n", "default", "kubernetes", "-o", "json"]);
+        let o =
+            w.kubectl(&w.admin_v4, &["get", "endpointslice", "-n", "default", "kubernetes", "-o", "json"]);
         slice = serde_json::from_slice(&o.stdout).unwrap_or_default();
         addrs = slice["endpoints"]
             .as_array()
@@ -71,7 +73,10 @@ pub fn clients_through_both_frontends(w: &mut World) {
     });
     let labels = &slice["metadata"]["labels"];
     assert_eq!(labels["kubernetes.io/service-name"], "kubernetes", "{slice}");
-    eprintln!("real: the kubernetes EndpointSlice: {addrs:?}, managed by {}", labels["endpointslice.kubernetes.io/managed-by"]);
+    eprintln!(
+        "real: the kubernetes EndpointSlice: {addrs:?}, managed by {}",
+        labels["endpointslice.kubernetes.io/managed-by"]
+    );
 
     let watcher = w.watcher(Duration::from_secs(40));
     wait_for("kha-watch synced through kha", Duration::from_secs(30), || watcher.synced());
@@ -80,7 +85,12 @@ pub fn clients_through_both_frontends(w: &mut World) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let object = format!("default/{name}");
     wait_for("the watcher sees the new configmap", Duration::from_secs(15), || {
-        watcher.records.lock().unwrap().iter().any(|(_, v)| v["event"] == "add" && v["object"] == object.as_str())
+        watcher
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, v)| v["event"] == "add" && v["object"] == object.as_str())
     });
     let peer = watcher.current_peer().expect("the watch connection in ss");
     assert!(w.master_of(&peer).is_some(), "the watch sits on a master ({peer}), not on the frontend");
@@ -253,7 +263,8 @@ const SHUTDOWN_DELAY: Duration = Duration::from_secs(15);
 /// The etcd member of the master holding a watch is killed: that apiserver's `/readyz` fails
 /// on etcd while it still answers; kha drains it and the watch moves.
 pub fn lost_etcd_member_moves_watches(w: &mut World) {
-    let (victim, moved, watchers, t0) = fail_a_watched_master(w, |w, m| w.cp.kill_etcd(m).expect("kill etcd"));
+    let (victim, moved, watchers, t0) =
+        fail_a_watched_master(w, |w, m| w.cp.kill_etcd(m).expect("kill etcd"));
     report_moves(w, &victim, &moved, &watchers, t0, Duration::from_secs(40), "lost its etcd member");
     w.cp.start_etcd(&victim).expect("restart etcd");
     w.wait_all_up(Duration::from_secs(60));
@@ -290,7 +301,15 @@ fn fail_a_watched_master(w: &mut World, fail: impl FnOnce(&mut World, &str)) -> 
     (victim, moved, watchers, t0)
 }
 
-fn report_moves(w: &World, victim: &str, moved: &[usize], watchers: &[Watcher], t0: Instant, bound: Duration, what: &str) {
+fn report_moves(
+    w: &World,
+    victim: &str,
+    moved: &[usize],
+    watchers: &[Watcher],
+    t0: Instant,
+    bound: Duration,
+    what: &str,
+) {
     for i in moved {
         let wt = &watchers[*i];
         wait_for("the watch re-established on another master", bound, || {

@@ -119,18 +119,32 @@ impl World {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        self.bed.lab.masters().iter().find(|m| m.https_v4().ip() == ip || m.https_v6().ip() == ip).map(|m| m.name.clone())
+        self.bed
+            .lab
+            .masters()
+            .iter()
+            .find(|m| m.https_v4().ip() == ip || m.https_v6().ip() == ip)
+            .map(|m| m.name.clone())
     }
 
     /// kha's view of backend `addr` on the first frontend: (state, serving).
     pub fn backend(&self, addr: SocketAddr) -> Option<(String, bool, Option<String>)> {
         let s = self.bed.status()?;
-        let b = s["frontends"][0]["backends"].as_array()?.iter().find(|b| b["address"] == addr.to_string())?.clone();
-        Some((b["state"].as_str()?.to_string(), b["serving"].as_bool()?, b["reason"].as_str().map(String::from)))
+        let b = s["frontends"][0]["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["address"] == addr.to_string())?
+            .clone();
+        Some((
+            b["state"].as_str()?.to_string(),
+            b["serving"].as_bool()?,
+            b["reason"].as_str().map(String::from),
+        ))
     }
 
     pub fn wait_all_up(&self, timeout: Duration) {
-        let addrs: Vec<SocketAddr> = self.bed.lab.masters()[..self.bootstrap].iter().map(|m| m.https_v4()).collect();
+        let addrs: Vec<SocketAddr> =
+            self.bed.lab.masters()[..self.bootstrap].iter().map(|m| m.https_v4()).collect();
         wait_for("every master up in kha", timeout, || {
             addrs.iter().all(|a| self.backend(*a).is_some_and(|(state, serving, _)| state == "up" && serving))
         });
@@ -139,7 +153,13 @@ impl World {
     /// Counter `name` of `kha status`.
     pub fn counter(&self, name: &str) -> u64 {
         let s = self.bed.status().unwrap_or_default();
-        s["counters"].as_array().into_iter().flatten().find(|c| c["name"] == name).and_then(|c| c["value"].as_u64()).unwrap_or(0)
+        s["counters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == name)
+            .and_then(|c| c["value"].as_u64())
+            .unwrap_or(0)
     }
 
     pub fn watcher(&self, duration: Duration) -> Watcher {
@@ -178,4 +198,3 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         thread::sleep(Duration::from_millis(50));
     }
 }
-

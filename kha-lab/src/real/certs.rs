@@ -47,12 +47,14 @@ pub fn generate(masters: &[MasterIdentity], dir: &Path) -> Result<Files, PkiErro
     let ca = CertAuthority::new(LAB_CA_NAME)?;
     let pki = Pki::generate_with_ca(&ca, masters)?.write_to(dir)?;
     let write_client = |c: IssuedCert, file: &str| -> Result<ClientFiles, PkiError> {
-        let files = ClientFiles { cert: dir.join(format!("{file}.pem")), key: dir.join(format!("{file}-key.pem")) };
+        let files =
+            ClientFiles { cert: dir.join(format!("{file}.pem")), key: dir.join(format!("{file}-key.pem")) };
         write_file(&files.cert, &c.cert_pem, 0o644)?;
         write_file(&files.key, &c.key_pem, 0o600)?;
         Ok(files)
     };
-    let node = write_client(ca.issue_client(&format!("system:node:{NODE_NAME}"), &["system:nodes"])?, "node")?;
+    let node =
+        write_client(ca.issue_client(&format!("system:node:{NODE_NAME}"), &["system:nodes"])?, "node")?;
     let admin = write_client(ca.issue_client("kha-admin", &["system:masters"])?, "admin")?;
     let sa = KeyPair::generate()
         .map_err(|source| PkiError::Generate { what: "service-account key".into(), source })?;

@@ -33,7 +33,10 @@ pub fn etcd(me: &EtcdMember, all: &[EtcdMember]) -> Vec<String> {
     vec![
         format!("--name={}", me.name),
         format!("--data-dir={}", me.data_dir.display()),
-        format!("--listen-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT},http://{}:{ETCD_CLIENT_PORT}", me.ip),
+        format!(
+            "--listen-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT},http://{}:{ETCD_CLIENT_PORT}",
+            me.ip
+        ),
         format!("--advertise-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT}"),
         format!("--listen-peer-urls={}", peer(me)),
         format!("--initial-advertise-peer-urls={}", peer(me)),

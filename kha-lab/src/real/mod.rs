@@ -118,14 +118,16 @@ impl RealControlPlane {
     /// Certificates, then an etcd member in every master namespace, then the apiservers; returns
     /// once every apiserver's `/readyz` is 200.
     pub fn start(lab: &Lab, options: RealOptions) -> Result<Self, RealError> {
-        let bins = find_bins().ok_or_else(|| RealError::NoBinaries(PathBuf::from("target/controlplane/bin")))?;
+        let bins =
+            find_bins().ok_or_else(|| RealError::NoBinaries(PathBuf::from("target/controlplane/bin")))?;
         if !bins.join("kube-apiserver").is_file() {
             return Err(RealError::NoBinaries(bins));
         }
         let dir = lab.workdir().join("real");
         let files = certs::generate(&lab.identities(), &dir.join("pki"))?;
         let members = lab.masters().iter().map(|m| member(m, &dir)).collect::<Result<_, _>>()?;
-        let mut cp = RealControlPlane { bins, files, options, node_netns: lab.node_netns().to_owned(), dir, members };
+        let mut cp =
+            RealControlPlane { bins, files, options, node_netns: lab.node_netns().to_owned(), dir, members };
         let names = cp.names();
         let running = names.len().saturating_sub(cp.options.standby);
         for m in &mut cp.members[running..] {
@@ -154,7 +156,13 @@ impl RealControlPlane {
     }
 
     /// A kubeconfig file for `user` against `server`, written under the control plane's dir.
-    pub fn kubeconfig(&self, file: &str, user: User, server: &str, sni: Option<&str>) -> Result<PathBuf, RealError> {
+    pub fn kubeconfig(
+        &self,
+        file: &str,
+        user: User,
+        server: &str,
+        sni: Option<&str>,
+    ) -> Result<PathBuf, RealError> {
         Ok(self.files.write_kubeconfig(&self.dir.join(file), user, server, sni)?)
     }
 
@@ -171,11 +179,16 @@ impl RealControlPlane {
     }
 
     pub fn start_etcd(&mut self, name: &str) -> Result<(), RealError> {
-        let all: Vec<_> =
-            self.members.iter().filter(|m| m.has_etcd).map(|m| (m.name.clone(), m.ip, m.dir.join("etcd"))).collect();
+        let all: Vec<_> = self
+            .members
+            .iter()
+            .filter(|m| m.has_etcd)
+            .map(|m| (m.name.clone(), m.ip, m.dir.join("etcd")))
+            .collect();
         let peers: Vec<flags::EtcdMember> =
             all.iter().map(|(n, ip, d)| flags::EtcdMember { name: n, ip: *ip, data_dir: d }).collect();
-        let me = peers.iter().find(|p| p.name == name).ok_or_else(|| RealError::UnknownMaster(name.into()))?;
+        let me =
+            peers.iter().find(|p| p.name == name).ok_or_else(|| RealError::UnknownMaster(name.into()))?;
         let args = flags::etcd(me, &peers);
         let child = self.spawn(name, "etcd", &args)?;
         self.member_mut(name)?.etcd = Some(child);
@@ -240,12 +253,19 @@ impl RealControlPlane {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(RealError::Timeout { what: format!("{name}'s apiserver to exit after SIGTERM"), timeout: bound, tail: tail(&log), log })
+        Err(RealError::Timeout {
+            what: format!("{name}'s apiserver to exit after SIGTERM"),
+            timeout: bound,
+            tail: tail(&log),
+            log,
+        })
     }
 
     /// SIGSTOP (`stop`) or SIGCONT: a hung apiserver whose kernel still accepts connections.
     pub fn freeze_apiserver(&self, name: &str, stop: bool) -> Result<(), RealError> {
-        let pid = self.apiserver_pid(name).ok_or_else(|| RealError::UnknownMaster(format!("{name} (no apiserver running)")))?;
+        let pid = self
+            .apiserver_pid(name)
+            .ok_or_else(|| RealError::UnknownMaster(format!("{name} (no apiserver running)")))?;
         // SAFETY: our own child's pid, not yet reaped.
         unsafe { libc::kill(pid as i32, if stop { libc::SIGSTOP } else { libc::SIGCONT }) };
         Ok(())
@@ -267,17 +287,33 @@ impl RealControlPlane {
         let started = Instant::now();
         let log = self.apiserver_log(name);
         let m = self.member(name)?;
-        let kubeconfig =
-            self.kubeconfig(&format!("admin-{name}.kubeconfig"), User::Admin, &format!("https://{}:6443", m.ip), None)?;
+        let kubeconfig = self.kubeconfig(
+            &format!("admin-{name}.kubeconfig"),
+            User::Admin,
+            &format!("https://{}:6443", m.ip),
+            None,
+        )?;
         loop {
-            if let Some(status) = self.member_mut(name)?.apiserver.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(RealError::Exited { what: format!("{name}'s apiserver"), status, tail: tail(&log), log });
+            if let Some(status) =
+                self.member_mut(name)?.apiserver.as_mut().and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(RealError::Exited {
+                    what: format!("{name}'s apiserver"),
+                    status,
+                    tail: tail(&log),
+                    log,
+                });
             }
             if self.kubectl(&kubeconfig, &["get", "--raw", "/readyz"]).is_ok_and(|o| o.status.success()) {
                 return Ok(());
             }
             if started.elapsed() > timeout {
-                return Err(RealError::Timeout { what: format!("{name}'s /readyz = 200"), timeout, tail: tail(&log), log });
+                return Err(RealError::Timeout {
+                    what: format!("{name}'s /readyz = 200"),
+                    timeout,
+                    tail: tail(&log),
+                    log,
+                });
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -335,7 +371,11 @@ impl Drop for RealControlPlane {
 
 fn member(m: &LabMaster, dir: &Path) -> Result<Member, RealError> {
     let dir = dir.join(&m.name);
-    fs::create_dir_all(&dir).map_err(|source| RealError::Io { what: "creating", path: dir.clone(), source })?;
+    fs::create_dir_all(&dir).map_err(|source| RealError::Io {
+        what: "creating",
+        path: dir.clone(),
+        source,
+    })?;
     Ok(Member {
         name: m.name.clone(),
         netns: m.netns.clone(),

@@ -17,10 +17,7 @@ impl Lab {
         if !valid_prefix(prefix) {
             return Err(LabError::InvalidPrefix(prefix.to_owned()));
         }
-        let stale: Vec<String> = netns::list()?
-            .into_iter()
-            .filter(|n| n.starts_with(prefix))
-            .collect();
+        let stale: Vec<String> = netns::list()?.into_iter().filter(|n| n.starts_with(prefix)).collect();
         for name in &stale {
             remove_netns(name)?;
         }
@@ -36,9 +33,7 @@ impl Lab {
                 return false;
             };
             let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            !pid.is_empty()
-                && rest[pid.len()..].starts_with('-')
-                && !Path::new("/proc").join(&pid).exists()
+            !pid.is_empty() && rest[pid.len()..].starts_with('-') && !Path::new("/proc").join(&pid).exists()
         };
         let stale: Vec<String> = netns::list()?.into_iter().filter(|n| orphaned(n)).collect();
         for name in &stale {

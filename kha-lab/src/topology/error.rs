@@ -17,9 +17,7 @@ pub enum LabError {
     InvalidPrefix(String),
     #[error("a lab has 1 to {MAX_MASTERS} masters, not {0}")]
     MasterCount(usize),
-    #[error(
-        "network namespace {0} already exists (left over from an earlier run? see Lab::cleanup_stale)"
-    )]
+    #[error("network namespace {0} already exists (left over from an earlier run? see Lab::cleanup_stale)")]
     NamespaceExists(String),
     #[error("network namespace operation failed")]
     Netns(#[from] NetnsError),
@@ -39,12 +37,7 @@ pub enum LabError {
         source: io::Error,
     },
     #[error("master {name} exited before it was ready ({status}); end of {}:\n{log_tail}", log.display())]
-    MasterExited {
-        name: String,
-        status: ExitStatus,
-        log: PathBuf,
-        log_tail: String,
-    },
+    MasterExited { name: String, status: ExitStatus, log: PathBuf, log_tail: String },
     #[error("timed out after {timeout:?} waiting for {what}")]
     Timeout { what: String, timeout: Duration },
     #[error("sending signal {signal} to master {name} (pid {pid})")]

@@ -53,10 +53,7 @@ impl LabMaster {
         SocketAddr::new(self.ipv6.into(), IDENT_PORT)
     }
     pub fn identity(&self) -> MasterIdentity {
-        MasterIdentity::new(
-            self.name.clone(),
-            [IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)],
-        )
+        MasterIdentity::new(self.name.clone(), [IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)])
     }
     /// Pid of the running `kha-lab master` process, if started and not killed.
     pub fn pid(&self) -> Option<u32> {
@@ -80,10 +77,7 @@ fn wait_until(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(LabError::Timeout {
-                what: what(),
-                timeout,
-            });
+            return Err(LabError::Timeout { what: what(), timeout });
         }
         std::thread::sleep(POLL);
     }
@@ -112,10 +106,7 @@ impl Lab {
                 return Err(LabError::MissingCert(m.name.clone()));
             }
         }
-        self.launch = Some(Launch {
-            bin: bin.to_owned(),
-            pki: pki.clone(),
-        });
+        self.launch = Some(Launch { bin: bin.to_owned(), pki: pki.clone() });
         let names: Vec<String> = self.masters.iter().map(|m| m.name.clone()).collect();
         // Spawn all, then wait for all: startups overlap.
         for name in &names {
@@ -137,15 +128,8 @@ impl Lab {
     }
 
     fn spawn_master(&mut self, name: &str) -> Result<(), LabError> {
-        let launch = self
-            .launch
-            .clone()
-            .ok_or_else(|| LabError::NotStarted(name.to_owned()))?;
-        let paths = launch
-            .pki
-            .master(name)
-            .ok_or_else(|| LabError::MissingCert(name.to_owned()))?
-            .clone();
+        let launch = self.launch.clone().ok_or_else(|| LabError::NotStarted(name.to_owned()))?;
+        let paths = launch.pki.master(name).ok_or_else(|| LabError::MissingCert(name.to_owned()))?.clone();
         let m = self.master_mut(name)?;
         for stale in [m.ready_file.clone(), mode::applied_path(&m.control_file)] {
             match fs::remove_file(&stale) {
@@ -157,9 +141,7 @@ impl Lab {
         }
         mode::write_control(&m.control_file, m.mode)?;
         let log = File::create(&m.log_file).map_err(io_err("creating", &m.log_file))?;
-        let log2 = log
-            .try_clone()
-            .map_err(io_err("duplicating", &m.log_file))?;
+        let log2 = log.try_clone().map_err(io_err("duplicating", &m.log_file))?;
         let mut cmd = Command::new(&launch.bin);
         cmd.arg("master").arg("--name").arg(&m.name);
         for addr in [m.https_v4(), m.https_v6()] {
@@ -168,14 +150,8 @@ impl Lab {
         for addr in [m.ident_v4(), m.ident_v6()] {
             cmd.arg("--ident-listen").arg(addr.to_string());
         }
-        cmd.arg("--cert")
-            .arg(&paths.cert)
-            .arg("--key")
-            .arg(&paths.key);
-        cmd.arg("--control-file")
-            .arg(&m.control_file)
-            .arg("--ready-file")
-            .arg(&m.ready_file);
+        cmd.arg("--cert").arg(&paths.cert).arg("--key").arg(&paths.key);
+        cmd.arg("--control-file").arg(&m.control_file).arg("--ready-file").arg(&m.ready_file);
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         m.process = Some(netns::spawn_in(&m.netns, None, cmd)?);
         Ok(())
@@ -189,14 +165,8 @@ impl Lab {
             || format!("master {name} to become ready"),
             timeout,
             || {
-                let child = m
-                    .process
-                    .as_mut()
-                    .ok_or_else(|| LabError::NotRunning(m.name.clone()))?;
-                if let Some(status) = child
-                    .try_wait()
-                    .map_err(io_err("waiting for", &m.log_file))?
-                {
+                let child = m.process.as_mut().ok_or_else(|| LabError::NotRunning(m.name.clone()))?;
+                if let Some(status) = child.try_wait().map_err(io_err("waiting for", &m.log_file))? {
                     m.process = None;
                     return Err(LabError::MasterExited {
                         name: m.name.clone(),
@@ -219,19 +189,12 @@ impl Lab {
 
     fn signal(&self, name: &str, signal: i32) -> Result<(), LabError> {
         let m = self.master(name)?;
-        let pid = m
-            .pid()
-            .ok_or_else(|| LabError::NotRunning(name.to_owned()))?;
+        let pid = m.pid().ok_or_else(|| LabError::NotRunning(name.to_owned()))?;
         // The pid is our unreaped child, so it cannot name another process.
         // SAFETY: kill has no memory-safety preconditions.
         if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
             let source = io::Error::last_os_error();
-            return Err(LabError::Signal {
-                name: name.to_owned(),
-                pid,
-                signal,
-                source,
-            });
+            return Err(LabError::Signal { name: name.to_owned(), pid, signal, source });
         }
         Ok(())
     }
@@ -239,14 +202,9 @@ impl Lab {
     /// SIGKILL and reap the master's process.
     pub fn kill_master(&mut self, name: &str) -> Result<(), LabError> {
         let m = self.master_mut(name)?;
-        let mut child = m
-            .process
-            .take()
-            .ok_or_else(|| LabError::NotRunning(name.to_owned()))?;
+        let mut child = m.process.take().ok_or_else(|| LabError::NotRunning(name.to_owned()))?;
         let _ = child.kill();
-        child
-            .wait()
-            .map_err(io_err("reaping master", &m.log_file))?;
+        child.wait().map_err(io_err("reaping master", &m.log_file))?;
         Ok(())
     }
 
@@ -292,7 +250,5 @@ pub fn find_kha_lab_bin() -> Option<PathBuf> {
     }
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    [dir.join("kha-lab"), dir.parent()?.join("kha-lab")]
-        .into_iter()
-        .find(|p| p.is_file())
+    [dir.join("kha-lab"), dir.parent()?.join("kha-lab")].into_iter().find(|p| p.is_file())
 }

@@ -56,11 +56,7 @@ pub struct LabSpec {
 
 impl LabSpec {
     pub fn new(prefix: impl Into<String>, masters: usize) -> Self {
-        LabSpec {
-            prefix: prefix.into(),
-            masters,
-            timeout: DEFAULT_TIMEOUT,
-        }
+        LabSpec { prefix: prefix.into(), masters, timeout: DEFAULT_TIMEOUT }
     }
 
     /// A prefix unique to this process and call: `kha-t<pid>-<n>`, the form
@@ -89,9 +85,7 @@ fn is_root() -> bool {
 
 fn valid_prefix(prefix: &str) -> bool {
     (1..=40).contains(&prefix.len())
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 impl Lab {
@@ -109,8 +103,8 @@ impl Lab {
         }
         let node_netns = format!("{}-node", spec.prefix);
         let names: Vec<String> = (1..=spec.masters).map(|i| format!("m{i}")).collect();
-        for ns in std::iter::once(node_netns.clone())
-            .chain(names.iter().map(|m| format!("{}-{m}", spec.prefix)))
+        for ns in
+            std::iter::once(node_netns.clone()).chain(names.iter().map(|m| format!("{}-{m}", spec.prefix)))
         {
             if netns::exists(&ns) {
                 return Err(LabError::NamespaceExists(ns));
@@ -135,14 +129,7 @@ impl Lab {
             })
             .collect();
         // From here on, an early return drops `lab`, which undoes what was built.
-        let mut lab = Lab {
-            spec,
-            node_netns,
-            masters,
-            created: Vec::new(),
-            workdir,
-            launch: None,
-        };
+        let mut lab = Lab { spec, node_netns, masters, created: Vec::new(), workdir, launch: None };
         lab.build()?;
         let all: Vec<String> = names;
         lab.wait_reachable(&all)?;
@@ -162,10 +149,7 @@ impl Lab {
     }
 
     pub fn master(&self, name: &str) -> Result<&LabMaster, LabError> {
-        self.masters
-            .iter()
-            .find(|m| m.name == name)
-            .ok_or_else(|| LabError::UnknownMaster(name.to_owned()))
+        self.masters.iter().find(|m| m.name == name).ok_or_else(|| LabError::UnknownMaster(name.to_owned()))
     }
 
     fn master_mut(&mut self, name: &str) -> Result<&mut LabMaster, LabError> {
@@ -196,10 +180,6 @@ mod tests {
         assert!(!valid_prefix(""));
         assert!(!valid_prefix("a/b"));
         assert!(!valid_prefix(&"x".repeat(41)));
-        assert!(
-            LabSpec::unique(1)
-                .prefix
-                .starts_with(&format!("kha-t{}-", std::process::id()))
-        );
+        assert!(LabSpec::unique(1).prefix.starts_with(&format!("kha-t{}-", std::process::id())));
     }
 }

@@ -36,23 +36,14 @@ impl Lab {
         n(&["link", "add", BRIDGE, "type", "bridge"])?;
         n(&["link", "set", BRIDGE, "up"])?;
         n(&["addr", "add", &format!("{NODE_V4}/24"), "dev", BRIDGE])?;
-        n(&[
-            "addr",
-            "add",
-            &format!("{NODE_V6}/64"),
-            "dev",
-            BRIDGE,
-            "nodad",
-        ])?;
+        n(&["addr", "add", &format!("{NODE_V6}/64"), "dev", BRIDGE, "nodad"])?;
         for i in 0..self.masters.len() {
             let (ns, ifname, v4, v6) = {
                 let m = &self.masters[i];
                 (m.netns.clone(), m.node_ifname.clone(), m.ipv4, m.ipv6)
             };
             self.add_netns(&ns)?;
-            n(&[
-                "link", "add", &ifname, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ])?;
+            n(&["link", "add", &ifname, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             n(&["link", "set", &ifname, "master", BRIDGE, "up"])?;
             let m = |args: &[&str]| -> Result<(), NetnsError> {
                 let mut full = vec!["-n", ns.as_str()];
@@ -96,24 +87,14 @@ impl Lab {
             Ok(())
         } else {
             let list: Vec<String> = pending.iter().map(|a| a.ip().to_string()).collect();
-            Err(LabError::Timeout {
-                what: format!("the node to reach {}", list.join(", ")),
-                timeout,
-            })
+            Err(LabError::Timeout { what: format!("the node to reach {}", list.join(", ")), timeout })
         }
     }
 
     /// Takes the node-side link to a master down: packets to it are lost.
     pub fn link_down(&self, name: &str) -> Result<(), LabError> {
         let m = self.master(name)?;
-        netns::ip(&[
-            "-n",
-            &self.node_netns,
-            "link",
-            "set",
-            &m.node_ifname,
-            "down",
-        ])?;
+        netns::ip(&["-n", &self.node_netns, "link", "set", &m.node_ifname, "down"])?;
         Ok(())
     }
 

@@ -163,7 +163,8 @@ pub(super) fn getsockopt_u64(fd: std::os::fd::RawFd, option: libc::c_int) -> io:
     let mut value = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: an 8-byte buffer for an 8-byte option, on a descriptor the caller holds open.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, option, (&mut value as *mut u64).cast(), &mut len) };
+    let rc =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, option, (&mut value as *mut u64).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -49,7 +49,7 @@ mod failure;
 mod files;
 /// Public for the fuzz target `probe_response` (fuzz/); the agent uses it through [`run`].
 pub mod http;
-mod jitter;
+pub(crate) mod jitter;
 mod prober;
 mod reload;
 pub mod socket;

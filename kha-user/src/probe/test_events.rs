@@ -14,7 +14,10 @@ pub fn refused() -> ProbeEvent {
 }
 
 pub fn timeout() -> ProbeEvent {
-    ProbeEvent::Failed { failure: ProbeFailure::Timeout { phase: Phase::Response }, latency: Duration::from_secs(3) }
+    ProbeEvent::Failed {
+        failure: ProbeFailure::Timeout { phase: Phase::Response },
+        latency: Duration::from_secs(3),
+    }
 }
 
 /// `/readyz` 500, as kube-apiserver answers when etcd is lost.

@@ -6,9 +6,11 @@
 //! The binary feeds it from one select loop: probe events, config changes, the resync tick,
 //! and a sleep until [`Supervisor::next_deadline`].
 
+mod fallback;
 mod local;
 mod pending;
 mod probes;
+mod rebalance;
 mod terminate;
 #[cfg(test)]
 mod tests;
@@ -30,8 +32,10 @@ use crate::{
     probe::{ProbeEvent, ProbeFailure},
     sync::{BackendTable, sync},
 };
+use fallback::FallbackGrace;
 use local::LocalWarnings;
 use pending::{Pending, Verdict, Why};
+use rebalance::Rebalance;
 
 pub use probes::{ProbeSet, ProbeTemplate};
 pub use terminate::{SockDestroy, TerminateError, Terminator};
@@ -55,6 +59,12 @@ pub struct Settings {
     pub all_down: AllDown,
     /// How long a draining or removed backend keeps its sockets.
     pub drain: Duration,
+    /// How long a frontend stays on the all-down fallback after a backend serves again, unless
+    /// most do ([`fallback`]).
+    pub fallback_grace: Duration,
+    /// How often one long-lived connection per frontend is moved off its most loaded master
+    /// ([`rebalance`]); `None`: never.
+    pub rebalance: Option<Duration>,
     pub recorders: Recorders,
 }
 
@@ -73,11 +83,15 @@ pub struct Supervisor<T, X> {
     /// take the old sockets' decrements (and, for a failed connect, the kernel's suspicion).
     retired: BTreeSet<SocketAddr>,
     local_warnings: LocalWarnings,
+    grace: FallbackGrace,
+    rebalance: Rebalance,
 }
 
 impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     /// Takes over a table that already serves `config` (the binary syncs it before attaching).
     pub fn new(settings: Settings, config: Config, table: T, terminator: X) -> Self {
+        let grace = FallbackGrace::new(settings.fallback_grace);
+        let rebalance = Rebalance::new(settings.rebalance, Instant::now());
         let mut s = Self {
             settings,
             config: Config { frontends: Vec::new(), ca_file: None },
@@ -88,6 +102,8 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
             desired: Desired::default(),
             retired: BTreeSet::new(),
             local_warnings: LocalWarnings::default(),
+            grace,
+            rebalance,
         };
         s.set_config(config, &BTreeSet::new());
         s
@@ -111,12 +127,53 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
 
     /// When [`Supervisor::on_deadline`] is due next.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.next_deadline()
+        [self.pending.next_deadline(), self.grace.next_deadline(), self.rebalance.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// A deadline from [`Supervisor::next_deadline`] passed.
     pub fn on_deadline(&mut self) {
         self.apply();
+        if self.rebalance.due(Instant::now()) {
+            self.rebalance_round();
+        }
+    }
+
+    /// One connection moved per unbalanced frontend ([`rebalance`]).
+    fn rebalance_round(&mut self) {
+        let open = match self.terminator.open_per_pair() {
+            Ok(open) => open,
+            Err(e) => return log::warn!("rebalance: cannot count the open connections: {}", causes(&e)),
+        };
+        let on_fallback = self.on_fallback();
+        for m in rebalance::moves(&self.config, &self.health, &self.desired, &on_fallback, &open) {
+            let (f, b) = m.pair;
+            match self.terminator.terminate_oldest(&m.pair, 1) {
+                Ok(n) => {
+                    self.settings.recorders.rebalanced.inc_by(n as u64);
+                    log::info!(
+                        "rebalance: moved {n} connection of {f} off {b} ({} open), towards {} ({} open)",
+                        m.from,
+                        m.toward,
+                        m.to
+                    );
+                }
+                Err(e) => log::warn!("rebalance: cannot end a connection {f}->{b}: {}", causes(&e)),
+            }
+        }
+    }
+
+    /// The frontends the last apply put on the all-down fallback.
+    fn on_fallback(&self) -> BTreeSet<SocketAddr> {
+        let on = |f: &&Frontend| {
+            self.desired
+                .frontends
+                .get(&key_of(f.address, 0))
+                .is_some_and(|l| l.flags & FRONTEND_FALLBACK != 0)
+        };
+        self.config.frontends.iter().filter(on).map(|f| f.address).collect()
     }
 
     /// The periodic resync: repairs the table if something else changed it, and lets go of
@@ -276,7 +333,10 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
 
     /// Writes the backend table and status records, then terminates what is due.
     fn apply(&mut self) {
-        let (mut desired, statuses) = desired_state(&self.config, &self.health, self.settings.all_down);
+        let was = self.on_fallback();
+        let held = self.grace.held(Instant::now(), &self.config, &self.health, |f| was.contains(&f));
+        let (mut desired, statuses) =
+            desired_state(&self.config, &self.health, self.settings.all_down, &held);
         desired.keep.extend(self.retired.iter().map(|b| backend_of(*b)));
         for (k, f) in &desired.frontends {
             if f.flags & FRONTEND_FALLBACK != 0 {
@@ -298,9 +358,11 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         if let Err(e) = self.table.set_probe_statuses(&statuses) {
             log::warn!("cannot write probe status for `kha status`: {}", causes(&e));
         }
+        let on_fallback = self.on_fallback();
         let (config, health) = (&self.config, &self.health);
-        let settled =
-            self.pending.settle(Instant::now(), self.settings.drain, |p| verdict(config, health, p));
+        let settled = self
+            .pending
+            .settle(Instant::now(), self.settings.drain, |p| verdict(config, health, &on_fallback, p));
         for ((f, b), why) in &settled.held {
             log::warn!(
                 "not terminating the connections {f}->{b} ({why:?}): no other backend of {f} is up to take them, they would only come back"
@@ -334,10 +396,11 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     /// What `/metrics`, `/healthz` and `/readyz` report.
     pub fn snapshot(&self) -> Snapshot {
         let mut pairs = Vec::new();
-        let mut fallback = BTreeMap::new();
+        let on_fallback = self.on_fallback();
+        let fallback =
+            self.config.frontends.iter().map(|f| (f.address, on_fallback.contains(&f.address))).collect();
         for f in &self.config.frontends {
             let live = self.desired.frontends.get(&key_of(f.address, 0));
-            fallback.insert(f.address, live.is_some_and(|l| l.flags & FRONTEND_FALLBACK != 0));
             for b in &f.backends {
                 let state = self.health.get(&(*b, f.health_path.clone())).map_or(State::Unknown, |h| h.state);
                 let serving = live.is_some_and(|l| l.backends.contains(&backend_of(*b)));
@@ -356,18 +419,23 @@ pub async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Whether terminating `pair`'s sockets helps: only if another backend of the frontend is
-/// proven up (not just unprobed, not failing, not served by fallback) to take the reconnects.
-/// Otherwise every node of the cluster would, in the same second, send every client straight
-/// back to the masters it had, for nothing but a relist storm.
+/// Whether terminating `pair`'s sockets helps: only if the frontend is not on the all-down
+/// fallback and another of its backends is proven up (not just unprobed, not failing) to take
+/// the reconnects. Otherwise every node of the cluster would, in the same second, send every
+/// client straight back to the masters it had (or, on the fallback, to any of them, the dead
+/// ones included), for nothing but a relist storm.
 fn verdict(
     config: &Config,
     health: &BTreeMap<ProbeTarget, BackendHealth>,
+    on_fallback: &BTreeSet<SocketAddr>,
     (frontend, backend): &Pair,
 ) -> Verdict {
     let Some(f) = config.frontends.iter().find(|f| f.address == *frontend) else {
         return Verdict::Forget;
     };
+    if on_fallback.contains(frontend) {
+        return Verdict::Hold;
+    }
     let up = |b: &SocketAddr| health.get(&(*b, f.health_path.clone())).is_some_and(BackendHealth::proven);
     if f.backends.iter().any(|b| b != backend && up(b)) { Verdict::Move } else { Verdict::Hold }
 }

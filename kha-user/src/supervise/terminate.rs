@@ -26,8 +26,17 @@ pub trait Terminator {
     /// every pair in `pairs`. Returns how many it destroyed.
     fn terminate(&mut self, pairs: &BTreeSet<Pair>) -> Result<usize, Self::Error>;
 
+    /// Ends the `n` oldest open sockets of `pair` (the lowest socket cookies: the kernel
+    /// hands them out in order). Returns how many it ended.
+    fn terminate_oldest(&mut self, pair: &Pair, n: usize) -> Result<usize, Self::Error>;
+
+    /// The open sockets kha redirected, per pair.
+    fn open_per_pair(&self) -> Result<BTreeMap<Pair, usize>, Self::Error>;
+
     /// The backends that open sockets kha redirected still point at.
-    fn backends_in_use(&self) -> Result<BTreeSet<SocketAddr>, Self::Error>;
+    fn backends_in_use(&self) -> Result<BTreeSet<SocketAddr>, Self::Error> {
+        Ok(self.open_per_pair()?.into_iter().filter(|(_, n)| *n > 0).map(|((_, b), _)| b).collect())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,10 +149,33 @@ impl Terminator for SockDestroy {
         let conns = self.maps.conns().map_err(TerminateError::List)?;
         let wanted: BTreeMap<u64, SocketAddr> =
             conns.into_iter().filter(|(_, f, b)| pairs.contains(&(*f, *b))).map(|(c, _, b)| (c, b)).collect();
+        self.end(&wanted)
+    }
+
+    fn terminate_oldest(&mut self, pair: &Pair, n: usize) -> Result<usize, TerminateError> {
+        let conns = self.maps.conns().map_err(TerminateError::List)?;
+        let mut of_pair: Vec<(u64, SocketAddr)> =
+            conns.into_iter().filter(|(_, f, b)| (*f, *b) == *pair).map(|(c, _, b)| (c, b)).collect();
+        of_pair.sort_unstable();
+        self.end(&of_pair.into_iter().take(n).collect())
+    }
+
+    fn open_per_pair(&self) -> Result<BTreeMap<Pair, usize>, TerminateError> {
+        let mut open = BTreeMap::new();
+        for (_, f, b) in self.maps.conns().map_err(TerminateError::List)? {
+            *open.entry((f, b)).or_insert(0) += 1;
+        }
+        Ok(open)
+    }
+}
+
+impl SockDestroy {
+    /// Ends the sockets `wanted` names (cookie to backend): RST first, SOCK_DESTROY for the rest.
+    fn end(&mut self, wanted: &BTreeMap<u64, SocketAddr>) -> Result<usize, TerminateError> {
         if wanted.is_empty() {
             return Ok(0);
         }
-        let (reset, left) = self.reset(&wanted);
+        let (reset, left) = self.reset(wanted);
         // Counted before SOCK_DESTROY runs: the resets happened whether or not it works.
         let destroyed = loader::destroy_sockets(self.netns.as_deref(), &left);
         let n_destroyed = *destroyed.as_ref().unwrap_or(&0);
@@ -154,10 +186,5 @@ impl Terminator for SockDestroy {
         }
         let destroyed = destroyed.map_err(TerminateError::Destroy)?;
         Ok(reset + destroyed)
-    }
-
-    fn backends_in_use(&self) -> Result<BTreeSet<SocketAddr>, TerminateError> {
-        let conns = self.maps.conns().map_err(TerminateError::List)?;
-        Ok(conns.into_iter().map(|(_, _, b)| b).collect())
     }
 }

@@ -81,6 +81,9 @@ impl Datapath for FakeTable {
 struct FakeSockets {
     open: BTreeMap<Pair, usize>,
     terminated: Vec<(Instant, Pair, usize)>,
+    /// A client whose connection is ended reconnects at once, to the least loaded other
+    /// backend of the frontend (least-connections, as the kernel would place it).
+    reconnect: bool,
 }
 
 impl Terminator for FakeSockets {
@@ -94,8 +97,22 @@ impl Terminator for FakeSockets {
         }
         Ok(total)
     }
-    fn backends_in_use(&self) -> Result<BTreeSet<SocketAddr>, Never> {
-        Ok(self.open.iter().filter(|(_, n)| **n > 0).map(|((_, b), _)| *b).collect())
+    fn terminate_oldest(&mut self, pair: &Pair, n: usize) -> Result<usize, Never> {
+        let open = self.open.entry(*pair).or_insert(0);
+        let n = n.min(*open);
+        *open -= n;
+        self.terminated.push((Instant::now(), *pair, n));
+        if self.reconnect {
+            let least =
+                self.open.iter().filter(|((f, b), _)| *f == pair.0 && *b != pair.1).min_by_key(|(_, n)| **n);
+            if let Some((p, _)) = least.map(|(p, n)| (*p, *n)) {
+                *self.open.get_mut(&p).unwrap() += n;
+            }
+        }
+        Ok(n)
+    }
+    fn open_per_pair(&self) -> Result<BTreeMap<Pair, usize>, Never> {
+        Ok(self.open.clone())
     }
 }
 
@@ -104,6 +121,12 @@ type Sup = Supervisor<FakeTable, FakeSockets>;
 /// A supervisor for `config` whose table already serves it (as the binary's first sync does)
 /// and whose every pair holds [`SOCKETS`] sockets.
 fn supervisor(config: Config) -> Sup {
+    supervisor_with(config, |_| {})
+}
+
+/// As [`supervisor`], with settings changed by `tune` (the default ones: no fallback grace,
+/// no rebalancing).
+fn supervisor_with(config: Config, tune: impl FnOnce(&mut Settings)) -> Sup {
     let mut table = FakeTable::default();
     sync(&mut table, &Desired::from_config(&config)).unwrap();
     let sockets = FakeSockets {
@@ -115,8 +138,12 @@ fn supervisor(config: Config) -> Sup {
         hysteresis: DEFAULT_HYSTERESIS,
         all_down: AllDown::Fallback,
         drain: DRAIN,
+        fallback_grace: Duration::ZERO,
+        rebalance: None,
         recorders: Recorders::default(),
     };
+    let mut settings = settings;
+    tune(&mut settings);
     Supervisor::new(settings, config, table, sockets)
 }
 
@@ -555,4 +582,158 @@ async fn a_backend_only_discovery_names_is_served_after_its_first_passed_probe()
     // The same config again (a repeated discovery) changes nothing for it.
     sup.replace_config_from(config(&[F], &[m(1), m(2), m(3), m(4)]), &only);
     assert_eq!(state(&sup, m(3)), State::Up);
+}
+
+// Rule 4: recovery after all were down. The fallback ends when most masters serve again, or a
+// grace time after the first did; long-lived connections are rebalanced only if asked, one at a
+// time.
+
+const GRACE: Duration = Duration::from_secs(6);
+
+fn all_down_then(sup: &mut Sup) {
+    all_up(sup);
+    for b in [m(1), m(2), m(3)] {
+        feed(sup, b, &[refused(), refused()]);
+    }
+    assert!(sup.snapshot().fallback[&addr(F)], "all down: on the fallback");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_master_back_after_all_were_down_does_not_end_the_fallback_alone() {
+    let mut sup = supervisor_with(config(&[F], &[m(1), m(2), m(3)]), |s| s.fallback_grace = GRACE);
+    all_down_then(&mut sup);
+    let before = terminated(&sup);
+    feed(&mut sup, m(1), &[ready(), ready()]);
+    assert_eq!(state(&sup, m(1)), State::Up);
+    let back = Instant::now();
+    assert_eq!(live(&sup, F), [m(1), m(2), m(3)], "every node's clients would land on m1 alone");
+    assert!(sup.snapshot().fallback[&addr(F)]);
+    run_deadlines_for(&mut sup, GRACE - Duration::from_millis(1)).await;
+    assert!(sup.snapshot().fallback[&addr(F)], "still within the grace");
+    assert_eq!(terminated(&sup), before, "on the fallback a reconnect could land on a dead master");
+    run_deadlines_for(&mut sup, Duration::from_millis(2)).await;
+    assert_eq!(live(&sup, F), [m(1)], "the others had their chance");
+    assert!(!sup.snapshot().fallback[&addr(F)]);
+    let (at, pair, _) = *sup.terminator().terminated.last().unwrap();
+    assert_eq!((pair, at - back), ((addr(F), m(3)), GRACE), "the sockets held on dead m3 move to m1 now");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_majority_back_ends_the_fallback_at_once() {
+    let mut sup = supervisor_with(config(&[F], &[m(1), m(2), m(3)]), |s| s.fallback_grace = GRACE);
+    all_down_then(&mut sup);
+    feed(&mut sup, m(1), &[ready(), ready()]);
+    feed(&mut sup, m(2), &[ready(), ready()]);
+    assert_eq!(live(&sup, F), [m(1), m(2)]);
+    assert!(!sup.snapshot().fallback[&addr(F)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_master_failing_again_within_the_grace_starts_it_afresh() {
+    let mut sup = supervisor_with(config(&[F], &[m(1), m(2), m(3)]), |s| s.fallback_grace = GRACE);
+    all_down_then(&mut sup);
+    feed(&mut sup, m(1), &[ready(), ready()]);
+    run_deadlines_for(&mut sup, GRACE / 2).await;
+    feed(&mut sup, m(1), &[refused(), refused()]);
+    feed(&mut sup, m(1), &[ready(), ready()]);
+    run_deadlines_for(&mut sup, GRACE - Duration::from_millis(1)).await;
+    assert!(sup.snapshot().fallback[&addr(F)], "a fresh grace from its second return");
+    run_deadlines_for(&mut sup, Duration::from_millis(2)).await;
+    assert_eq!(live(&sup, F), [m(1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_grace_the_fallback_ends_with_the_first_master_back() {
+    let mut sup = supervisor(config(&[F], &[m(1), m(2), m(3)]));
+    all_down_then(&mut sup);
+    feed(&mut sup, m(1), &[ready(), ready()]);
+    assert_eq!(live(&sup, F), [m(1)]);
+}
+
+const EVERY: Duration = Duration::from_secs(10);
+
+/// m1 holds 8 sockets of `F`, m2 and m3 none, all up.
+fn unbalanced(rebalance: Option<Duration>) -> Sup {
+    let mut sup = supervisor_with(config(&[F], &[m(1), m(2), m(3)]), |s| s.rebalance = rebalance);
+    all_up(&mut sup);
+    let sockets = &mut sup.terminator;
+    sockets.reconnect = true;
+    sockets.open = [(m(1), 8), (m(2), 0), (m(3), 0)].into_iter().map(|(b, n)| ((addr(F), b), n)).collect();
+    sup
+}
+
+#[tokio::test(start_paused = true)]
+async fn rebalancing_is_off_unless_asked() {
+    let mut sup = unbalanced(None);
+    run_deadlines_for(&mut sup, EVERY * 10).await;
+    assert!(sup.terminator().terminated.is_empty());
+    assert_eq!(sup.settings.recorders.rebalanced.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rebalancing_moves_one_connection_per_interval_until_even() {
+    let mut sup = unbalanced(Some(EVERY));
+    run_deadlines_for(&mut sup, EVERY * 20).await;
+    let t = &sup.terminator().terminated;
+    // 8,0,0 -> 7,1,0 -> 6,1,1 -> 5,2,1 -> 4,2,2 -> 3,3,2: five moves, each of one socket off
+    // the most loaded master, and then nothing.
+    let moved: Vec<(SocketAddr, usize)> = t.iter().map(|(_, (_, b), n)| (*b, *n)).collect();
+    assert_eq!(moved, [(m(1), 1); 5], "{t:?}");
+    let mut loads: Vec<usize> = sup.terminator().open.values().copied().collect();
+    loads.sort();
+    assert_eq!(loads, [2, 3, 3]);
+    let gaps: Vec<Duration> = t.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert!(
+        gaps.iter().all(|g| *g >= EVERY.mul_f64(0.8) && *g <= EVERY.mul_f64(1.2)),
+        "one per interval: {gaps:?}"
+    );
+    assert_eq!(sup.settings.recorders.rebalanced.get(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rebalancing_waits_while_the_frontend_is_on_the_fallback() {
+    let mut sup = unbalanced(Some(EVERY));
+    for b in [m(1), m(2), m(3)] {
+        feed(&mut sup, b, &[refused(), refused()]);
+    }
+    run_deadlines_for(&mut sup, EVERY * 5).await;
+    assert_eq!(sup.settings.recorders.rebalanced.get(), 0, "nowhere better to go");
+}
+
+#[test]
+fn rebalancing_never_sends_a_connection_towards_a_master_in_doubt() {
+    let config = config(&[F], &[m(1), m(2), m(3)]);
+    let target = |b| (b, "/readyz".to_string());
+    let mut health = BTreeMap::new();
+    let now = std::time::SystemTime::UNIX_EPOCH;
+    for b in [m(1), m(2), m(3)] {
+        let mut h = BackendHealth::new(true, now);
+        h.observe(&ready(), DEFAULT_HYSTERESIS, now);
+        health.insert(target(b), h);
+    }
+    let open: BTreeMap<Pair, usize> =
+        [(m(1), 6), (m(2), 0), (m(3), 1)].into_iter().map(|(b, n)| ((addr(F), b), n)).collect();
+    let none = BTreeSet::new();
+    let desired =
+        |h: &BTreeMap<ProbeTarget, BackendHealth>| desired_state(&config, h, AllDown::Fallback, &none).0;
+    let moves =
+        |h: &BTreeMap<ProbeTarget, BackendHealth>| rebalance::moves(&config, h, &desired(h), &none, &open);
+    let one = |toward, to| vec![rebalance::Move { pair: (addr(F), m(1)), from: 6, toward, to }];
+    assert_eq!(moves(&health), one(m(2), 0));
+    // m2's last probe failed (up, by hysteresis): in doubt, so the move goes to m3.
+    health.get_mut(&target(m(2))).unwrap().observe(&timeout(), DEFAULT_HYSTERESIS, now);
+    assert_eq!(state_of(&health, m(2)), State::Up);
+    assert_eq!(moves(&health), one(m(3), 1));
+    // m3 down as well: m1 is the only proven master left, nothing to move.
+    health.get_mut(&target(m(3))).unwrap().observe(&refused(), DEFAULT_HYSTERESIS, now);
+    health.get_mut(&target(m(3))).unwrap().observe(&refused(), DEFAULT_HYSTERESIS, now);
+    assert_eq!(moves(&health), []);
+    // On the fallback nothing moves, whatever the loads.
+    let fallback: BTreeSet<SocketAddr> = [addr(F)].into();
+    let d = desired(&health);
+    assert_eq!(rebalance::moves(&config, &health, &d, &fallback, &open), []);
+}
+
+fn state_of(health: &BTreeMap<ProbeTarget, BackendHealth>, b: SocketAddr) -> State {
+    health[&(b, "/readyz".to_string())].state
 }

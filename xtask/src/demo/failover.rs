@@ -38,7 +38,9 @@ impl Fault {
             (Fault::Kill, false) => "a master is killed",
             (Fault::Kill, true) => "a kube-apiserver is killed",
             (Fault::NotReady, false) => "a master fails /readyz but still serves",
-            (Fault::NotReady, true) => "a master loses its etcd member: /readyz fails, the apiserver still serves",
+            (Fault::NotReady, true) => {
+                "a master loses its etcd member: /readyz fails, the apiserver still serves"
+            }
         }
     }
 
@@ -47,12 +49,18 @@ impl Fault {
         match self {
             Fault::Kill => {
                 ms.kill(m)?;
-                Ok(if real { format!("{m}'s kube-apiserver killed (SIGKILL)") } else { format!("{m} killed (SIGKILL)") })
+                Ok(if real {
+                    format!("{m}'s kube-apiserver killed (SIGKILL)")
+                } else {
+                    format!("{m} killed (SIGKILL)")
+                })
             }
             Fault::NotReady => {
                 ms.not_ready(m)?;
                 Ok(if real {
-                    format!("{m}'s etcd member killed: its apiserver's /readyz fails on etcd, /version still answers")
+                    format!(
+                        "{m}'s etcd member killed: its apiserver's /readyz fails on etcd, /version still answers"
+                    )
                 } else {
                     format!("{m}: /readyz answers 500 from now on; /version still answers 200")
                 })
@@ -92,7 +100,13 @@ pub struct ActOutcome {
 }
 
 /// Runs one failover act on a master not in `avoid`.
-pub fn act(ms: &mut Masters, ca: &str, args: &DemoArgs, fault: Fault, avoid: &[String]) -> Result<ActOutcome> {
+pub fn act(
+    ms: &mut Masters,
+    ca: &str,
+    args: &DemoArgs,
+    fault: Fault,
+    avoid: &[String],
+) -> Result<ActOutcome> {
     let real = ms.real.is_some();
     super::wait_all_up(ms.bed, Duration::from_secs(20))?;
     let budget = Duration::from_millis(args.warmup_ms + args.hold_ms) + fault.bound(real) + BACK_BOUND;

@@ -111,9 +111,13 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     on_signals(on_signal as *const () as libc::sighandler_t);
     let started = Instant::now();
     if args.real {
-        println!("== building the lab: a node namespace and 3 masters, each an etcd member and a kube-apiserver");
+        println!(
+            "== building the lab: a node namespace and 3 masters, each an etcd member and a kube-apiserver"
+        );
     } else {
-        println!("== building the lab: a node namespace and 3 masters (TLS, /readyz /livez /healthz /version)");
+        println!(
+            "== building the lab: a node namespace and 3 masters (TLS, /readyz /livez /healthz /version)"
+        );
     }
     let (mut bed, mut cp) = interrupted_or(masters::create(3, args.real))?;
     let result = acts(&mut Masters { bed: &mut bed, real: cp.as_mut() }, &args);

@@ -212,7 +212,9 @@ async fn garbage_is_malformed() {
 async fn unauthorized_is_up_with_a_reason_that_says_what_to_do_and_forbidden_is_not_ready() {
     use crate::health::{BackendHealth, DEFAULT_HYSTERESIS, State};
     let fx = Fixture::new();
-    for (reply, code, want) in [(Reply::Unauthorized, 401, State::Up), (Reply::Forbidden, 403, State::Draining)] {
+    for (reply, code, want) in
+        [(Reply::Unauthorized, 401, State::Up), (Reply::Forbidden, 403, State::Draining)]
+    {
         let server = fx.server(reply).await;
         let mut probe = Probe::spawn(server.addr, fx.settings());
         let mut health = BackendHealth::new(true, std::time::SystemTime::UNIX_EPOCH);
@@ -224,7 +226,10 @@ async fn unauthorized_is_up_with_a_reason_that_says_what_to_do_and_forbidden_is_
         let reason = health.last_failure.clone().unwrap_or_default();
         if code == 401 {
             assert!(reason.starts_with("probe not authorized (401): "), "{reason}");
-            assert!(reason.contains("--client-cert") && reason.len() <= kha_common::PROBE_REASON_LEN, "{reason}");
+            assert!(
+                reason.contains("--client-cert") && reason.len() <= kha_common::PROBE_REASON_LEN,
+                "{reason}"
+            );
         } else {
             assert!(reason.contains("403"), "{reason}");
         }

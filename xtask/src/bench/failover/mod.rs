@@ -120,7 +120,11 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
                 all.extend(o);
             }
         }
-        let rolling = if plan.real { rolling::rolling_restarts(&mut world, Plan::d(plan.settle_s))? } else { Vec::new() };
+        let rolling = if plan.real {
+            rolling::rolling_restarts(&mut world, Plan::d(plan.settle_s))?
+        } else {
+            Vec::new()
+        };
         (all, rolling)
         // The world drops here: clients, proxies, agent, pins, masters, namespaces.
     };
@@ -139,7 +143,8 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
     };
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let (json, md) = report::files(report.plan.real);
-    fs::write(out.join(json), serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {json}"))?;
+    fs::write(out.join(json), serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {json}"))?;
     fs::write(out.join(md), report.markdown()).with_context(|| format!("writing {md}"))?;
     Ok(out)
 }

@@ -9,11 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     outcome::{Outcome, Watch},
-    rolling::{DELAYS_S, Rolling},
     plan::{
         Contender, FAILURES, Failure, KEEP_INTERVAL_MS, LOOP_INTERVAL_MS, LOOP_TIMEOUT_MS, Plan, STALL_MS,
         contenders,
     },
+    rolling::{DELAYS_S, Rolling},
 };
 use crate::bench::{machine, report::num};
 
@@ -101,8 +101,16 @@ impl FailoverReport {
                     "| {} | {} | {} | {} |",
                     f.label(true),
                     c.label,
-                    if ws.is_empty() { "**missing**".into() } else { cell(&ws.iter().map(|w| w.delay_s).collect::<Vec<_>>(), bound) },
-                    if ws.is_empty() { "**missing**".into() } else { count_cell(&ws.iter().map(|w| w.relists).collect::<Vec<_>>()) },
+                    if ws.is_empty() {
+                        "**missing**".into()
+                    } else {
+                        cell(&ws.iter().map(|w| w.delay_s).collect::<Vec<_>>(), bound)
+                    },
+                    if ws.is_empty() {
+                        "**missing**".into()
+                    } else {
+                        count_cell(&ws.iter().map(|w| w.relists).collect::<Vec<_>>())
+                    },
                 );
             }
         }
@@ -121,7 +129,11 @@ impl FailoverReport {
         );
         for r in &self.rolling {
             let errors: Vec<String> = r.errors.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
-            let failed = if errors.is_empty() { r.failed.to_string() } else { format!("{} ({})", r.failed, errors.join(", ")) };
+            let failed = if errors.is_empty() {
+                r.failed.to_string()
+            } else {
+                format!("{} ({})", r.failed, errors.join(", "))
+            };
             let _ = writeln!(
                 m,
                 "| {} s | {} | {} | {} | {failed} | {} | {} | {} | {} s |",
@@ -130,7 +142,11 @@ impl FailoverReport {
                 if r.not_exited.is_empty() {
                     format!("{} s", num(r.phase_s))
                 } else {
-                    format!("{} s (not exited 60 s after SIGTERM, killed: {})", num(r.phase_s), r.not_exited.join(", "))
+                    format!(
+                        "{} s (not exited 60 s after SIGTERM, killed: {})",
+                        num(r.phase_s),
+                        r.not_exited.join(", ")
+                    )
                 },
                 r.requests,
                 r.stalled,
@@ -309,7 +325,8 @@ impl FailoverReport {
 /// table was written. Never how fast anything was.
 pub fn verify(dir: &Path, real: bool) -> Result<()> {
     let (json, markdown) = files(real);
-    let text = fs::read_to_string(dir.join(json)).with_context(|| format!("reading {}", dir.join(json).display()))?;
+    let text = fs::read_to_string(dir.join(json))
+        .with_context(|| format!("reading {}", dir.join(json).display()))?;
     let r: FailoverReport = serde_json::from_str(&text).with_context(|| format!("parsing {json}"))?;
     let mut missing = Vec::new();
     for f in FAILURES {
@@ -345,7 +362,12 @@ pub fn verify(dir: &Path, real: bool) -> Result<()> {
                     ));
                 }
                 if real && o.watch.as_ref().is_none_or(|w| w.writes == 0) {
-                    missing.push(format!("{} / {} round {}: no write seen by the watchers", f.id(), c.id, o.round + 1));
+                    missing.push(format!(
+                        "{} / {} round {}: no write seen by the watchers",
+                        f.id(),
+                        c.id,
+                        o.round + 1
+                    ));
                 }
                 if c.id == "kha" && o.kha_states.is_empty() {
                     missing.push(format!("{} / kha round {}: kha's states not read", f.id(), o.round + 1));
@@ -355,9 +377,14 @@ pub fn verify(dir: &Path, real: bool) -> Result<()> {
     }
     for delay in DELAYS_S.iter().filter(|_| real) {
         for c in contenders() {
-            let n = r.rolling.iter().filter(|x| x.shutdown_delay_s == *delay && x.contender == c.id && x.requests > 0).count();
+            let n = r
+                .rolling
+                .iter()
+                .filter(|x| x.shutdown_delay_s == *delay && x.contender == c.id && x.requests > 0)
+                .count();
             if n != 1 {
-                missing.push(format!("rolling restart, {delay} s delay / {}: {n} results with requests", c.id));
+                missing
+                    .push(format!("rolling restart, {delay} s delay / {}: {n} results with requests", c.id));
             }
         }
     }
