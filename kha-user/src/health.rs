@@ -279,7 +279,15 @@ pub fn quorum_serves(configured: &[SocketAddr], health: &BTreeMap<SocketAddr, Ba
 /// failing ones (a probe can fail for reasons of its own; the API client verifies TLS anyway).
 /// Never one that only discovery names and no probe vouched for: discovery must not learn the
 /// next set from an address the last (perhaps forged) set brought in.
-pub fn api_candidates(config: &Config, health: &BTreeMap<ProbeTarget, BackendHealth>) -> Vec<SocketAddr> {
+///
+/// Within a rank the config order is rotated by `spread` (a per-node value, [`node_spread`]):
+/// in the same order on every node, every node's watch would go to the same master, and when
+/// it failed every node would move to the same next one in the same second.
+pub fn api_candidates(
+    config: &Config,
+    health: &BTreeMap<ProbeTarget, BackendHealth>,
+    spread: u64,
+) -> Vec<SocketAddr> {
     let mut ranked: BTreeMap<SocketAddr, u8> = BTreeMap::new();
     let mut order = Vec::new();
     for f in config.frontends.iter().filter(|f| f.discover) {
@@ -302,9 +310,22 @@ pub fn api_candidates(config: &Config, health: &BTreeMap<ProbeTarget, BackendHea
             }
         }
     }
-    // Stable: within a rank, in config order (static masters first).
+    // Stable: within a rank, in config order (static masters first), then rotated.
     order.sort_by_key(|b| ranked[b]);
+    for group in order.chunk_by_mut(|a, b| ranked[a] == ranked[b]) {
+        let k = group.len() as u64;
+        group.rotate_left((spread % k) as usize);
+    }
     order
+}
+
+/// A value of this node's own, the same across agent restarts: a hash (FNV-1a, fixed, unlike
+/// std's per-process keys) of the host name, 0 if it cannot be read.
+pub fn node_spread() -> u64 {
+    let name = std::fs::read("/proc/sys/kernel/hostname").unwrap_or_default();
+    name.trim_ascii()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 /// A configured backend as the probes see it: its address and the path probed on it (one
@@ -542,10 +563,10 @@ mod tests {
         let m = |i: u8| SocketAddr::from(([192, 0, 2, 10 + i], 6443));
         let path = |b: SocketAddr| (b, "/readyz".to_string());
         // Not fed by discovery: none.
-        assert!(api_candidates(&config, &BTreeMap::new()).is_empty());
+        assert!(api_candidates(&config, &BTreeMap::new(), 0).is_empty());
         config.frontends.iter_mut().for_each(|f| f.discover = true);
         assert_eq!(
-            api_candidates(&config, &BTreeMap::new()),
+            api_candidates(&config, &BTreeMap::new(), 0),
             vec![m(1), m(2), m(3)],
             "config order, once each"
         );
@@ -555,9 +576,51 @@ mod tests {
         health.insert(path(m(2)), BackendHealth::new(true, SystemTime::UNIX_EPOCH));
         health.insert(path(m(3)), run(&[ready()]).0);
         health.insert(path(m(4)), discovered(&[]).0);
-        assert_eq!(api_candidates(&config, &health), vec![m(3), m(2), m(1)]);
+        assert_eq!(api_candidates(&config, &health, 0), vec![m(3), m(2), m(1)]);
         health.insert(path(m(4)), discovered(&[ready()]).0);
-        assert_eq!(api_candidates(&config, &health), vec![m(3), m(4), m(2), m(1)]);
+        assert_eq!(api_candidates(&config, &health, 0), vec![m(3), m(4), m(2), m(1)]);
+    }
+
+    #[test]
+    fn each_node_starts_elsewhere_within_a_rank_and_ranks_still_come_first() {
+        let config = Config {
+            frontends: Config::from_flags(
+                &["127.0.0.1:6443".into()],
+                &["192.0.2.11:6443".into(), "192.0.2.12:6443".into(), "192.0.2.13:6443".into()],
+                &Default::default(),
+            )
+            .unwrap()
+            .frontends
+            .into_iter()
+            .map(|f| Frontend { discover: true, ..f })
+            .collect(),
+            ca_file: None,
+        };
+        let m = |i: u8| SocketAddr::from(([192, 0, 2, 10 + i], 6443));
+        let proven = || run(&[ready()]).0;
+        let all: BTreeMap<ProbeTarget, BackendHealth> =
+            (1..=3).map(|i| ((m(i), "/readyz".to_string()), proven())).collect();
+        // Three nodes with spreads 0, 1, 2 ask three different masters first, and each has all.
+        let firsts: Vec<Vec<SocketAddr>> = (0..3).map(|s| api_candidates(&config, &all, s)).collect();
+        assert_eq!(firsts, [vec![m(1), m(2), m(3)], vec![m(2), m(3), m(1)], vec![m(3), m(1), m(2)]]);
+        // m2 fails: the rotation is within the proven rank only; m2 comes last on every node.
+        let mut health = all.clone();
+        health.insert((m(2), "/readyz".to_string()), run(&[refused()]).0);
+        for s in 0..4 {
+            let c = api_candidates(&config, &health, s);
+            assert_eq!(c.last(), Some(&m(2)), "spread {s}: {c:?}");
+        }
+        assert_eq!(api_candidates(&config, &health, 1)[0], m(3));
+        // Over many nodes the first choice is spread about evenly.
+        let mut count = BTreeMap::new();
+        for node in 0..3000u32 {
+            let spread = format!("node-{node}")
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            *count.entry(api_candidates(&config, &all, spread)[0]).or_insert(0) += 1;
+        }
+        assert!(count.values().all(|n| (800..=1200).contains(n)), "{count:?}");
+        assert_eq!(node_spread(), node_spread(), "the same across calls");
     }
 
     #[test]

@@ -347,7 +347,7 @@ fn run(args: RunArgs) -> Result<()> {
         // Until the agent's first publication: the masters in config order, none probed yet.
         let (route, known) = tokio::sync::watch::channel(kha::discovery::watch::Route {
             frontends: config.frontends.iter().map(|f| f.address).collect(),
-            masters: kha::health::api_candidates(&config, &Default::default()),
+            masters: kha::health::api_candidates(&config, &Default::default(), kha::health::node_spread()),
         });
         let mut watch = kha::discovery::watch::WatchSettings::new(
             args.discovery.kubeconfig.clone(),

@@ -75,10 +75,12 @@ fn discovered_masters_join_and_leave_and_a_dead_api_changes_nothing() {
     a.extend(["--backend".to_string(), m[0].to_string()]);
     start(&mut bed, &a);
     wait_backends(&bed, &m, "all three discovered masters serving");
-    assert_eq!(
-        persisted(&state_dir)["backends"],
-        serde_json::json!(m.iter().map(|a| a.to_string()).collect::<Vec<_>>())
-    );
+    // Written once masters 2 and 3 (named only by discovery) passed their first probe.
+    let all = serde_json::json!(m.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+    wait_for("the three masters persisted", Duration::from_secs(10), || {
+        std::fs::read_to_string(state_dir.join("discovered.json"))
+            .is_ok_and(|_| persisted(&state_dir)["backends"] == all)
+    });
 
     // Master 1 leaves the service: it leaves the set although the static list names it.
     api.set_masters("kubernetes", &m[1..]);
@@ -118,12 +120,18 @@ fn an_endpoint_that_never_passed_a_probe_is_never_served() {
     let workdir = bed.lab.workdir().to_path_buf();
     let (api, kubeconfig) = fake_apiserver::start_for_lab(&bed.pki, &workdir).expect("fake apiserver");
     api.set_masters("kubernetes", &m);
-    let mut a = discover_args(&kubeconfig, &workdir.join("state"));
+    let state_dir = workdir.join("state");
+    let mut a = discover_args(&kubeconfig, &state_dir);
     for b in &m {
         a.extend(["--backend".to_string(), b.to_string()]);
     }
     start(&mut bed, &a);
     wait_backends(&bed, &m, "the three masters serving");
+    let real = serde_json::json!(m.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+    wait_for("the masters persisted", Duration::from_secs(10), || {
+        std::fs::read_to_string(state_dir.join("discovered.json"))
+            .is_ok_and(|_| persisted(&state_dir)["backends"] == real)
+    });
 
     // Whoever can write the slice adds an address with no apiserver behind it.
     let forged: SocketAddr = format!("{FORGED}:6443").parse().unwrap();
@@ -165,6 +173,9 @@ fn an_endpoint_that_never_passed_a_probe_is_never_served() {
     let (all, up) = backends(&bed);
     assert!(all.contains(&name));
     assert_eq!(up, names(&m), "the real masters keep serving");
+    // Never vouched for, so never written where the next start would trust it.
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(persisted(&state_dir)["backends"], real, "the state file took the forged address");
 }
 
 #[test]

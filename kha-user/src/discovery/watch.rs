@@ -173,6 +173,9 @@ struct Reporter {
     settings: WatchSettings,
     sent: Option<BTreeSet<SocketAddr>>,
     saved: Option<BTreeSet<SocketAddr>>,
+    /// The agent's masters, to persist only the discovered ones it vouches for (its own
+    /// receiver: `watch`'s tells it when the master it asks leaves the list).
+    route: Option<KnownMasters>,
     /// Since when discovery has been failing.
     failing_since: Option<Instant>,
 }
@@ -189,26 +192,41 @@ impl Reporter {
         self.tx.send(Update::Failed(e)).await.is_ok()
     }
 
-    /// Reports the current set if it changed, and persists it when it is not empty.
+    /// Reports the current set if it changed, and persists what of it the agent vouches for.
     async fn current(&mut self, slices: &BTreeMap<String, EndpointSlice>) -> bool {
         if self.failing_since.take().is_some() {
             log::info!("discovery: watching the kubernetes service's EndpointSlices again");
         }
         let set = ready_endpoints(apiserver_slices(slices.values()));
-        if let Some(dir) = &self.settings.state_dir
-            && !set.is_empty()
-            && self.saved.as_ref() != Some(&set)
-        {
-            match state::save_off_thread(dir.clone(), set.clone()).await {
-                Ok(()) => self.saved = Some(set.clone()),
-                Err(e) => log::warn!("discovery: {}", chain(&e)),
-            }
-        }
+        self.persist(&set).await;
         if self.sent.as_ref() == Some(&set) {
             return true;
         }
         self.sent = Some(set.clone());
         self.tx.send(Update::Discovered(set)).await.is_ok()
+    }
+
+    /// Persists the discovered masters the agent vouches for (configured, persisted by the
+    /// last run, or passed a verified probe: the agent's route lists exactly those), when that
+    /// is not empty. Whoever can write an EndpointSlice must not get an address into the next
+    /// start's trusted set; a newcomer is written once its first probe passed (the route
+    /// changes then). Without a route (no agent), the set as discovered.
+    async fn persist(&mut self, set: &BTreeSet<SocketAddr>) {
+        let Some(dir) = &self.settings.state_dir else { return };
+        let keep: BTreeSet<SocketAddr> = match &self.route {
+            Some(route) => {
+                let vouched = &route.borrow().masters;
+                set.iter().filter(|b| vouched.contains(b)).copied().collect()
+            }
+            None => set.clone(),
+        };
+        if keep.is_empty() || self.saved.as_ref() == Some(&keep) {
+            return;
+        }
+        match state::save_off_thread(dir.clone(), keep.clone()).await {
+            Ok(()) => self.saved = Some(keep),
+            Err(e) => log::warn!("discovery: {}", chain(&e)),
+        }
     }
 }
 
@@ -233,10 +251,18 @@ fn next_master(known: &[SocketAddr], failed: &mut BTreeSet<SocketAddr>) -> (Opti
     (known.first().copied(), !known.is_empty())
 }
 
+/// How far apart a fleet's watches that went through a failed master move to the next one.
+const MOVE_SPREAD: Duration = Duration::from_secs(1);
+
 pub async fn run(settings: WatchSettings, tx: mpsc::Sender<Update>) {
     let saved = settings.state_dir.as_deref().and_then(|d| state::load(d).ok().flatten());
-    let mut r = Reporter { tx, settings: settings.clone(), sent: None, saved, failing_since: None };
+    let route = settings.known.clone();
+    let mut r = Reporter { tx, settings: settings.clone(), sent: None, saved, route, failing_since: None };
     let mut retry = Duration::from_secs(1);
+    // Every node sees a master or the API fail in the same second: each waits a random part
+    // of its backoff ("equal jitter": half fixed, half random), so the retries of a fleet
+    // spread over the window instead of arriving together.
+    let mut rng = crate::probe::jitter::Rng::seeded("discovery");
     let mut failed: BTreeSet<SocketAddr> = BTreeSet::new();
     let mut said: Option<Option<SocketAddr>> = None;
     loop {
@@ -247,7 +273,7 @@ pub async fn run(settings: WatchSettings, tx: mpsc::Sender<Update>) {
                 if via_frontend(&config, &route.frontends) {
                     let (m, round) = next_master(&route.masters, &mut failed);
                     if round {
-                        tokio::time::sleep(retry).await;
+                        tokio::time::sleep(rng.between(retry / 2, retry)).await;
                         retry = (retry * 2).min(Duration::from_secs(30));
                     }
                     master = m.filter(|m| redirect(&mut config, *m));
@@ -276,7 +302,7 @@ pub async fn run(settings: WatchSettings, tx: mpsc::Sender<Update>) {
                 if !r.failed(e).await {
                     return;
                 }
-                tokio::time::sleep(retry).await;
+                tokio::time::sleep(rng.between(retry / 2, retry)).await;
                 retry = (retry * 2).min(Duration::from_secs(30));
                 continue;
             }
@@ -290,6 +316,9 @@ pub async fn run(settings: WatchSettings, tx: mpsc::Sender<Update>) {
                     retry = Duration::from_secs(1);
                 }
                 failed.extend(master);
+                // The nodes that watched through it move to their next master (each its own:
+                // `health::api_candidates` rotates per node) within a second, not at once.
+                tokio::time::sleep(rng.between(Duration::ZERO, MOVE_SPREAD)).await;
             }
         }
     }
@@ -321,6 +350,13 @@ async fn watch(
             Some(()) = left(&mut known, master) => {
                 log::info!("discovery: master {} is no longer one to ask; taking another", master.map_or_else(String::new, |m| m.to_string()));
                 return End::Rebuild;
+            }
+            Some(()) = changed(&mut r.route) => {
+                // A newcomer passed its first probe (or a master was dropped): persist anew.
+                if listed {
+                    r.persist(&ready_endpoints(apiserver_slices(slices.values()))).await;
+                }
+                continue;
             }
         };
         let Some(event) = event else { return End::Rebuild };
@@ -367,6 +403,16 @@ async fn watch(
         if !ok {
             return End::Gone;
         }
+    }
+}
+
+/// Resolves when the agent's list changes; never without one, or when the agent stopped
+/// publishing.
+async fn changed(route: &mut Option<KnownMasters>) -> Option<()> {
+    let Some(rx) = route.as_mut() else { return std::future::pending().await };
+    match rx.changed().await {
+        Ok(()) => Some(()),
+        Err(_) => std::future::pending().await,
     }
 }
 

@@ -85,6 +85,8 @@ pub struct Supervisor<T, X> {
     local_warnings: LocalWarnings,
     grace: FallbackGrace,
     rebalance: Rebalance,
+    /// This node's place in the order discovery asks masters in ([`crate::health::node_spread`]).
+    spread: u64,
 }
 
 impl<T: Datapath, X: Terminator> Supervisor<T, X> {
@@ -104,6 +106,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
             local_warnings: LocalWarnings::default(),
             grace,
             rebalance,
+            spread: crate::health::node_spread(),
         };
         s.set_config(config, &BTreeSet::new());
         s
@@ -249,7 +252,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     /// Where discovery may reach the API directly, best first (see
     /// [`crate::health::api_candidates`]).
     pub fn api_candidates(&self) -> Vec<SocketAddr> {
-        crate::health::api_candidates(&self.config, &self.health)
+        crate::health::api_candidates(&self.config, &self.health, self.spread)
     }
 
     /// One probe result.
