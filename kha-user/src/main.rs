@@ -310,7 +310,14 @@ fn run(args: RunArgs) -> Result<()> {
     loaded.preflight(&pins, &cgroup, cgroup_id)?;
     let mut maps = KhaMaps::open_pinned(&pins.maps())?;
     maps.set_datapath_config(&DatapathConfig { netns_cookie, cgroup_id })?;
-    let report = sync(&mut maps, &Desired::from_config(&config))?;
+    // Backends the last run's sockets still point at keep their entries (and ids) until the
+    // supervisor has dealt with those sockets (`Supervisor::adopt_orphans`).
+    let mut desired = Desired::from_config(&config);
+    match maps.conns() {
+        Ok(conns) => desired.keep.extend(conns.iter().map(|(_, _, b)| kha::endpoints::backend_of(*b))),
+        Err(e) => log::warn!("cannot list the sockets the last run redirected: {e}"),
+    }
+    let report = sync(&mut maps, &desired)?;
     let attached = loaded.attach(&pins, &cgroup, cgroup_id)?;
     // The links hold the programs now; the loader's handles can go.
     drop(loaded);

@@ -58,3 +58,31 @@ fn a_frozen_masters_long_lived_connection_is_reset_not_aborted() {
 fn an_ipv6_socket_on_an_ipv4_master_is_reset_too() {
     frozen_master_resets("[::1]:6443", |m| m.https_v4());
 }
+
+/// A master removed from the config while no agent ran: the restarted agent finds the last
+/// run's sockets to it in `KHA_CONNS` and ends them after the drain time (2 s here), as for a
+/// removal while it runs. Before, they stayed on that master until their clients closed them.
+#[test]
+fn a_master_removed_while_no_agent_ran_loses_its_connections_after_the_drain() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    let addr = |n: &str| bed.lab.master(n).unwrap().https_v4().to_string();
+    let (m1, m2, m3) = (addr("m1"), addr("m2"), addr("m3"));
+    let mut a = probe_args(&[]);
+    a.extend(["--backend".to_string(), m1.clone()]);
+    start(&mut bed, &a);
+    wait_state(&bed, &m1, "up", true);
+    let client = LiveClient::start(&bed, 400);
+    assert_eq!(client.next()["master"], "m1");
+    bed.stop_agent(libc::SIGTERM).unwrap();
+    let mut a = probe_args(&[]);
+    a.extend(["--backend".to_string(), m2.clone(), "--backend".to_string(), m3.clone()]);
+    let restarted = std::time::Instant::now();
+    start(&mut bed, &a);
+    let (failure, recovered) = client.failure_then_recovery("m1");
+    let after = restarted.elapsed();
+    eprintln!("removed while down: ended after {after:?}: {failure} then {recovered}");
+    assert!(failure["error"].as_str().unwrap().contains("ECONNRESET"), "{failure}");
+    assert!(after >= std::time::Duration::from_secs(2), "before the drain time: {after:?}");
+    let log = bed.agent_log_text();
+    assert!(log.contains("from the last run go to a backend this config does not name"), "{log}");
+}

@@ -109,7 +109,34 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
             spread: crate::health::node_spread(),
         };
         s.set_config(config, &BTreeSet::new());
+        s.adopt_orphans();
         s
+    }
+
+    /// Sockets a previous run redirected to masters this config no longer names (removed while
+    /// no agent ran, or by a config change the agent was restarted for): treated as if they had
+    /// just been removed, so they keep their backend ids and are terminated after the drain
+    /// time, under the same rules. Without this they would stay on that master until their
+    /// clients closed them, and a new backend could take their id.
+    fn adopt_orphans(&mut self) {
+        let open = match self.terminator.open_per_pair() {
+            Ok(open) => open,
+            Err(e) => return log::warn!("cannot list the sockets the last run redirected: {}", causes(&e)),
+        };
+        let configured = pairs_of(&self.config);
+        let deadline = Instant::now() + self.settings.drain;
+        for (pair, n) in open.into_iter().filter(|(p, n)| *n > 0 && !configured.contains(p)) {
+            log::info!(
+                "{n} connections {}->{} from the last run go to a backend this config does not name: they end in {:?}",
+                pair.0,
+                pair.1,
+                self.settings.drain
+            );
+            self.retired.insert(pair.1);
+            self.pending.at(pair, Why::Removed, deadline);
+        }
+        self.retired.retain(|b| !configured.iter().any(|(_, c)| c == b));
+        self.apply();
     }
 
     pub fn config(&self) -> &Config {

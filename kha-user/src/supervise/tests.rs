@@ -737,3 +737,36 @@ fn rebalancing_never_sends_a_connection_towards_a_master_in_doubt() {
 fn state_of(health: &BTreeMap<ProbeTarget, BackendHealth>, b: SocketAddr) -> State {
     health[&(b, "/readyz".to_string())].state
 }
+
+#[tokio::test(start_paused = true)]
+async fn sockets_a_previous_run_left_on_a_master_no_longer_configured_end_after_the_drain() {
+    // The last run served m1..m3 and m4; m4 left the config while no agent ran. The binary's
+    // first sync kept m4's entry (its sockets are in KHA_CONNS).
+    let mut table = FakeTable::default();
+    let before = config(&[F], &[m(1), m(2), m(3), m(4)]);
+    sync(&mut table, &Desired::from_config(&before)).unwrap();
+    let id = table.state.backends.iter().find(|(_, b)| **b == backend_of(m(4))).map(|(id, _)| *id);
+    let sockets = FakeSockets {
+        open: pairs_of(&before).into_iter().map(|p| (p, SOCKETS)).collect(),
+        ..Default::default()
+    };
+    let settings = Settings {
+        checked: true,
+        hysteresis: DEFAULT_HYSTERESIS,
+        all_down: AllDown::Fallback,
+        drain: DRAIN,
+        fallback_grace: Duration::ZERO,
+        rebalance: None,
+        recorders: Recorders::default(),
+    };
+    let mut sup = Supervisor::new(settings, config(&[F], &[m(1), m(2), m(3)]), table, sockets);
+    assert_eq!(id_of(&sup, m(4)), id, "its id stays taken while its sockets live");
+    assert!(!live(&sup, F).contains(&m(4)));
+    all_up(&mut sup);
+    let start = Instant::now();
+    run_deadlines_for(&mut sup, DRAIN - Duration::from_millis(1)).await;
+    assert_eq!(terminated(&sup), [], "the drain time first");
+    run_deadlines_for(&mut sup, Duration::from_millis(2)).await;
+    assert_eq!(terminated(&sup), [(addr(F), m(4))]);
+    assert!(sup.terminator().terminated.last().unwrap().0 - start >= DRAIN);
+}
