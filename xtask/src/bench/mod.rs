@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// `./x setup --controlplane` builds them) instead of simulated masters.
     #[arg(long)]
     pub real: bool,
+    /// `failover`: one round of the failures the proxies leave connections on (blackholed,
+    /// hung), each with a 180 s window: how long they really do, against kha (about 10 min;
+    /// not in CI). Writes failover-long.{json,md}.
+    #[arg(long, conflicts_with_all = ["quick", "real"])]
+    pub long: bool,
     /// Rounds (default: 5; --quick: 2; failover: 2, --quick: 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=50))]
     pub rounds: Option<u64>,
@@ -133,7 +138,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.suite == Some(Suite::Failover) {
         let dir = failover::run(&args)?;
-        let (json, md) = failover::files(args.real);
+        let (json, md) = failover::files(&failover::plan_for(&args));
         println!("{}", std::fs::read_to_string(dir.join(md)).unwrap_or_default());
         println!("written: {}/{{{json},{md}}}", dir.display());
         return Ok(());

@@ -40,6 +40,7 @@ mod client;
 mod kha_defaults;
 mod outcome;
 mod plan;
+mod ratio;
 mod real;
 mod report;
 mod rolling;
@@ -60,12 +61,26 @@ pub use report::files;
 use self::{
     kha_defaults::kha_settings,
     outcome::{Outcome, outcome, rel, settled},
-    plan::{FAILURES, Failure, KEEP_INTERVAL_MS, LOOP_INTERVAL_MS, Plan, contenders},
+    plan::{Failure, KEEP_INTERVAL_MS, LOOP_INTERVAL_MS, Plan, contenders},
     report::{FailoverReport, secs, verify},
     wait::{pause, stopped},
     world::World,
 };
 use super::{BenchArgs, machine, run::STOP};
+
+/// The profile `args` ask for.
+pub fn plan_for(args: &BenchArgs) -> Plan {
+    let mut plan = match (args.long, args.quick) {
+        (true, _) => Plan::long(),
+        (false, true) => Plan::quick(),
+        (false, false) => Plan::full(),
+    };
+    plan.real = args.real;
+    if let Some(r) = args.rounds {
+        plan.rounds = r as usize;
+    }
+    plan
+}
 
 /// Runs the failover bench; returns the directory written to.
 pub fn run(args: &BenchArgs) -> Result<PathBuf> {
@@ -78,11 +93,7 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
         // SAFETY: no other thread runs yet; the control plane reads it to find its binaries.
         unsafe { std::env::set_var("KHA_CONTROLPLANE_BIN", bins) };
     }
-    let mut plan = if args.quick { Plan::quick() } else { Plan::full() };
-    plan.real = args.real;
-    if let Some(r) = args.rounds {
-        plan.rounds = r as usize;
-    }
+    let plan = plan_for(args);
     let mut settings = kha_settings(&bin.join("kha"))?;
     settings.insert("binaries".into(), kind.into());
     STOP.store(false, Ordering::SeqCst);
@@ -98,14 +109,14 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
         plan.profile,
         if plan.real { " against the real control plane" } else { "" },
         plan.rounds,
-        FAILURES.len()
+        plan.failures().len()
     );
     let outcomes = {
         let mut world = World::create(plan.real)?;
         let mut all = Vec::new();
         let mut k = 0;
         for round in 0..plan.rounds {
-            for failure in FAILURES {
+            for failure in plan.failures() {
                 // A different master each time: the one failed last may still be out of a
                 // slow load balancer (haproxy) when the next fault comes.
                 let target = world.masters[k % world.masters.len()].clone();
@@ -132,17 +143,17 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
     settings.insert("load average before".into(), load_before);
     settings.insert("load average after".into(), super::loadavg());
     let report = FailoverReport {
+        failures: plan.failures(),
         plan,
         duration_s: started.elapsed().as_secs_f64(),
         machine: machine::describe(),
         settings,
         contenders: contenders(),
-        failures: FAILURES.to_vec(),
         outcomes,
         rolling,
     };
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let (json, md) = report::files(report.plan.real);
+    let (json, md) = report::files(&report.plan);
     fs::write(out.join(json), serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {json}"))?;
     fs::write(out.join(md), report.markdown()).with_context(|| format!("writing {md}"))?;

@@ -49,6 +49,9 @@ pub struct Plan {
     pub real: bool,
 }
 
+/// The failures a load balancer may leave a connection on for long: the long profile's.
+const LONG_FAILURES: [Failure; 2] = [Failure::Blackholed, Failure::Hung];
+
 impl Plan {
     pub fn full() -> Plan {
         Plan {
@@ -62,6 +65,32 @@ impl Plan {
             spread: true,
             real: false,
         }
+    }
+
+    /// `--long`: one round of the failures the proxies leave connections on, each with a
+    /// 180 s window, to measure how long they really do (the full run's 30 s window only
+    /// shows that they still do then). Not in CI: about 10 minutes.
+    pub fn long() -> Plan {
+        Plan {
+            profile: "long".into(),
+            rounds: 1,
+            window_s: 180.0,
+            quiet_s: 10.0,
+            recovery_s: 40.0,
+            warmup_s: 3.0,
+            settle_s: 60.0,
+            spread: true,
+            real: false,
+        }
+    }
+
+    pub fn is_long(&self) -> bool {
+        self.profile == "long"
+    }
+
+    /// The failures this profile applies, in order.
+    pub fn failures(&self) -> Vec<Failure> {
+        if self.is_long() { LONG_FAILURES.to_vec() } else { FAILURES.to_vec() }
     }
 
     pub fn quick() -> Plan {

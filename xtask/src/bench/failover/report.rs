@@ -17,9 +17,14 @@ use super::{
 };
 use crate::bench::{machine, report::num};
 
-/// `failover.{json,md}`, or for the real control plane `failover-real.{json,md}`.
-pub fn files(real: bool) -> (&'static str, &'static str) {
-    if real { ("failover-real.json", "failover-real.md") } else { ("failover.json", "failover.md") }
+/// `failover.{json,md}`, for the real control plane `failover-real.{json,md}`, for the long
+/// profile `failover-long.{json,md}`.
+pub fn files(plan: &Plan) -> (&'static str, &'static str) {
+    match (plan.real, plan.is_long()) {
+        (_, true) => ("failover-long.json", "failover-long.md"),
+        (true, false) => ("failover-real.json", "failover-real.md"),
+        (false, false) => ("failover.json", "failover.md"),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -255,6 +260,9 @@ impl FailoverReport {
             self.watch_table(&mut m);
             self.rolling_table(&mut m);
         }
+        if p.is_long() {
+            m.push_str(&super::ratio::table(self));
+        }
         let _ = writeln!(
             m,
             "\nkha's own view (`kha status`, polled every 250 ms): the failed backend's state, seconds after the fault.\n"
@@ -324,7 +332,7 @@ impl FailoverReport {
 /// before and after the fault, a long-lived connection was on the failed master, and the
 /// table was written. Never how fast anything was.
 pub fn verify(dir: &Path, real: bool) -> Result<()> {
-    let (json, markdown) = files(real);
+    let (json, markdown) = files(&Plan { real, ..Plan::quick() });
     let text = fs::read_to_string(dir.join(json))
         .with_context(|| format!("reading {}", dir.join(json).display()))?;
     let r: FailoverReport = serde_json::from_str(&text).with_context(|| format!("parsing {json}"))?;
@@ -448,7 +456,7 @@ mod tests {
     fn verify_accepts_every_cell_and_names_what_is_missing() {
         let dir = std::env::temp_dir().join(format!("kha-bench-failover-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        let (json, md) = files(false);
+        let (json, md) = files(&Plan::quick());
         let write = |r: &FailoverReport| {
             fs::write(dir.join(json), serde_json::to_string(r).unwrap()).unwrap();
             fs::write(dir.join(md), r.markdown()).unwrap();
