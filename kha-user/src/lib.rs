@@ -7,6 +7,7 @@
 pub mod config;
 pub mod discovery;
 pub mod endpoints;
+pub mod errors;
 pub mod health;
 pub mod kubespray;
 pub mod loader;

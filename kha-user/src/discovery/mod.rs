@@ -71,33 +71,4 @@ pub enum Update {
     Failed(watch::DiscoveryError),
 }
 
-/// An error with its sources, `a: b: c`, for the log; a source whose text an outer message
-/// already quotes (kube-rs's do) is not repeated.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn chain_names_every_cause_once() {
-        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied");
-        let e = super::state::StateError::Read { path: "/var/lib/kha/discovered.json".into(), source: io };
-        assert_eq!(super::chain(&e), "cannot read /var/lib/kha/discovered.json: denied");
-        let quoted = super::state::StateError::Write {
-            path: "denied".into(),
-            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
-        };
-        assert_eq!(super::chain(&quoted), "cannot write denied", "a cause already quoted is not repeated");
-    }
-}
+pub use crate::errors::chain;

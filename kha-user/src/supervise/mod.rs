@@ -121,7 +121,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     fn adopt_orphans(&mut self) {
         let open = match self.terminator.open_per_pair() {
             Ok(open) => open,
-            Err(e) => return log::warn!("cannot list the sockets the last run redirected: {}", causes(&e)),
+            Err(e) => return log::warn!("cannot list the sockets the last run redirected: {}", chain(&e)),
         };
         let configured = pairs_of(&self.config);
         let deadline = Instant::now() + self.settings.drain;
@@ -175,7 +175,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     fn rebalance_round(&mut self) {
         let open = match self.terminator.open_per_pair() {
             Ok(open) => open,
-            Err(e) => return log::warn!("rebalance: cannot count the open connections: {}", causes(&e)),
+            Err(e) => return log::warn!("rebalance: cannot count the open connections: {}", chain(&e)),
         };
         let on_fallback = self.on_fallback();
         for m in rebalance::moves(&self.config, &self.health, &self.desired, &on_fallback, &open) {
@@ -190,7 +190,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
                         m.to
                     );
                 }
-                Err(e) => log::warn!("rebalance: cannot end a connection {f}->{b}: {}", causes(&e)),
+                Err(e) => log::warn!("rebalance: cannot end a connection {f}->{b}: {}", chain(&e)),
             }
         }
     }
@@ -212,7 +212,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         if !self.retired.is_empty() {
             match self.terminator.backends_in_use() {
                 Ok(in_use) => self.retired.retain(|b| in_use.contains(b)),
-                Err(e) => log::warn!("cannot tell which removed backends sockets still use: {}", causes(&e)),
+                Err(e) => log::warn!("cannot tell which removed backends sockets still use: {}", chain(&e)),
             }
         }
         self.apply();
@@ -381,12 +381,12 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
             Ok(_) => {}
             Err(e) => {
                 self.settings.recorders.map_update_errors.inc();
-                log::error!("sync failed, will retry: {}", causes(&e));
+                log::error!("sync failed, will retry: {}", chain(&e));
             }
         }
         self.desired = desired;
         if let Err(e) = self.table.set_probe_statuses(&statuses) {
-            log::warn!("cannot write probe status for `kha status`: {}", causes(&e));
+            log::warn!("cannot write probe status for `kha status`: {}", chain(&e));
         }
         let on_fallback = self.on_fallback();
         let (config, health) = (&self.config, &self.health);
@@ -419,7 +419,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
             Ok(n) => {
                 log::warn!("terminated {n} connections ({}) so their clients reconnect elsewhere", names())
             }
-            Err(e) => log::error!("terminating the connections {} failed: {}", names(), causes(&e)),
+            Err(e) => log::error!("terminating the connections {} failed: {}", names(), chain(&e)),
         }
     }
 
@@ -475,14 +475,4 @@ fn pairs_of(config: &Config) -> BTreeSet<Pair> {
     config.frontends.iter().flat_map(|f| f.backends.iter().map(|b| (f.address, *b))).collect()
 }
 
-/// An error with its sources, `a: b: c`, for a log line.
-pub(crate) fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+use crate::errors::chain;

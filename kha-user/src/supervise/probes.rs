@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::Config,
+    errors::chain,
     health::ProbeTarget,
     observe::Recorders,
     probe::{
@@ -89,7 +90,7 @@ impl ProbeSet {
                 Ok(tls) => tls,
                 Err(error) => {
                     if let Some(e) = error {
-                        let e = super::causes(&e);
+                        let e = chain(&e);
                         self.recorders.tls_reload("rejected");
                         match self.running.contains_key(t) {
                             true => log::error!(
@@ -140,7 +141,7 @@ impl ProbeSet {
                     self.recorders.tls_reload("rejected");
                     log::error!(
                         "probe TLS files changed but cannot be used, keeping the config in use ({files}): {}",
-                        super::causes(&e)
+                        chain(&e)
                     );
                 }
             }

@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::Pair;
+use crate::errors::chain;
 use crate::{
     loader::{self, Leftover, ResetError, Resetter},
     maps::{KhaMaps, MapsError},
@@ -128,18 +129,6 @@ fn error_kind(e: &ResetError) -> &'static str {
         ResetError::Run(_) | ResetError::Records(_) => "run",
         _ => "load",
     }
-}
-
-/// An error with its causes, for a log line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 impl Terminator for SockDestroy {

@@ -27,7 +27,9 @@ fn worst(r: &FailoverReport, failure: Failure, contender: &str) -> Option<f64> {
 
 /// "×N" or "≥ ×N": the best proxy's time over kha's.
 fn ratio(kha: Option<f64>, proxies: &[Option<f64>], window: f64) -> String {
-    let Some(k) = kha.filter(|k| *k > 0.0) else { return "– (kha did not move it within the window)".into() };
+    let Some(k) = kha.filter(|k| *k > 0.0) else {
+        return "– (kha did not move it within the window)".into();
+    };
     match proxies.iter().flatten().copied().reduce(f64::min) {
         Some(best) => format!("×{:.0}", best / k),
         None => format!("≥ ×{:.0}", window / k),
@@ -45,8 +47,12 @@ pub fn table(r: &FailoverReport) -> String {
     );
     let _ = writeln!(m, "| failure | kha | proxies | ratio (best proxy / kha) |\n|---|---|---|---|");
     for f in &r.failures {
-        let proxies: Vec<(&str, Option<f64>)> =
-            r.contenders.iter().filter(|c| c.id != "kha").map(|c| (c.id.as_str(), worst(r, *f, &c.id))).collect();
+        let proxies: Vec<(&str, Option<f64>)> = r
+            .contenders
+            .iter()
+            .filter(|c| c.id != "kha")
+            .map(|c| (c.id.as_str(), worst(r, *f, &c.id)))
+            .collect();
         let kha = worst(r, *f, "kha");
         let cells: Vec<String> = proxies.iter().map(|(id, t)| format!("{id} {}", secs(*t, w))).collect();
         let times: Vec<Option<f64>> = proxies.iter().map(|(_, t)| *t).collect();
