@@ -16,7 +16,7 @@ use kha_lab::real::{RealOptions, User};
 
 use kha_lab::real::watch::Watcher;
 
-use crate::world::{World, wait_for};
+use crate::world::{AgentSetup, World, wait_for};
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -334,7 +334,7 @@ pub fn discovery_follows_the_real_endpointslice() {
         let kubeconfig = cp
             .kubeconfig("discovery.kubeconfig", User::Admin, "https://192.0.2.11:6443", None)
             .expect("kubeconfig");
-        [
+        let extra = [
             "--discover",
             "--kubeconfig",
             &kubeconfig.display().to_string(),
@@ -342,7 +342,8 @@ pub fn discovery_follows_the_real_endpointslice() {
             &state.display().to_string(),
         ]
         .map(String::from)
-        .to_vec()
+        .to_vec();
+        AgentSetup { extra, in_node: true }
     });
     d.wait_all_up(Duration::from_secs(30));
     let m4 = d.bed.lab.masters()[3].https_v4();

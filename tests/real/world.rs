@@ -27,26 +27,34 @@ pub struct World {
     agent_extra: Vec<String>,
 }
 
+/// How the world's kha runs, besides the usual flags.
+#[derive(Default)]
+pub struct AgentSetup {
+    pub extra: Vec<String>,
+    /// In the node's network namespace, as a DaemonSet with hostNetwork does (discovery's API
+    /// client must reach the masters from there), instead of the bed's place for it.
+    pub in_node: bool,
+}
+
 impl World {
     pub fn start() -> World {
-        World::start_with(3, RealOptions { anonymous_auth: false, ..RealOptions::default() }, |_| Vec::new())
+        let options = RealOptions { anonymous_auth: false, ..RealOptions::default() };
+        World::start_with(3, options, |_| AgentSetup::default())
     }
 
-    /// A world of `masters` masters (the options' standby ones not started), kha given
-    /// `agent_extra(control plane)` besides the usual flags, its static backends the masters not
-    /// on standby.
+    /// A world of `masters` masters (the options' standby ones not started), kha set up by
+    /// `agent(control plane)` besides the usual flags, its static backends the masters not on
+    /// standby.
     pub fn start_with(
         masters: usize,
         options: RealOptions,
-        agent_extra: impl FnOnce(&RealControlPlane) -> Vec<String>,
+        agent: impl FnOnce(&RealControlPlane) -> AgentSetup,
     ) -> World {
         let mut bed = Bed::create_empty(masters).unwrap_or_else(|e| panic!("cannot build the bed: {e}"));
         let bootstrap = masters - options.standby;
         let cp = RealControlPlane::start(&bed.lab, options).unwrap_or_else(|e| panic!("control plane: {e}"));
-        let agent_extra = agent_extra(&cp);
-        // Discovery's API client must reach the masters: the agent lives in the node namespace,
-        // as a DaemonSet with hostNetwork does.
-        bed.agent_in_node = !agent_extra.is_empty();
+        let AgentSetup { extra: agent_extra, in_node } = agent(&cp);
+        bed.agent_in_node = in_node;
         let kc = |file: &str, user, server: &str| {
             cp.kubeconfig(file, user, server, Some("localhost")).unwrap_or_else(|e| panic!("kubeconfig: {e}"))
         };
