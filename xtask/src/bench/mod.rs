@@ -17,6 +17,7 @@ mod figures;
 mod lab;
 mod machine;
 mod plot;
+mod probe_cost;
 mod procfs;
 mod proxy;
 mod report;
@@ -37,6 +38,9 @@ pub enum Suite {
     /// Failed masters: failed requests, time until traffic and long-lived connections leave
     /// (kha with health checks, nginx, haproxy).
     Failover,
+    /// What probing costs a real kube-apiserver (kept-alive `/readyz` against a new TLS
+    /// connection each, as haproxy does), and the fleet model built on it.
+    ProbeCost,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -141,6 +145,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let (json, md) = failover::files(&failover::plan_for(&args));
         println!("{}", std::fs::read_to_string(dir.join(md)).unwrap_or_default());
         println!("written: {}/{{{json},{md}}}", dir.display());
+        return Ok(());
+    }
+    if args.suite == Some(Suite::ProbeCost) {
+        let dir = probe_cost::run(&args)?;
+        println!("{}", std::fs::read_to_string(dir.join("probe-cost.md")).unwrap_or_default());
+        println!("written: {}/probe-cost.{{json,md}}", dir.display());
         return Ok(());
     }
     let dir = run_bench(&args)?;
