@@ -66,8 +66,8 @@ pub use failure::{Errno, Malformed, Phase, ProbeFailure, SNIPPET_BYTES, STATUS_L
 pub use files::{MAX_PEM_BYTES, TlsDefaults, TlsFiles, TlsPem};
 pub use jitter::JITTER;
 pub use prober::{
-    CLOSE_AFTER_RESPONSE_GRACE, LOST_CONNECT_ATTEMPT, LOST_RECONNECT_WINDOW, LOST_RETRY_MAX, LOST_RETRY_MIN,
-    MIN_INTERVAL, run,
+    CLOSE_AFTER_RESPONSE_GRACE, CONFIRM_MAX, CONFIRM_MIN, LOST_CONNECT_ATTEMPT, LOST_RECONNECT_WINDOW,
+    LOST_RETRY_MAX, LOST_RETRY_MIN, MIN_INTERVAL, run,
 };
 pub use reload::{Reload, TLS_CHECK_INTERVAL, TlsHandle, TlsPublisher, TlsStore};
 pub use socket::{MakeSocket, default_socket};

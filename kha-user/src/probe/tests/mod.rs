@@ -318,6 +318,25 @@ async fn a_dying_server_is_reported_at_once_as_connection_lost() {
     probe.stop().await;
 }
 
+/// A ready answer after a failure is confirmed within `CONFIRM_MAX`, not an interval (here a
+/// minute) later: with rise 2 a master that can serve again is back in use about 0.2 s after
+/// its first pass. The next one after that waits the interval again.
+#[tokio::test]
+async fn a_pass_after_a_failure_is_confirmed_at_once_not_an_interval_later() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::ResetMidResponseOnce).await;
+    let settings = ProbeSettings { interval: Duration::from_secs(60), ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert!(probe.next().await.failure().is_some(), "the first answer dies half-way");
+    assert!(is_ready(&probe.next().await), "the quick reconnect passes");
+    let first_pass = Instant::now();
+    assert!(is_ready(&probe.next().await), "confirmed");
+    let confirmed = first_pass.elapsed();
+    assert!(confirmed < CONFIRM_MAX + Duration::from_millis(200), "{confirmed:?}");
+    assert!(tokio::time::timeout(Duration::from_secs(2), probe.next()).await.is_err(), "then the interval");
+    probe.stop().await;
+}
+
 /// RST on the idle connection (server still listening): lost, then the reconnect is ready.
 #[tokio::test]
 async fn a_reset_idle_connection_is_lost_then_reconnected() {
