@@ -102,6 +102,10 @@ pub struct BackendHealth {
     /// Configured, persisted by the last run, or passed a probe since: may be served by the
     /// all-down fallback. A backend only discovery names is not, until a probe passed.
     vouched: bool,
+    /// Suspect because a probe went unanswered for a while ([`ProbeEvent::Slow`]), not because
+    /// its connection was lost: failures then count towards `fall` as usual. A slow answer is
+    /// not a dead master, and one probe timeout must not terminate a socket.
+    slow: bool,
 }
 
 impl BackendHealth {
@@ -116,6 +120,7 @@ impl BackendHealth {
             since: now,
             unauthorized: None,
             vouched: true,
+            slow: false,
         }
     }
 
@@ -152,6 +157,16 @@ impl BackendHealth {
     /// draining, if it answers not ready).
     pub fn observe(&mut self, event: &ProbeEvent, h: Hysteresis, now: SystemTime) -> Change {
         let (failure, latency) = match event {
+            ProbeEvent::Slow { waited } => {
+                // An up backend whose probe says nothing takes no new connections until the
+                // answer or the timeout says more; its sockets are kept either way.
+                if self.state != State::Up {
+                    return Change::None;
+                }
+                self.last_failure = Some(format!("no answer to its probe for {:.1} s", waited.as_secs_f64()));
+                self.slow = true;
+                return self.transition(State::Suspect, now);
+            }
             ProbeEvent::Ready { latency } => (None, Some(*latency)),
             ProbeEvent::Failed { failure, latency } => (Some(failure), Some(*latency)),
             ProbeEvent::ConnectionLost { failure } => (Some(failure), None),
@@ -181,6 +196,9 @@ impl BackendHealth {
             State::Unknown | State::Unproven => down,
             State::Up if lost => State::Suspect,
             State::Up if self.failures >= h.fall => down,
+            // Slow, then failed: counts towards `fall` like any failed probe (a lost connection
+            // the slow probe's timeout broke does too).
+            State::Suspect if self.slow && self.failures < h.fall => State::Suspect,
             // The reconnect failed too: confirmed.
             State::Suspect => down,
             // A draining master whose process then dies is down: stop waiting for the drain.
@@ -214,6 +232,9 @@ impl BackendHealth {
             return Change::None;
         }
         let was_serving = self.state.serves();
+        if next != State::Suspect {
+            self.slow = false;
+        }
         self.state = next;
         self.since = now;
         match next {
@@ -621,6 +642,33 @@ mod tests {
         }
         assert!(count.values().all(|n| (800..=1200).contains(n)), "{count:?}");
         assert_eq!(node_spread(), node_spread(), "the same across calls");
+    }
+
+    #[test]
+    fn a_slow_probe_makes_an_up_backend_suspect_and_failures_still_count_to_fall() {
+        let slow = ProbeEvent::Slow { waited: Duration::from_secs(1) };
+        let (b, changes) = run(&[ready(), slow.clone()]);
+        assert_eq!((b.state, changes[1]), (State::Suspect, Change::WentSuspect));
+        assert!(b.last_failure.as_deref().is_some_and(|r| r.contains("no answer")), "{:?}", b.last_failure);
+        // Answered after all: up again at once.
+        let (b, changes) = run(&[ready(), slow.clone(), ready()]);
+        assert_eq!((b.state, changes[2]), (State::Up, Change::WentUp));
+        // Timed out: still suspect after one failure, down after `fall` of them.
+        let (b, _) = run(&[ready(), slow.clone(), timeout()]);
+        assert_eq!(b.state, State::Suspect);
+        let (b, changes) = run(&[ready(), slow.clone(), timeout(), slow.clone(), timeout()]);
+        assert_eq!((b.state, changes[4]), (State::Down, Change::WentDown));
+        // Slow says nothing about a backend that is not up (unknown, down, draining).
+        let (b, changes) = run(std::slice::from_ref(&slow));
+        assert_eq!((b.state, changes[0]), (State::Unknown, Change::None));
+        let (b, _) = run(&[refused(), slow.clone()]);
+        assert_eq!(b.state, State::Down);
+        // A lost connection's suspicion is still confirmed by the first failure.
+        let (b, _) = run(&[ready(), lost(), refused()]);
+        assert_eq!(b.state, State::Down);
+        // After a slow suspicion that cleared, a lost connection is a lost connection again.
+        let (b, _) = run(&[ready(), slow, ready(), lost(), refused()]);
+        assert_eq!(b.state, State::Down);
     }
 
     #[test]

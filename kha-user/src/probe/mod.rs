@@ -142,13 +142,21 @@ pub enum ProbeEvent {
     /// connection to it is gone", typically because its apiserver process died (FIN or RST)
     /// or it became unreachable (keepalive). A reconnecting probe follows shortly.
     ConnectionLost { failure: ProbeFailure },
+    /// A probe has had no answer for `waited` ([`SLOW_AFTER`], or half the timeout if that is
+    /// shorter); its answer or its timeout follows. An apiserver answers `/readyz` in
+    /// milliseconds: one that says nothing for a second is hung, overloaded, or cut off, and
+    /// new connections should not wait to learn which.
+    Slow { waited: Duration },
 }
 
+/// See [`ProbeEvent::Slow`].
+pub const SLOW_AFTER: Duration = Duration::from_secs(1);
+
 impl ProbeEvent {
-    /// The failure, unless the backend was ready.
+    /// The failure, unless the backend was ready (or has not answered yet).
     pub fn failure(&self) -> Option<&ProbeFailure> {
         match self {
-            ProbeEvent::Ready { .. } => None,
+            ProbeEvent::Ready { .. } | ProbeEvent::Slow { .. } => None,
             ProbeEvent::Failed { failure, .. } | ProbeEvent::ConnectionLost { failure } => Some(failure),
         }
     }

@@ -18,7 +18,7 @@ use super::failure::{Malformed, Phase, ProbeFailure, classify, snippet};
 use super::http::{self, Response, ResponseParser};
 use super::jitter::Rng;
 use super::socket::{MakeSocket, tune};
-use super::{ProbeEvent, ProbeSettings};
+use super::{ProbeEvent, ProbeSettings, SLOW_AFTER};
 
 /// A clean close (FIN or TLS close_notify) this soon after a complete response is the server
 /// closing after the response, as HTTP/1.1 allows even unannounced: the next probe reconnects
@@ -151,7 +151,18 @@ impl Prober {
             let (event, lost) = match self.idle_until(next).await {
                 Some(failure) => (ProbeEvent::ConnectionLost { failure }, true),
                 None => {
-                    let event = self.probe().await;
+                    let slow_after = SLOW_AFTER.min(self.settings.timeout / 2);
+                    let probe = self.probe();
+                    tokio::pin!(probe);
+                    let event = tokio::select! {
+                        e = &mut probe => e,
+                        () = tokio::time::sleep(slow_after) => {
+                            if events.send((tag.clone(), ProbeEvent::Slow { waited: slow_after })).await.is_err() {
+                                return;
+                            }
+                            probe.await
+                        }
+                    };
                     let died = event.failure().is_some_and(ProbeFailure::connection_died);
                     (event, died)
                 }

@@ -331,7 +331,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
                 pairs.iter().for_each(|p| self.pending.at(*p, Why::Draining, now + self.settings.drain));
             }
             Change::WentSuspect => log::warn!(
-                "backend {backend}: probe connection lost ({reason}); no new connections until the reconnect says whether it is down"
+                "backend {backend} is suspect ({reason}): no new connections, existing ones kept until the probes say whether it is down"
             ),
             Change::WentUp => {
                 log::info!("backend {backend} is up");

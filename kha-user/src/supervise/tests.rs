@@ -470,6 +470,31 @@ async fn one_lost_probe_connection_terminates_nothing() {
     assert_eq!(terminated(&sup), []);
 }
 
+fn slow() -> ProbeEvent {
+    ProbeEvent::Slow { waited: Duration::from_secs(1) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_goes_unanswered_stops_new_connections_and_terminates_nothing() {
+    // A hung apiserver (or one answering slowly under load): after a second without an answer
+    // no new connection goes there; a slow answer brings it back, a timeout counts towards
+    // `fall`, and only `fall` failures in a row take it down and move its sockets.
+    let mut sup = supervisor(config(&[F], &[m(1), m(2), m(3)]));
+    all_up(&mut sup);
+    feed(&mut sup, m(1), &[slow()]);
+    assert_eq!(state(&sup, m(1)), State::Suspect);
+    assert_eq!(live(&sup, F), [m(2), m(3)]);
+    feed(&mut sup, m(1), &[ProbeEvent::Ready { latency: Duration::from_millis(1500) }]);
+    assert_eq!(live(&sup, F), [m(1), m(2), m(3)], "a slow answer is not a dead master");
+    feed(&mut sup, m(1), &[slow(), timeout()]);
+    assert_eq!(state(&sup, m(1)), State::Suspect, "one timeout is not a verdict");
+    run_deadlines_for(&mut sup, DRAIN * 2).await;
+    assert_eq!(terminated(&sup), []);
+    feed(&mut sup, m(1), &[slow(), timeout()]);
+    assert_eq!(state(&sup, m(1)), State::Down);
+    assert_eq!(terminated(&sup), [(addr(F), m(1))]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_reconnect_confirms_the_loss() {
     let mut sup = supervisor(config(&[F], &[m(1), m(2), m(3)]));
