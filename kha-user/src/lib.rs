@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod endpoints;
 pub mod health;
 pub mod kubespray;
+pub mod layout;
 pub mod loader;
 pub mod maps;
 pub mod observe;
