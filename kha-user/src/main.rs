@@ -93,6 +93,11 @@ struct RunArgs {
     /// the connections of failed masters.
     #[arg(long)]
     require_sock_destroy: bool,
+    /// Redirected sockets tracked at once (the conn map's capacity; the oldest entry goes when
+    /// it is full). A change migrates the pinned map at start, open connections carried over.
+    #[arg(long, default_value_t = kha_common::CONNS_CAPACITY as u32,
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
+    max_conns: u32,
     #[command(flatten)]
     health: HealthArgs,
     #[command(flatten)]
@@ -296,14 +301,24 @@ fn run(args: RunArgs) -> Result<()> {
     pins.create()?;
     let _lock = loader::lock_pin_dir(&pins.root)?;
 
-    let mut loaded = loader::load(&pins)?;
+    let mut loaded = loader::load(&pins, args.max_conns)?;
     loaded.preflight(&pins, &cgroup, cgroup_id)?;
-    let mut maps = KhaMaps::open_pinned(&pins.maps())?;
-    maps.set_datapath_config(&DatapathConfig { netns_cookie, cgroup_id })?;
-    let report = sync(&mut maps, &Desired::from_config(&config))?;
+    for line in loaded.report.lines() {
+        log::info!("maps: {line}");
+    }
+    // In a migration these are the new maps, not yet used by any program: the backend table
+    // is complete in them before the programs that read them are swapped in.
+    let mut staged = KhaMaps::open_pinned(loaded.maps_dir())?;
+    staged.set_datapath_config(&DatapathConfig { netns_cookie, cgroup_id })?;
+    let report = sync(&mut staged, &Desired::from_config(&config))?;
     let attached = loaded.attach(&pins, &cgroup, cgroup_id)?;
+    for (map, n) in loaded.commit(&pins)? {
+        log::info!("maps: {map}: {n} entries carried over after the program swap; old maps removed");
+    }
     // The links hold the programs now; the loader's handles can go.
     drop(loaded);
+    drop(staged);
+    let maps = KhaMaps::open_pinned(&pins.maps())?;
     log::info!(
         "attached to {} ({}), {} map writes, {} frontends; pins under {}",
         cgroup.display(),

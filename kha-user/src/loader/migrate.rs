@@ -1,0 +1,366 @@
+//! Carrying the pinned maps over to a build that wants another layout or capacity, with no
+//! connect failing on the way (the plan comes from `crate::layout`).
+//!
+//! A migration builds the new map set beside the live one, in `<pin dir>/maps-next/`:
+//! maps the plan reuses are hard links to the live ones (bpffs supports link(2)), the others
+//! are created by the loader and filled (open connections and counters copied, the backend
+//! table written by the agent's sync) before any program uses them. The new programs are then
+//! swapped in under the pinned links (`BPF_LINK_UPDATE`), and `maps/` and `maps-next/` are
+//! exchanged in one `renameat2(RENAME_EXCHANGE)`. What the old programs wrote between the copy
+//! and the swap is carried over afterwards: connections missing from the new map, and the
+//! counters' growth since the copy. Then the old set's pins go.
+//!
+//! A crash at any point leaves the links running one complete set, and `recover` finishes or
+//! drops the job on the next start (see there).
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use kha_common::{BackendStats, Conn, LAYOUT_SLOTS, LAYOUTS, MAP_BACKEND_STATS, MAP_CONNS, MAP_LAYOUT, MAP_STATS, MapLayout};
+
+use super::{HOOKS, LoaderError, PinDir, setup_err, sys};
+use crate::layout::{Action, Pinned, Wanted};
+
+/// `BPF_NOEXIST`: never overwrite what the new programs already wrote.
+const NOEXIST: u64 = 1;
+
+/// A map-level failure during a migration.
+fn map_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(MapError) -> LoaderError + 'a {
+    move |source| LoaderError::Migrate { path: path.to_owned(), what, source: Box::new(source) }
+}
+
+fn open(path: &Path) -> Result<Map, LoaderError> {
+    let data = MapData::from_pin(path).map_err(map_err(path, "cannot open pinned map"))?;
+    Map::from_map_data(data).map_err(map_err(path, "cannot open pinned map"))
+}
+
+fn info(path: &Path) -> Result<sys::MapInfo, LoaderError> {
+    let fd = sys::obj_get(path).map_err(setup_err(path, "cannot open pinned map"))?;
+    sys::map_info(fd.as_fd()).map_err(setup_err(path, "cannot read pinned map"))
+}
+
+/// The `KHA_LAYOUT` entries under `dir`, if the record is there in the layout this build
+/// reads (a future record layout counts as no record).
+fn read_record(dir: &Path) -> Result<Vec<MapLayout>, LoaderError> {
+    let path = dir.join(MAP_LAYOUT);
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    let i = info(&path)?;
+    if (i.key_size, i.value_size) != (4, size_of::<MapLayout>() as u32) {
+        log::warn!("{}: a layout record this kha cannot read; the maps count as unrecorded", path.display());
+        return Ok(vec![]);
+    }
+    let record: Array<_, MapLayout> = Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
+    let entries: Result<Vec<_>, _> = record.iter().collect();
+    Ok(entries.map_err(map_err(&path, "cannot read"))?.into_iter().filter(|l| !l.name().is_empty()).collect())
+}
+
+/// Each map this build wants, with what is pinned under its name in `dir`.
+pub(super) fn pinned_state(dir: &Path, wanted: &[Wanted]) -> Result<Vec<(Option<Pinned>, Wanted)>, LoaderError> {
+    let record = read_record(dir)?;
+    wanted
+        .iter()
+        .map(|w| {
+            let path = dir.join(w.spec.name);
+            if !path.exists() {
+                return Ok((None, *w));
+            }
+            let i = info(&path)?;
+            let version = record.iter().find(|l| l.name() == w.spec.name).map(|l| l.version);
+            let p = Pinned {
+                map_type: i.map_type,
+                key_size: i.key_size,
+                value_size: i.value_size,
+                max_entries: i.max_entries,
+                version,
+            };
+            Ok((Some(p), *w))
+        })
+        .collect()
+}
+
+/// Writes the record of the maps under `dir` (whose `KHA_LAYOUT` the loader just created or
+/// reused).
+pub(super) fn write_record(dir: &Path, plan: &[(Wanted, Action)]) -> Result<(), LoaderError> {
+    let path = dir.join(MAP_LAYOUT);
+    let mut record: Array<_, MapLayout> = Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
+    for i in 0..LAYOUT_SLOTS {
+        let entry = plan.get(i).map(|(w, _)| w.layout()).unwrap_or_default();
+        record.set(i as u32, &entry, 0).map_err(map_err(&path, "cannot write"))?;
+    }
+    Ok(())
+}
+
+/// Removes a layout record in a layout this build cannot reuse, so the loader makes a new
+/// one (only the agent reads it).
+pub(super) fn drop_foreign_record(dir: &Path) -> Result<(), LoaderError> {
+    let path = dir.join(MAP_LAYOUT);
+    if path.exists() && (info(&path)?.key_size, info(&path)?.value_size) != (4, size_of::<MapLayout>() as u32) {
+        fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
+    }
+    Ok(())
+}
+
+/// An empty staging directory holding hard links to the maps the plan reuses.
+pub(super) fn stage(pins: &PinDir, plan: &[(Wanted, Action)]) -> Result<(), LoaderError> {
+    let staging = pins.staging();
+    remove_set(&staging)?;
+    fs::create_dir(&staging).map_err(setup_err(&staging, "cannot create staging directory"))?;
+    for (w, _) in plan.iter().filter(|(_, a)| *a == Action::Reuse) {
+        let (from, to) = (pins.maps().join(w.spec.name), staging.join(w.spec.name));
+        fs::hard_link(&from, &to).map_err(setup_err(&to, "cannot link the reused map into staging"))?;
+    }
+    Ok(())
+}
+
+/// Counter values as last carried over, so a later pass adds only their growth.
+#[derive(Debug)]
+enum Base {
+    Stats(Vec<Vec<u64>>),
+    BackendStats(Vec<BackendStats>),
+    Conns,
+}
+
+/// A map whose entries are being carried from the old set to the new.
+#[derive(Debug)]
+pub(super) struct Carried {
+    pub map: &'static str,
+    base: Base,
+}
+
+/// Copies the entries of every map the plan carries from `old` into `new`; returns what a
+/// second pass after the swap needs, and how many entries each map got.
+pub(super) fn fill(
+    old: &Path,
+    new: &Path,
+    plan: &[(Wanted, Action)],
+) -> Result<(Vec<Carried>, Vec<(&'static str, usize)>), LoaderError> {
+    let mut carried = vec![];
+    let mut copied = vec![];
+    for (w, _) in plan.iter().filter(|(_, a)| matches!(a, Action::Migrate { copy: true, .. })) {
+        let base = match w.spec.name {
+            MAP_CONNS => Base::Conns,
+            MAP_STATS => Base::Stats(vec![]),
+            MAP_BACKEND_STATS => Base::BackendStats(vec![]),
+            other => {
+                return Err(LoaderError::Unsupported(format!("no way to carry {other}'s entries; the build is broken")));
+            }
+        };
+        let mut c = Carried { map: w.spec.name, base };
+        copied.push((c.map, carry(old, new, &mut c)?));
+        carried.push(c);
+    }
+    Ok((carried, copied))
+}
+
+/// One pass of carrying `c` from `old` to `new`: connections missing from `new`, counters'
+/// growth since the last pass. Returns the entries written.
+pub(super) fn carry(old: &Path, new: &Path, c: &mut Carried) -> Result<usize, LoaderError> {
+    let (old, new) = (old.join(c.map), new.join(c.map));
+    match &mut c.base {
+        Base::Conns => copy_conns(&old, &new),
+        Base::Stats(base) => add_stats(&old, &new, base),
+        Base::BackendStats(base) => add_backend_stats(&old, &new, base),
+    }
+}
+
+fn copy_conns(old_path: &Path, new_path: &Path) -> Result<usize, LoaderError> {
+    let old: HashMap<_, u64, Conn> = HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
+    let mut new: HashMap<_, u64, Conn> = HashMap::try_from(open(new_path)?).map_err(map_err(new_path, "not a hash"))?;
+    let capacity = info(old_path)?.max_entries as usize;
+    let mut written = 0;
+    // A key deleted while we walk restarts the walk at the first key (get_next_key), so a
+    // busy map could be walked forever: bounded, and re-seen keys are skipped by NOEXIST.
+    for entry in old.iter().take(2 * capacity) {
+        let (cookie, conn) = match entry {
+            Ok(e) => e,
+            // The entry went between get_next_key and the lookup: its socket closed.
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(map_err(old_path, "cannot read")(e)),
+        };
+        match new.insert(&cookie, &conn, NOEXIST) {
+            Ok(()) => written += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(map_err(new_path, "cannot write")(e)),
+        }
+    }
+    Ok(written)
+}
+
+fn add_stats(old_path: &Path, new_path: &Path, base: &mut Vec<Vec<u64>>) -> Result<usize, LoaderError> {
+    let old: PerCpuArray<_, u64> = PerCpuArray::try_from(open(old_path)?).map_err(map_err(old_path, "not a per-CPU array"))?;
+    let mut new: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(open(new_path)?).map_err(map_err(new_path, "not a per-CPU array"))?;
+    let mut written = 0;
+    for i in 0..old.len().min(new.len()) {
+        let now: Vec<u64> = old.get(&i, 0).map_err(map_err(old_path, "cannot read"))?.to_vec();
+        let then = base.get(i as usize).cloned().unwrap_or_else(|| vec![0; now.len()]);
+        if now != then {
+            let mut sum: Vec<u64> = new.get(&i, 0).map_err(map_err(new_path, "cannot read"))?.to_vec();
+            for (s, (n, t)) in sum.iter_mut().zip(now.iter().zip(&then)) {
+                *s = s.wrapping_add(n.wrapping_sub(*t));
+            }
+            let values = PerCpuValues::try_from(sum).map_err(|e| map_err(new_path, "cannot write")(MapError::IoError(e)))?;
+            new.set(i, values, 0).map_err(map_err(new_path, "cannot write"))?;
+            written += 1;
+        }
+        if base.len() <= i as usize {
+            base.push(now);
+        } else {
+            base[i as usize] = now;
+        }
+    }
+    Ok(written)
+}
+
+/// Adds the growth of the additive fields; `srtt_us` is taken from the old map while the new
+/// one has no measurement yet. The kernel's adds to the new map between our read and write
+/// of an entry are lost: one lookup and one update apart, while the copy runs.
+fn add_backend_stats(old_path: &Path, new_path: &Path, base: &mut Vec<BackendStats>) -> Result<usize, LoaderError> {
+    let old: Array<_, BackendStats> = Array::try_from(open(old_path)?).map_err(map_err(old_path, "not an array"))?;
+    let mut new: Array<_, BackendStats> = Array::try_from(open(new_path)?).map_err(map_err(new_path, "not an array"))?;
+    let mut written = 0;
+    for i in 0..old.len().min(new.len()) {
+        let now = old.get(&i, 0).map_err(map_err(old_path, "cannot read"))?;
+        let then = base.get(i as usize).copied().unwrap_or_default();
+        if now != then {
+            let mut n = new.get(&i, 0).map_err(map_err(new_path, "cannot read"))?;
+            let d = |a: u64, b: u64| a.wrapping_sub(b);
+            n.chosen = n.chosen.wrapping_add(d(now.chosen, then.chosen));
+            n.established = n.established.wrapping_add(d(now.established, then.established));
+            n.active = n.active.wrapping_add(d(now.active, then.active));
+            n.failed = n.failed.wrapping_add(d(now.failed, then.failed));
+            n.rto = n.rto.wrapping_add(d(now.rto, then.rto));
+            if n.srtt_us == 0 {
+                n.srtt_us = now.srtt_us;
+            }
+            new.set(i, &n, 0).map_err(map_err(new_path, "cannot write"))?;
+            written += 1;
+        }
+        if base.len() <= i as usize {
+            base.push(now);
+        } else {
+            base[i as usize] = now;
+        }
+    }
+    Ok(written)
+}
+
+/// Removes every pin in a map set's directory, then the directory.
+pub(super) fn remove_set(dir: &Path) -> Result<usize, LoaderError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(LoaderError::Setup { path: dir.to_owned(), what: "cannot read", source }),
+    };
+    let mut n = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
+        n += 1;
+    }
+    fs::remove_dir(dir).map_err(setup_err(dir, "cannot remove staging directory"))?;
+    Ok(n)
+}
+
+/// After the swap: the new set becomes `maps/`, the old one's late writes are carried over,
+/// its pins go. Returns the entries carried in this pass, per map.
+pub(super) fn commit(pins: &PinDir, carried: &mut [Carried]) -> Result<Vec<(&'static str, usize)>, LoaderError> {
+    let (maps, staging) = (pins.maps(), pins.staging());
+    sys::rename_exchange(&maps, &staging).map_err(setup_err(&maps, "cannot exchange the map sets"))?;
+    let late = carried
+        .iter_mut()
+        .map(|c| Ok((c.map, carry(&staging, &maps, c)?)))
+        .collect::<Result<Vec<_>, LoaderError>>()?;
+    remove_set(&staging)?;
+    Ok(late)
+}
+
+fn map_ids(dir: &Path) -> BTreeSet<u32> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| sys::obj_get(&e.path()).ok())
+        .filter_map(|fd| sys::map_info(fd.as_fd()).ok())
+        .map(|i| i.id)
+        .collect()
+}
+
+/// The maps the programs under the pinned links use.
+fn linked_map_ids(pins: &PinDir) -> BTreeSet<u32> {
+    HOOKS
+        .iter()
+        .filter_map(|hook| sys::obj_get(&pins.link(hook)).ok())
+        .filter_map(|fd| sys::link_info(fd.as_fd()).ok())
+        .filter_map(|info| sys::prog_fd_by_id(info.prog_id).ok())
+        .filter_map(|prog| sys::prog_map_ids(prog.as_fd()).ok())
+        .flatten()
+        .collect()
+}
+
+/// What a start found of an earlier migration's staging directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovered {
+    /// The links already ran the new set: it was made `maps/`, the old set's open
+    /// connections were carried into it, the old set removed.
+    Finished { conns: usize },
+    /// The old set was still live: the unfinished new set was removed (this start plans
+    /// afresh).
+    Dropped,
+}
+
+/// Finishes or drops a migration an earlier agent did not complete (it crashed, or attach
+/// failed). Run under the pin lock before the pinned state is read:
+/// - the links run programs that use a map only `maps-next/` holds: the swap happened (all of
+///   it or, after a crash in `attach`, part): exchange, so `maps/` is what runs;
+/// - then `maps-next/` holds the other set. If it is the older one (map ids only grow: its own
+///   maps have the lower ids), its programs ran until the swap: carry its open connections
+///   over (counters written in that window are not), then remove it. If it is the newer,
+///   never-live one, remove it.
+pub(super) fn recover(pins: &PinDir) -> Result<Option<Recovered>, LoaderError> {
+    let (maps, staging) = (pins.maps(), pins.staging());
+    if !staging.exists() {
+        return Ok(None);
+    }
+    let only = |a: &BTreeSet<u32>, b: &BTreeSet<u32>| a.difference(b).copied().collect::<BTreeSet<u32>>();
+    let (live, staged) = (map_ids(&maps), map_ids(&staging));
+    if !only(&staged, &live).is_disjoint(&linked_map_ids(pins)) {
+        sys::rename_exchange(&maps, &staging).map_err(setup_err(&maps, "cannot exchange the map sets"))?;
+    }
+    let (live, staged) = (map_ids(&maps), map_ids(&staging));
+    let staged_is_older = only(&staged, &live).last() < only(&live, &staged).last();
+    let outcome = if staged_is_older {
+        let (old, new) = (staging.join(MAP_CONNS), maps.join(MAP_CONNS));
+        let same = old.exists() && new.exists() && {
+            let (o, n) = (info(&old)?, info(&new)?);
+            (o.key_size, o.value_size) == (n.key_size, n.value_size)
+        };
+        Recovered::Finished { conns: if same { copy_conns(&old, &new)? } else { 0 } }
+    } else {
+        Recovered::Dropped
+    };
+    remove_set(&staging)?;
+    Ok(Some(outcome))
+}
+
+/// The spec of every map with the capacity asked for.
+pub fn wanted(conns_capacity: u32) -> Vec<Wanted> {
+    LAYOUTS
+        .iter()
+        .map(|spec| Wanted {
+            spec: *spec,
+            max_entries: if spec.name == MAP_CONNS { conns_capacity } else { spec.max_entries },
+        })
+        .collect()
+}
+
+pub(super) fn staging_dir(root: &Path) -> PathBuf {
+    root.join("maps-next")
+}
