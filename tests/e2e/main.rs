@@ -9,6 +9,7 @@ mod endpoints;
 mod harness;
 mod health;
 mod lifecycle;
+mod migration;
 mod privileges;
 mod refusals;
 mod terminate;

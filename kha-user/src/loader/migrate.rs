@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
-use kha_common::{BackendStats, Conn, LAYOUT_SLOTS, LAYOUTS, MAP_BACKEND_STATS, MAP_CONNS, MAP_LAYOUT, MAP_STATS, MapLayout};
+use kha_common::{BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Conn, LAYOUT_SLOTS, LAYOUTS, MAP_BACKEND_STATS, MAP_CONNS, MAP_LAYOUT, MAP_STATS, MapLayout};
 
 use super::{HOOKS, LoaderError, PinDir, setup_err, sys};
 use crate::layout::{Action, Pinned, Wanted};
@@ -124,7 +124,8 @@ pub(super) fn stage(pins: &PinDir, plan: &[(Wanted, Action)]) -> Result<(), Load
 enum Base {
     Stats(Vec<Vec<u64>>),
     BackendStats(Vec<BackendStats>),
-    Conns,
+    /// The cookies copied so far.
+    Conns(BTreeSet<u64>),
 }
 
 /// A map whose entries are being carried from the old set to the new.
@@ -145,7 +146,7 @@ pub(super) fn fill(
     let mut copied = vec![];
     for (w, _) in plan.iter().filter(|(_, a)| matches!(a, Action::Migrate { copy: true, .. })) {
         let base = match w.spec.name {
-            MAP_CONNS => Base::Conns,
+            MAP_CONNS => Base::Conns(BTreeSet::new()),
             MAP_STATS => Base::Stats(vec![]),
             MAP_BACKEND_STATS => Base::BackendStats(vec![]),
             other => {
@@ -164,17 +165,22 @@ pub(super) fn fill(
 pub(super) fn carry(old: &Path, new: &Path, c: &mut Carried) -> Result<usize, LoaderError> {
     let (old, new) = (old.join(c.map), new.join(c.map));
     match &mut c.base {
-        Base::Conns => copy_conns(&old, &new),
+        Base::Conns(copied) => copy_conns(&old, &new, copied),
         Base::Stats(base) => add_stats(&old, &new, base),
         Base::BackendStats(base) => add_backend_stats(&old, &new, base),
     }
 }
 
-fn copy_conns(old_path: &Path, new_path: &Path) -> Result<usize, LoaderError> {
+/// Copies the connections missing from `new`. On a second pass, after the swap, entries the
+/// first pass copied but the old programs have since deleted (their socket closed before the
+/// swap) are deleted from `new` too; entries of sockets that closed after the swap are gone
+/// from `new` already (the new programs saw the close).
+fn copy_conns(old_path: &Path, new_path: &Path, copied: &mut BTreeSet<u64>) -> Result<usize, LoaderError> {
     let old: HashMap<_, u64, Conn> = HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
     let mut new: HashMap<_, u64, Conn> = HashMap::try_from(open(new_path)?).map_err(map_err(new_path, "not a hash"))?;
     let capacity = info(old_path)?.max_entries as usize;
     let mut written = 0;
+    let mut seen = BTreeSet::new();
     // A key deleted while we walk restarts the walk at the first key (get_next_key), so a
     // busy map could be walked forever: bounded, and re-seen keys are skipped by NOEXIST.
     for entry in old.iter().take(2 * capacity) {
@@ -184,13 +190,46 @@ fn copy_conns(old_path: &Path, new_path: &Path) -> Result<usize, LoaderError> {
             Err(MapError::KeyNotFound) => continue,
             Err(e) => return Err(map_err(old_path, "cannot read")(e)),
         };
+        seen.insert(cookie);
+        if copied.contains(&cookie) {
+            // The old programs may have moved it on (SYN sent, established) after the copy,
+            // and counted it: the new ones must see that state or its close is miscounted.
+            if let Ok(now) = new.get(&cookie, 0)
+                && progress(conn.established) > progress(now.established)
+            {
+                new.insert(&cookie, &conn, 0).map_err(map_err(new_path, "cannot write"))?;
+                written += 1;
+            }
+            continue;
+        }
         match new.insert(&cookie, &conn, NOEXIST) {
-            Ok(()) => written += 1,
+            Ok(()) => {
+                written += 1;
+                copied.insert(cookie);
+            }
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(map_err(new_path, "cannot write")(e)),
         }
     }
+    for gone in copied.iter().filter(|c| !seen.contains(c)) {
+        match new.remove(gone) {
+            Ok(()) => written += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(map_err(new_path, "cannot delete")(e)),
+        }
+    }
+    copied.retain(|c| seen.contains(c));
     Ok(written)
+}
+
+/// How far a connect got, whatever the numbering of `Conn::established`.
+fn progress(state: u32) -> u8 {
+    match state {
+        CONN_UNSENT => 0,
+        CONN_SYN_SENT => 1,
+        CONN_ESTABLISHED => 2,
+        _ => 0,
+    }
 }
 
 fn add_stats(old_path: &Path, new_path: &Path, base: &mut Vec<Vec<u64>>) -> Result<usize, LoaderError> {
@@ -342,7 +381,8 @@ pub(super) fn recover(pins: &PinDir) -> Result<Option<Recovered>, LoaderError> {
             let (o, n) = (info(&old)?, info(&new)?);
             (o.key_size, o.value_size) == (n.key_size, n.value_size)
         };
-        Recovered::Finished { conns: if same { copy_conns(&old, &new)? } else { 0 } }
+        let mut none = BTreeSet::new();
+        Recovered::Finished { conns: if same { copy_conns(&old, &new, &mut none)? } else { 0 } }
     } else {
         Recovered::Dropped
     };

@@ -1,0 +1,213 @@
+//! Upgrades that change the pinned maps (docs/maps.md, "Layout versions and upgrades"): a new
+//! conn map capacity, a map recorded with an older layout version. The new maps are filled
+//! beside the old ones and the programs swapped, so no connect fails and the open
+//! connections kha redirected stay tracked; a layout it cannot carry over is refused.
+
+use std::{process::Command, time::Duration};
+
+use kha_lab::{bed::Bed, topology::IDENT_PORT};
+use serde_json::Value;
+
+use crate::{
+    conns::dump,
+    harness::{self, ConnectLoop, LiveClient, args, backends, connect, start, wait_for},
+    health::{all_up, probe_args},
+};
+
+fn start_tls(bed: &mut Bed, extra: &[&str]) {
+    let mut a = probe_args(&[]);
+    a.extend(backends(bed, |m| m.https_v4()));
+    a.extend(args(extra));
+    start(bed, &a);
+    all_up(bed);
+}
+
+fn start_ident(bed: &mut Bed) {
+    let mut a = args(&["--frontend", &format!("127.0.0.1:{IDENT_PORT}"), harness::NO_CHECKS]);
+    a.extend(backends(bed, |m| m.ident_v4()));
+    start(bed, &a);
+}
+
+fn bpftool(list: &[&str]) -> Value {
+    let out = Command::new("bpftool").arg("-j").args(list).output().expect("bpftool");
+    assert!(out.status.success(), "bpftool {list:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+fn map_path(bed: &Bed, map: &str) -> String {
+    bed.pin_dir.join("maps").join(map).display().to_string()
+}
+
+fn max_entries(bed: &Bed, map: &str) -> u64 {
+    bpftool(&["map", "show", "pinned", &map_path(bed, map)])["max_entries"].as_u64().unwrap()
+}
+
+/// `KHA_LAYOUT`'s entries by map name: (index, raw value bytes, decoded value).
+fn layout(bed: &Bed) -> Vec<(u32, Vec<u8>, Value)> {
+    let hex = |v: &Value| -> Vec<u8> {
+        v.as_array().unwrap().iter().map(|b| u8::from_str_radix(&b.as_str().unwrap()[2..], 16).unwrap()).collect()
+    };
+    dump(bed, "KHA_LAYOUT")
+        .iter()
+        .map(|e| {
+            let key = hex(&e["key"]);
+            (u32::from_le_bytes(key[..4].try_into().unwrap()), hex(&e["value"]), e["formatted"]["value"].clone())
+        })
+        .filter(|(_, raw, _)| raw[0] != 0)
+        .collect()
+}
+
+fn name_of(raw: &[u8]) -> String {
+    String::from_utf8_lossy(&raw[..16]).trim_end_matches('\0').to_string()
+}
+
+fn record(bed: &Bed, map: &str) -> Value {
+    let all = layout(bed);
+    let found = all.iter().find(|(_, raw, _)| name_of(raw) == map);
+    found.unwrap_or_else(|| panic!("no KHA_LAYOUT entry for {map}: {all:?}")).2.clone()
+}
+
+/// Rewrites the version `KHA_LAYOUT` records for `map`, as an older (or unknown) build would
+/// have recorded it.
+fn claim_version(bed: &Bed, map: &str, version: u32) {
+    let (index, mut raw, _) =
+        layout(bed).into_iter().find(|(_, raw, _)| name_of(raw) == map).expect("a record of the map");
+    raw[16..20].copy_from_slice(&version.to_le_bytes());
+    let path = map_path(bed, "KHA_LAYOUT");
+    let mut list: Vec<String> = args(&["map", "update", "pinned", &path, "key"]);
+    list.extend(index.to_le_bytes().iter().map(|b| b.to_string()));
+    list.push("value".into());
+    list.extend(raw.iter().map(|b| b.to_string()));
+    let out = Command::new("bpftool").args(&list).output().expect("bpftool");
+    assert!(out.status.success(), "bpftool map update: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `active` of every backend id that has open sockets in `KHA_CONNS`, against how many
+/// entries name it.
+fn active_against_conns(bed: &Bed) -> Vec<(u64, u64, u64)> {
+    let conns = dump(bed, "KHA_CONNS");
+    let mut ids: Vec<u64> = conns.iter().map(|c| c["formatted"]["value"]["backend_id"].as_u64().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    ids.iter()
+        .map(|id| {
+            let key: Vec<String> = (*id as u32).to_le_bytes().iter().map(|b| b.to_string()).collect();
+            let mut list = vec!["map", "lookup", "pinned"];
+            let path = map_path(bed, "KHA_BE_STATS");
+            list.push(&path);
+            list.push("key");
+            list.extend(key.iter().map(String::as_str));
+            let active = bpftool(&list)["formatted"]["value"]["active"].as_u64().unwrap();
+            let entries =
+                conns.iter().filter(|c| c["formatted"]["value"]["backend_id"].as_u64() == Some(*id)).count();
+            (*id, active, entries as u64)
+        })
+        .collect()
+}
+
+fn wait_for_records(client: &ConnectLoop, n: usize) {
+    wait_for("the connect loop to run", Duration::from_secs(20), || client.records() > n);
+}
+
+#[test]
+fn a_conn_capacity_change_migrates_under_a_connect_loop_and_keeps_open_connections() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_tls(&mut bed, &["--max-conns", "2048"]);
+    assert_eq!(max_entries(&bed, "KHA_CONNS"), 2048);
+    assert_eq!(record(&bed, "KHA_CONNS")["max_entries"], 2048);
+    let clients = [LiveClient::start(&bed, 900), LiveClient::start(&bed, 900)];
+    let first: Vec<Value> = clients.iter().map(|c| c.next()).collect();
+    assert!(first.iter().all(|r| r["error"].is_null()), "{first:?}");
+
+    let count: u32 = 20_000;
+    let mut client = ConnectLoop::start_with(&bed, "127.0.0.1:6443", count, false);
+    wait_for_records(&client, 200);
+    let before = client.records();
+    let exit = bed.stop_agent(libc::SIGTERM).unwrap();
+    assert!(exit.success(), "{exit}");
+    // The default capacity, 65536: the pinned 2048-entry conn map must be migrated.
+    start_tls(&mut bed, &[]);
+    assert!(client.running(), "the connect loop finished before the migration; raise its count");
+    assert!(client.records() > before, "no connect ran during the migration");
+    let summary = client.summary();
+    assert_eq!(summary["count"], count, "{summary}");
+    assert_eq!(summary["failed"], 0, "connects failed during the migration: {summary}");
+
+    let log = bed.agent_log_text();
+    eprintln!("{}", log.lines().filter(|l| l.contains("maps:")).collect::<Vec<_>>().join("\n"));
+    assert!(log.contains("KHA_CONNS: migrated (Capacity { from: 2048, to: 65536 })"), "{log}");
+    wait_for("the old map set removed", Duration::from_secs(10), || !bed.pin_dir.join("maps-next").exists());
+    assert_eq!(max_entries(&bed, "KHA_CONNS"), 65536);
+    assert_eq!(record(&bed, "KHA_CONNS")["max_entries"], 65536);
+    assert_eq!(record(&bed, "KHA_CONNS")["version"], 1);
+
+    // The long-lived connections go on over the same sockets, tracked in the new map.
+    for (c, f) in clients.iter().zip(&first) {
+        let r = c.next();
+        assert!(r["error"].is_null() && r["reused"] == true && r["local"] == f["local"], "{f} then {r}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dump(&bed, "KHA_CONNS").len() != clients.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = dump(&bed, "KHA_CONNS");
+    assert_eq!(
+        left.len(),
+        clients.len(),
+        "KHA_CONNS holds sockets other than the long-lived ones: {:?}; (id, active, entries): {:?}",
+        left.iter().take(3).map(|e| e["formatted"].clone()).collect::<Vec<_>>(),
+        active_against_conns(&bed)
+    );
+    let counts = active_against_conns(&bed);
+    assert!(counts.iter().all(|(_, active, entries)| active == entries), "(id, active, entries): {counts:?}");
+
+    // And kha can still end them: a frozen master's connection is reset through the new map.
+    let victim = clients[0].next()["master"].as_str().unwrap().to_string();
+    bed.lab.stop_master(&victim).unwrap();
+    let (failure, _) = clients[0].failure_then_recovery(&victim);
+    assert!(failure["error"].as_str().unwrap().contains("ECONNRESET"), "not reset by kha: {failure}");
+    bed.lab.cont_master(&victim).unwrap();
+}
+
+#[test]
+fn an_older_layout_version_is_migrated_or_refused_with_the_fix() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    let frontend = format!("127.0.0.1:{IDENT_PORT}");
+    start_ident(&mut bed);
+    assert_eq!(bed.stop_agent(libc::SIGTERM).unwrap().code(), Some(0));
+
+    // An older build recorded the frontend slots with layout version 0: the new agent
+    // rebuilds them in a new map, complete before its programs read it.
+    claim_version(&bed, "KHA_SVC", 0);
+    let count: u32 = 20_000;
+    let mut client = ConnectLoop::start(&bed, &frontend, count);
+    wait_for_records(&client, 200);
+    start_ident(&mut bed);
+    assert!(client.running(), "the connect loop finished before the migration; raise its count");
+    let summary = client.summary();
+    assert_eq!(summary["failed"], 0, "connects failed during the migration: {summary}");
+    let served: u64 = ["m1", "m2", "m3"].iter().map(|m| summary["by_master"][m].as_u64().unwrap_or(0)).sum();
+    assert_eq!(served, u64::from(count), "{summary}");
+    let log = bed.agent_log_text();
+    assert!(log.contains("KHA_SVC: migrated (Layout { from: 0, to: 1 }), rebuilt"), "{log}");
+    wait_for("the old map set removed", Duration::from_secs(10), || !bed.pin_dir.join("maps-next").exists());
+    assert_eq!(record(&bed, "KHA_SVC")["version"], 1);
+
+    // A conn map from a version this build cannot translate: refused, nothing changed.
+    assert_eq!(bed.stop_agent(libc::SIGTERM).unwrap().code(), Some(0));
+    claim_version(&bed, "KHA_CONNS", 9);
+    let progs = bed.prog_ids();
+    let mut a = args(&["--frontend", &frontend, harness::NO_CHECKS, "--metrics-addr", "none", "--health-addr", "none"]);
+    a.extend(backends(&bed, |m| m.ident_v4()));
+    let out = bed.agent_command(&a).output().expect("kha run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("pinned map KHA_CONNS has layout version 9, this kha has version 1")
+            && stderr.contains("kha detach"),
+        "{stderr}"
+    );
+    assert_eq!(bed.prog_ids(), progs, "a refused start swapped programs");
+    assert!(!bed.pin_dir.join("maps-next").exists());
+    assert_eq!(connect(&bed, true, &frontend, 10).failed(), 0, "the datapath stopped working");
+}
