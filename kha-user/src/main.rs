@@ -301,18 +301,18 @@ fn run(args: RunArgs) -> Result<()> {
     pins.create()?;
     let _lock = loader::lock_pin_dir(&pins.root)?;
 
-    let mut loaded = loader::load(&pins, args.max_conns)?;
+    let mut loaded = loader::load(&pins, args.max_conns, args.netns.as_deref())?;
     loaded.preflight(&pins, &cgroup, cgroup_id)?;
-    for line in loaded.report.lines() {
-        log::info!("maps: {line}");
-    }
     // In a migration these are the new maps, not yet used by any program: the backend table
     // is complete in them before the programs that read them are swapped in.
     let mut staged = KhaMaps::open_pinned(loaded.maps_dir())?;
     staged.set_datapath_config(&DatapathConfig { netns_cookie, cgroup_id })?;
     let report = sync(&mut staged, &Desired::from_config(&config))?;
     let attached = loaded.attach(&pins, &cgroup, cgroup_id)?;
-    for (map, n) in loaded.commit(&pins)? {
+    for line in loaded.report.lines() {
+        log::info!("maps: {line}");
+    }
+    for (map, n) in loaded.commit(&pins, args.netns.as_deref())? {
         log::info!("maps: {map}: {n} entries carried over after the program swap; old maps removed");
     }
     // The links hold the programs now; the loader's handles can go.

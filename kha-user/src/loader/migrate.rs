@@ -14,7 +14,7 @@
 //! drops the job on the next start (see there).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -124,8 +124,8 @@ pub(super) fn stage(pins: &PinDir, plan: &[(Wanted, Action)]) -> Result<(), Load
 enum Base {
     Stats(Vec<Vec<u64>>),
     BackendStats(Vec<BackendStats>),
-    /// The cookies copied so far.
-    Conns(BTreeSet<u64>),
+    /// The cookies copied so far, with the state they were copied in.
+    Conns(BTreeMap<u64, u32>),
 }
 
 /// A map whose entries are being carried from the old set to the new.
@@ -146,7 +146,7 @@ pub(super) fn fill(
     let mut copied = vec![];
     for (w, _) in plan.iter().filter(|(_, a)| matches!(a, Action::Migrate { copy: true, .. })) {
         let base = match w.spec.name {
-            MAP_CONNS => Base::Conns(BTreeSet::new()),
+            MAP_CONNS => Base::Conns(BTreeMap::new()),
             MAP_STATS => Base::Stats(vec![]),
             MAP_BACKEND_STATS => Base::BackendStats(vec![]),
             other => {
@@ -154,35 +154,77 @@ pub(super) fn fill(
             }
         };
         let mut c = Carried { map: w.spec.name, base };
-        copied.push((c.map, carry(old, new, &mut c)?));
+        copied.push((c.map, carry(old, new, &mut c, None)?));
         carried.push(c);
     }
     Ok((carried, copied))
 }
 
+/// Where the sockets are, for a pass that must tell open sockets from closed ones.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Served<'a> {
+    pub netns: Option<&'a Path>,
+    /// Whether the first pass's copies are known, so missed closes can be uncounted (not in
+    /// `recover`, which cannot tell a copy the new programs uncounted from a missed one).
+    pub mend_counts: bool,
+}
+
 /// One pass of carrying `c` from `old` to `new`: connections missing from `new`, counters'
-/// growth since the last pass. Returns the entries written.
-pub(super) fn carry(old: &Path, new: &Path, c: &mut Carried) -> Result<usize, LoaderError> {
+/// growth since the last pass. Returns the entries written. `served`: the pass after the
+/// swap, which copies only connections whose socket is still open.
+pub(super) fn carry(old: &Path, new: &Path, c: &mut Carried, served: Option<Served<'_>>) -> Result<usize, LoaderError> {
     let (old, new) = (old.join(c.map), new.join(c.map));
     match &mut c.base {
-        Base::Conns(copied) => copy_conns(&old, &new, copied),
+        Base::Conns(copied) => copy_conns(&old, &new, copied, served),
         Base::Stats(base) => add_stats(&old, &new, base),
         Base::BackendStats(base) => add_backend_stats(&old, &new, base),
     }
 }
 
-/// Copies the connections missing from `new`. On a second pass, after the swap, entries the
-/// first pass copied but the old programs have since deleted (their socket closed before the
-/// swap) are deleted from `new` too; entries of sockets that closed after the swap are gone
-/// from `new` already (the new programs saw the close).
-fn copy_conns(old_path: &Path, new_path: &Path, copied: &mut BTreeSet<u64>) -> Result<usize, LoaderError> {
+/// Copies the connections missing from `new` (the first pass, before the swap: all of them).
+///
+/// The pass after the swap mends what the old programs did in between, from the old map as
+/// they left it and the sockets sock_diag lists as open:
+/// - copied, since closed by the old sock_ops (gone from the old map): deleted from `new`;
+/// - copied, moved on by the old sock_ops (SYN sent, established, so counted in `active`):
+///   that state is written over the copy, or its close would not be uncounted;
+/// - redirected by the old connect hook after the copy, still open: copied (and checked
+///   against a second listing, so one that closed meanwhile does not linger);
+/// - counted by the old sock_ops, closed after the swap while `new` had no entry or an
+///   uncounted one: the new sock_ops did not uncount it, so its backend's `active` is
+///   decremented here. That is a read and a write of the counter, so a kernel add to the
+///   same backend between the two is lost: a window of two syscalls per backend, against a
+///   certain miscount without it.
+fn copy_conns(
+    old_path: &Path,
+    new_path: &Path,
+    copied: &mut BTreeMap<u64, u32>,
+    served: Option<Served<'_>>,
+) -> Result<usize, LoaderError> {
+    let open_now = |served: Served<'_>| match super::sockdiag::open_cookies(served.netns) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!("cannot list the open sockets ({e}); connections made during the map migration are carried over unchecked");
+            None
+        }
+    };
+    let open_before = served.and_then(open_now);
+    let is_open = |c: &u64, conn: &Conn| {
+        // Before its SYN a socket is listed as closed; a close before the SYN is seen by
+        // sock_release, which deletes the entry if it is in.
+        conn.established == CONN_UNSENT || open_before.as_ref().is_none_or(|open| open.contains(c))
+    };
+    let counted = |state: u32| state != CONN_UNSENT;
     let old: HashMap<_, u64, Conn> = HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
     let mut new: HashMap<_, u64, Conn> = HashMap::try_from(open(new_path)?).map_err(map_err(new_path, "not a hash"))?;
     let capacity = info(old_path)?.max_entries as usize;
     let mut written = 0;
     let mut seen = BTreeSet::new();
+    let mut inserted = vec![];
+    let mut uncount: BTreeMap<u32, u64> = BTreeMap::new();
+    let missing = |e: &MapError, errno| matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno));
     // A key deleted while we walk restarts the walk at the first key (get_next_key), so a
-    // busy map could be walked forever: bounded, and re-seen keys are skipped by NOEXIST.
+    // busy map could be walked forever: bounded, and keys seen again are skipped.
     for entry in old.iter().take(2 * capacity) {
         let (cookie, conn) = match entry {
             Ok(e) => e,
@@ -190,35 +232,80 @@ fn copy_conns(old_path: &Path, new_path: &Path, copied: &mut BTreeSet<u64>) -> R
             Err(MapError::KeyNotFound) => continue,
             Err(e) => return Err(map_err(old_path, "cannot read")(e)),
         };
-        seen.insert(cookie);
-        if copied.contains(&cookie) {
-            // The old programs may have moved it on (SYN sent, established) after the copy,
-            // and counted it: the new ones must see that state or its close is miscounted.
-            if let Ok(now) = new.get(&cookie, 0)
-                && progress(conn.established) > progress(now.established)
-            {
-                new.insert(&cookie, &conn, 0).map_err(map_err(new_path, "cannot write"))?;
-                written += 1;
+        if !seen.insert(cookie) {
+            continue;
+        }
+        let open = is_open(&cookie, &conn);
+        if let Some(&then) = copied.get(&cookie) {
+            let missed_close = counted(conn.established) && !counted(then);
+            if !open {
+                // Closed after the swap: the new sock_ops deleted our copy, uncounted only
+                // if the copy said counted.
+                if missed_close {
+                    *uncount.entry(conn.backend_id).or_default() += 1;
+                }
+                continue;
+            }
+            if progress(conn.established) > progress(then) {
+                const EXIST: u64 = 2;
+                match new.insert(&cookie, &conn, EXIST) {
+                    Ok(()) => written += 1,
+                    Err(e) if missing(&e, libc::ENOENT) && missed_close => {
+                        *uncount.entry(conn.backend_id).or_default() += 1;
+                    }
+                    Err(e) if missing(&e, libc::ENOENT) => {}
+                    Err(e) => return Err(map_err(new_path, "cannot write")(e)),
+                }
+            }
+            continue;
+        }
+        if !open {
+            if served.is_some_and(|s| s.mend_counts) && counted(conn.established) {
+                *uncount.entry(conn.backend_id).or_default() += 1;
             }
             continue;
         }
         match new.insert(&cookie, &conn, NOEXIST) {
             Ok(()) => {
                 written += 1;
-                copied.insert(cookie);
+                copied.insert(cookie, conn.established);
+                if conn.established != CONN_UNSENT {
+                    inserted.push((cookie, conn));
+                }
             }
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) if missing(&e, libc::EEXIST) => {}
             Err(e) => return Err(map_err(new_path, "cannot write")(e)),
         }
     }
-    for gone in copied.iter().filter(|c| !seen.contains(c)) {
-        match new.remove(gone) {
+    let gone: Vec<u64> = copied.keys().filter(|c| !seen.contains(c)).copied().collect();
+    for cookie in gone {
+        copied.remove(&cookie);
+        match new.remove(&cookie) {
             Ok(()) => written += 1,
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) if missing(&e, libc::ENOENT) => {}
             Err(e) => return Err(map_err(new_path, "cannot delete")(e)),
         }
     }
-    copied.retain(|c| seen.contains(c));
+    if let Some(open) = open_before.is_some().then(|| served.and_then(open_now)).flatten() {
+        for (cookie, conn) in inserted.iter().filter(|(c, _)| !open.contains(c)) {
+            // Still in: it closed before it was in, unseen by the new sock_ops.
+            match new.remove(cookie) {
+                Ok(()) => *uncount.entry(conn.backend_id).or_default() += 1,
+                Err(e) if missing(&e, libc::ENOENT) => {}
+                Err(e) => return Err(map_err(new_path, "cannot delete")(e)),
+            }
+        }
+    }
+    if !uncount.is_empty() {
+        let path = new_path.with_file_name(MAP_BACKEND_STATS);
+        let mut stats: Array<_, BackendStats> = Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
+        for (id, n) in uncount {
+            let mut s = stats.get(&id, 0).map_err(map_err(&path, "cannot read"))?;
+            s.active = s.active.wrapping_sub(n);
+            stats.set(id, &s, 0).map_err(map_err(&path, "cannot write"))?;
+            written += 1;
+        }
+    }
     Ok(written)
 }
 
@@ -310,12 +397,16 @@ pub(super) fn remove_set(dir: &Path) -> Result<usize, LoaderError> {
 
 /// After the swap: the new set becomes `maps/`, the old one's late writes are carried over,
 /// its pins go. Returns the entries carried in this pass, per map.
-pub(super) fn commit(pins: &PinDir, carried: &mut [Carried]) -> Result<Vec<(&'static str, usize)>, LoaderError> {
+pub(super) fn commit(
+    pins: &PinDir,
+    carried: &mut [Carried],
+    served: Served<'_>,
+) -> Result<Vec<(&'static str, usize)>, LoaderError> {
     let (maps, staging) = (pins.maps(), pins.staging());
     sys::rename_exchange(&maps, &staging).map_err(setup_err(&maps, "cannot exchange the map sets"))?;
     let late = carried
         .iter_mut()
-        .map(|c| Ok((c.map, carry(&staging, &maps, c)?)))
+        .map(|c| Ok((c.map, carry(&staging, &maps, c, Some(served))?)))
         .collect::<Result<Vec<_>, LoaderError>>()?;
     remove_set(&staging)?;
     Ok(late)
@@ -363,7 +454,7 @@ pub enum Recovered {
 ///   maps have the lower ids), its programs ran until the swap: carry its open connections
 ///   over (counters written in that window are not), then remove it. If it is the newer,
 ///   never-live one, remove it.
-pub(super) fn recover(pins: &PinDir) -> Result<Option<Recovered>, LoaderError> {
+pub(super) fn recover(pins: &PinDir, served: Served<'_>) -> Result<Option<Recovered>, LoaderError> {
     let (maps, staging) = (pins.maps(), pins.staging());
     if !staging.exists() {
         return Ok(None);
@@ -381,8 +472,9 @@ pub(super) fn recover(pins: &PinDir) -> Result<Option<Recovered>, LoaderError> {
             let (o, n) = (info(&old)?, info(&new)?);
             (o.key_size, o.value_size) == (n.key_size, n.value_size)
         };
-        let mut none = BTreeSet::new();
-        Recovered::Finished { conns: if same { copy_conns(&old, &new, &mut none)? } else { 0 } }
+        let mut none = BTreeMap::new();
+        let served = Served { mend_counts: false, ..served };
+        Recovered::Finished { conns: if same { copy_conns(&old, &new, &mut none, Some(served))? } else { 0 } }
     } else {
         Recovered::Dropped
     };

@@ -154,6 +154,9 @@ pub(crate) fn setup_err<'a>(
 pub struct Loaded {
     ebpf: Ebpf,
     maps_dir: PathBuf,
+    /// In a migration: the plan until `attach` copies the entries, then what the pass after
+    /// the swap needs.
+    plan: Option<Vec<(layout::Wanted, Action)>>,
     carried: Option<Vec<migrate::Carried>>,
     pub report: LoadReport,
 }
@@ -198,11 +201,11 @@ pub(crate) fn pinned_conns_capacity(dir: &Path) -> Option<u32> {
 }
 
 /// Loads kha's programs against maps of the layout this build has, with `conns_capacity`
-/// entries in the conn map: pinned maps are reused where they match and migrated where they
+/// entries in the conn map (`netns`: where the redirected sockets are, the served namespace): pinned maps are reused where they match and migrated where they
 /// do not (see `migrate`); a pinned map that cannot be carried over is refused before
 /// anything changes.
-pub fn load(pins: &PinDir, conns_capacity: u32) -> Result<Loaded, LoaderError> {
-    let recovered = migrate::recover(pins)?;
+pub fn load(pins: &PinDir, conns_capacity: u32, netns: Option<&Path>) -> Result<Loaded, LoaderError> {
+    let recovered = migrate::recover(pins, migrate::Served { netns, mend_counts: false })?;
     let wanted = migrate::wanted(conns_capacity);
     let state = migrate::pinned_state(&pins.maps(), &wanted)?;
     let plan = layout::plan(state.iter().map(|(p, w)| (p.as_ref(), *w)))?;
@@ -226,20 +229,13 @@ pub fn load(pins: &PinDir, conns_capacity: u32) -> Result<Loaded, LoaderError> {
         };
         result.map_err(|source| LoaderError::Program { program: hook.program, source })?;
     }
-    let (carried, copied) =
-        if migrating { migrate::fill(&pins.maps(), &maps_dir, &plan)? } else { (vec![], vec![]) };
     migrate::write_record(&maps_dir, &plan)?;
-    let maps = plan
-        .iter()
-        .map(|(w, a)| {
-            let n = copied.iter().find(|(m, _)| *m == w.spec.name).map_or(0, |(_, n)| *n);
-            (w.spec.name, *a, n)
-        })
-        .collect();
+    let maps = plan.iter().map(|(w, a)| (w.spec.name, *a, 0)).collect();
     Ok(Loaded {
         ebpf,
         maps_dir,
-        carried: migrating.then_some(carried),
+        plan: migrating.then_some(plan),
+        carried: None,
         report: LoadReport { recovered, maps },
     })
 }
@@ -308,9 +304,9 @@ impl Loaded {
     /// After `attach`: in a migration, makes the new map set `pins.maps()`, carries over what
     /// the old programs wrote since the copy, and removes the old set (see `migrate`).
     /// Returns the entries carried in that last pass, per map; nothing without a migration.
-    pub fn commit(&mut self, pins: &PinDir) -> Result<Vec<(&'static str, usize)>, LoaderError> {
+    pub fn commit(&mut self, pins: &PinDir, netns: Option<&Path>) -> Result<Vec<(&'static str, usize)>, LoaderError> {
         let Some(carried) = self.carried.as_mut() else { return Ok(vec![]) };
-        let late = migrate::commit(pins, carried)?;
+        let late = migrate::commit(pins, carried, migrate::Served { netns, mend_counts: true })?;
         self.carried = None;
         self.maps_dir = pins.maps();
         Ok(late)
@@ -331,6 +327,15 @@ impl Loaded {
         cgroup_id: u64,
     ) -> Result<Vec<Attached>, LoaderError> {
         let existing = existing_links(pins, cgroup, cgroup_id)?;
+        if let Some(plan) = self.plan.take() {
+            // As late as possible: what the old programs write after this copy and before
+            // the swap is what `commit` must carry over, and less of it is better.
+            let (carried, copied) = migrate::fill(&pins.maps(), &self.maps_dir, &plan)?;
+            for (map, _, n) in &mut self.report.maps {
+                *n = copied.iter().find(|(m, _)| m == map).map_or(0, |(_, c)| *c);
+            }
+            self.carried = Some(carried);
+        }
         let cg = File::open(cgroup).map_err(setup_err(cgroup, "cannot open cgroup"))?;
         let mut swapped: Vec<(OwnedFd, OwnedFd, OwnedFd)> = Vec::new(); // (link, old prog, new prog)
         let mut created: Vec<(Hook, OwnedFd)> = Vec::new();
