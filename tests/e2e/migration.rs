@@ -214,3 +214,25 @@ fn an_older_layout_version_is_migrated_or_refused_with_the_fix() {
     assert!(!bed.pin_dir.join("maps-next").exists());
     assert_eq!(connect(&bed, true, &frontend, 10).failed(), 0, "the datapath stopped working");
 }
+
+#[test]
+fn a_staging_set_an_agent_left_before_its_swap_is_dropped_at_the_next_start() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    let frontend = format!("127.0.0.1:{IDENT_PORT}");
+    start_ident(&mut bed);
+    assert_eq!(bed.stop_agent(libc::SIGTERM).unwrap().code(), Some(0));
+    // What an agent that died between filling its new maps and swapping its programs leaves:
+    // a staging set newer than the live one, which no program uses.
+    let staging = bed.pin_dir.join("maps-next");
+    std::fs::create_dir(&staging).unwrap();
+    let pin = staging.join("KHA_CONNS").display().to_string();
+    bpftool(&["map", "create", &pin, "type", "lru_hash", "key", "8", "value", "44", "entries", "1024", "name", "KHA_CONNS"]);
+    let live = bpftool(&["map", "show", "pinned", &map_path(&bed, "KHA_SVC")])["id"].clone();
+
+    start_ident(&mut bed);
+    let log = bed.agent_log_text();
+    assert!(log.contains("an earlier migration: Dropped"), "{log}");
+    assert!(!staging.exists(), "the staging set is still there");
+    assert_eq!(bpftool(&["map", "show", "pinned", &map_path(&bed, "KHA_SVC")])["id"], live, "the live set was replaced");
+    assert_eq!(connect(&bed, true, &frontend, 10).failed(), 0);
+}

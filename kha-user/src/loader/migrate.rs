@@ -435,6 +435,27 @@ fn linked_map_ids(pins: &PinDir) -> BTreeSet<u32> {
         .collect()
 }
 
+fn only(a: &BTreeSet<u32>, b: &BTreeSet<u32>) -> BTreeSet<u32> {
+    a.difference(b).copied().collect()
+}
+
+/// Whether the links run programs that use a map only the staging set holds (the reused maps
+/// are in both).
+fn links_run_staged(live: &BTreeSet<u32>, staged: &BTreeSet<u32>, linked: &BTreeSet<u32>) -> bool {
+    !only(staged, live).is_disjoint(linked)
+}
+
+/// Whether set `a` was created before set `b`: the kernel hands out map ids in increasing
+/// order, so the maps only `a` holds have lower ids than those only `b` holds. (Ids wrap after
+/// 2^31 maps; a wrong answer then drops a set that could have been carried, or carries
+/// connections of a set that never ran, which the sock_diag check filters.)
+fn is_older(a: &BTreeSet<u32>, b: &BTreeSet<u32>) -> bool {
+    match (only(a, b).last(), only(b, a).last()) {
+        (Some(x), Some(y)) => x < y,
+        _ => false,
+    }
+}
+
 /// What a start found of an earlier migration's staging directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recovered {
@@ -459,13 +480,11 @@ pub(super) fn recover(pins: &PinDir, served: Served<'_>) -> Result<Option<Recove
     if !staging.exists() {
         return Ok(None);
     }
-    let only = |a: &BTreeSet<u32>, b: &BTreeSet<u32>| a.difference(b).copied().collect::<BTreeSet<u32>>();
-    let (live, staged) = (map_ids(&maps), map_ids(&staging));
-    if !only(&staged, &live).is_disjoint(&linked_map_ids(pins)) {
+    let linked = linked_map_ids(pins);
+    if links_run_staged(&map_ids(&maps), &map_ids(&staging), &linked) {
         sys::rename_exchange(&maps, &staging).map_err(setup_err(&maps, "cannot exchange the map sets"))?;
     }
-    let (live, staged) = (map_ids(&maps), map_ids(&staging));
-    let staged_is_older = only(&staged, &live).last() < only(&live, &staged).last();
+    let staged_is_older = is_older(&map_ids(&staging), &map_ids(&maps));
     let outcome = if staged_is_older {
         let (old, new) = (staging.join(MAP_CONNS), maps.join(MAP_CONNS));
         let same = old.exists() && new.exists() && {
@@ -495,4 +514,46 @@ pub fn wanted(conns_capacity: u32) -> Vec<Wanted> {
 
 pub(super) fn staging_dir(root: &Path) -> PathBuf {
     root.join("maps-next")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[u32]) -> BTreeSet<u32> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_staging_set_the_links_run_is_made_live_and_the_old_one_carried() {
+        // Reused maps 1, 2 in both; the old set's own 3, the new set's own 10, 11.
+        let (live, staged) = (set(&[1, 2, 3]), set(&[1, 2, 10, 11]));
+        // Crash after the swap, before the exchange: links use 10.
+        assert!(links_run_staged(&live, &staged, &set(&[1, 2, 10])));
+        // After the exchange the staging dir holds the old set, which is older: carry it.
+        assert!(is_older(&live, &staged));
+    }
+
+    #[test]
+    fn a_staging_set_that_never_ran_is_dropped() {
+        let (live, staged) = (set(&[1, 2, 3]), set(&[1, 2, 10, 11]));
+        // Crash before the swap (or a failed attach): links use the live set only.
+        assert!(!links_run_staged(&live, &staged, &set(&[1, 2, 3])));
+        assert!(!is_older(&staged, &live), "the never-live set must not be carried");
+    }
+
+    #[test]
+    fn a_crash_after_the_exchange_leaves_the_old_set_in_staging_to_carry() {
+        // maps/ is the new set now (links run it), staging the old one.
+        let (live, staged) = (set(&[1, 2, 10, 11]), set(&[1, 2, 3]));
+        assert!(!links_run_staged(&live, &staged, &set(&[1, 2, 10])));
+        assert!(is_older(&staged, &live));
+    }
+
+    #[test]
+    fn hard_links_only_are_neither_live_nor_older() {
+        let both = set(&[1, 2, 3]);
+        assert!(!links_run_staged(&both, &both, &both));
+        assert!(!is_older(&both, &both));
+    }
 }
