@@ -418,6 +418,7 @@ fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
         counters: maps.stats()?,
         probes: &maps.probe_statuses()?,
         backends: &backends,
+        layout: maps.layout()?,
         // A kernel property: asked here, in the namespace `kha status` runs in.
         sock_destroy: loader::sock_destroy_support(None),
     });

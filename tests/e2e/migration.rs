@@ -45,13 +45,21 @@ fn max_entries(bed: &Bed, map: &str) -> u64 {
 /// `KHA_LAYOUT`'s entries by map name: (index, raw value bytes, decoded value).
 fn layout(bed: &Bed) -> Vec<(u32, Vec<u8>, Value)> {
     let hex = |v: &Value| -> Vec<u8> {
-        v.as_array().unwrap().iter().map(|b| u8::from_str_radix(&b.as_str().unwrap()[2..], 16).unwrap()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| u8::from_str_radix(&b.as_str().unwrap()[2..], 16).unwrap())
+            .collect()
     };
     dump(bed, "KHA_LAYOUT")
         .iter()
         .map(|e| {
             let key = hex(&e["key"]);
-            (u32::from_le_bytes(key[..4].try_into().unwrap()), hex(&e["value"]), e["formatted"]["value"].clone())
+            (
+                u32::from_le_bytes(key[..4].try_into().unwrap()),
+                hex(&e["value"]),
+                e["formatted"]["value"].clone(),
+            )
         })
         .filter(|(_, raw, _)| raw[0] != 0)
         .collect()
@@ -86,7 +94,8 @@ fn claim_version(bed: &Bed, map: &str, version: u32) {
 /// entries name it.
 fn active_against_conns(bed: &Bed) -> Vec<(u64, u64, u64)> {
     let conns = dump(bed, "KHA_CONNS");
-    let mut ids: Vec<u64> = conns.iter().map(|c| c["formatted"]["value"]["backend_id"].as_u64().unwrap()).collect();
+    let mut ids: Vec<u64> =
+        conns.iter().map(|c| c["formatted"]["value"]["backend_id"].as_u64().unwrap()).collect();
     ids.sort();
     ids.dedup();
     ids.iter()
@@ -200,7 +209,15 @@ fn an_older_layout_version_is_migrated_or_refused_with_the_fix() {
     assert_eq!(bed.stop_agent(libc::SIGTERM).unwrap().code(), Some(0));
     claim_version(&bed, "KHA_CONNS", 9);
     let progs = bed.prog_ids();
-    let mut a = args(&["--frontend", &frontend, harness::NO_CHECKS, "--metrics-addr", "none", "--health-addr", "none"]);
+    let mut a = args(&[
+        "--frontend",
+        &frontend,
+        harness::NO_CHECKS,
+        "--metrics-addr",
+        "none",
+        "--health-addr",
+        "none",
+    ]);
     a.extend(backends(&bed, |m| m.ident_v4()));
     let out = bed.agent_command(&a).output().expect("kha run");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -226,13 +243,31 @@ fn a_staging_set_an_agent_left_before_its_swap_is_dropped_at_the_next_start() {
     let staging = bed.pin_dir.join("maps-next");
     std::fs::create_dir(&staging).unwrap();
     let pin = staging.join("KHA_CONNS").display().to_string();
-    bpftool(&["map", "create", &pin, "type", "lru_hash", "key", "8", "value", "44", "entries", "1024", "name", "KHA_CONNS"]);
+    bpftool(&[
+        "map",
+        "create",
+        &pin,
+        "type",
+        "lru_hash",
+        "key",
+        "8",
+        "value",
+        "44",
+        "entries",
+        "1024",
+        "name",
+        "KHA_CONNS",
+    ]);
     let live = bpftool(&["map", "show", "pinned", &map_path(&bed, "KHA_SVC")])["id"].clone();
 
     start_ident(&mut bed);
     let log = bed.agent_log_text();
     assert!(log.contains("an earlier migration: Dropped"), "{log}");
     assert!(!staging.exists(), "the staging set is still there");
-    assert_eq!(bpftool(&["map", "show", "pinned", &map_path(&bed, "KHA_SVC")])["id"], live, "the live set was replaced");
+    assert_eq!(
+        bpftool(&["map", "show", "pinned", &map_path(&bed, "KHA_SVC")])["id"],
+        live,
+        "the live set was replaced"
+    );
     assert_eq!(connect(&bed, true, &frontend, 10).failed(), 0);
 }

@@ -21,7 +21,10 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
-use kha_common::{BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Conn, LAYOUT_SLOTS, LAYOUTS, MAP_BACKEND_STATS, MAP_CONNS, MAP_LAYOUT, MAP_STATS, MapLayout};
+use kha_common::{
+    BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Conn, LAYOUT_SLOTS, LAYOUTS,
+    MAP_BACKEND_STATS, MAP_CONNS, MAP_LAYOUT, MAP_STATS, MapLayout,
+};
 
 use super::{HOOKS, LoaderError, PinDir, setup_err, sys};
 use crate::layout::{Action, Pinned, Wanted};
@@ -56,13 +59,17 @@ fn read_record(dir: &Path) -> Result<Vec<MapLayout>, LoaderError> {
         log::warn!("{}: a layout record this kha cannot read; the maps count as unrecorded", path.display());
         return Ok(vec![]);
     }
-    let record: Array<_, MapLayout> = Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
+    let record: Array<_, MapLayout> =
+        Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
     let entries: Result<Vec<_>, _> = record.iter().collect();
     Ok(entries.map_err(map_err(&path, "cannot read"))?.into_iter().filter(|l| !l.name().is_empty()).collect())
 }
 
 /// Each map this build wants, with what is pinned under its name in `dir`.
-pub(super) fn pinned_state(dir: &Path, wanted: &[Wanted]) -> Result<Vec<(Option<Pinned>, Wanted)>, LoaderError> {
+pub(super) fn pinned_state(
+    dir: &Path,
+    wanted: &[Wanted],
+) -> Result<Vec<(Option<Pinned>, Wanted)>, LoaderError> {
     let record = read_record(dir)?;
     wanted
         .iter()
@@ -89,7 +96,8 @@ pub(super) fn pinned_state(dir: &Path, wanted: &[Wanted]) -> Result<Vec<(Option<
 /// reused).
 pub(super) fn write_record(dir: &Path, plan: &[(Wanted, Action)]) -> Result<(), LoaderError> {
     let path = dir.join(MAP_LAYOUT);
-    let mut record: Array<_, MapLayout> = Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
+    let mut record: Array<_, MapLayout> =
+        Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
     for i in 0..LAYOUT_SLOTS {
         let entry = plan.get(i).map(|(w, _)| w.layout()).unwrap_or_default();
         record.set(i as u32, &entry, 0).map_err(map_err(&path, "cannot write"))?;
@@ -101,7 +109,8 @@ pub(super) fn write_record(dir: &Path, plan: &[(Wanted, Action)]) -> Result<(), 
 /// one (only the agent reads it).
 pub(super) fn drop_foreign_record(dir: &Path) -> Result<(), LoaderError> {
     let path = dir.join(MAP_LAYOUT);
-    if path.exists() && (info(&path)?.key_size, info(&path)?.value_size) != (4, size_of::<MapLayout>() as u32) {
+    if path.exists() && (info(&path)?.key_size, info(&path)?.value_size) != (4, size_of::<MapLayout>() as u32)
+    {
         fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
     }
     Ok(())
@@ -135,13 +144,16 @@ pub(super) struct Carried {
     base: Base,
 }
 
+/// Entries written, per map.
+pub(super) type Counts = Vec<(&'static str, usize)>;
+
 /// Copies the entries of every map the plan carries from `old` into `new`; returns what a
 /// second pass after the swap needs, and how many entries each map got.
 pub(super) fn fill(
     old: &Path,
     new: &Path,
     plan: &[(Wanted, Action)],
-) -> Result<(Vec<Carried>, Vec<(&'static str, usize)>), LoaderError> {
+) -> Result<(Vec<Carried>, Counts), LoaderError> {
     let mut carried = vec![];
     let mut copied = vec![];
     for (w, _) in plan.iter().filter(|(_, a)| matches!(a, Action::Migrate { copy: true, .. })) {
@@ -150,7 +162,9 @@ pub(super) fn fill(
             MAP_STATS => Base::Stats(vec![]),
             MAP_BACKEND_STATS => Base::BackendStats(vec![]),
             other => {
-                return Err(LoaderError::Unsupported(format!("no way to carry {other}'s entries; the build is broken")));
+                return Err(LoaderError::Unsupported(format!(
+                    "no way to carry {other}'s entries; the build is broken"
+                )));
             }
         };
         let mut c = Carried { map: w.spec.name, base };
@@ -172,7 +186,12 @@ pub(super) struct Served<'a> {
 /// One pass of carrying `c` from `old` to `new`: connections missing from `new`, counters'
 /// growth since the last pass. Returns the entries written. `served`: the pass after the
 /// swap, which copies only connections whose socket is still open.
-pub(super) fn carry(old: &Path, new: &Path, c: &mut Carried, served: Option<Served<'_>>) -> Result<usize, LoaderError> {
+pub(super) fn carry(
+    old: &Path,
+    new: &Path,
+    c: &mut Carried,
+    served: Option<Served<'_>>,
+) -> Result<usize, LoaderError> {
     let (old, new) = (old.join(c.map), new.join(c.map));
     match &mut c.base {
         Base::Conns(copied) => copy_conns(&old, &new, copied, served),
@@ -204,7 +223,9 @@ fn copy_conns(
     let open_now = |served: Served<'_>| match super::sockdiag::open_cookies(served.netns) {
         Ok(c) => Some(c),
         Err(e) => {
-            log::warn!("cannot list the open sockets ({e}); connections made during the map migration are carried over unchecked");
+            log::warn!(
+                "cannot list the open sockets ({e}); connections made during the map migration are carried over unchecked"
+            );
             None
         }
     };
@@ -215,8 +236,10 @@ fn copy_conns(
         conn.established == CONN_UNSENT || open_before.as_ref().is_none_or(|open| open.contains(c))
     };
     let counted = |state: u32| state != CONN_UNSENT;
-    let old: HashMap<_, u64, Conn> = HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
-    let mut new: HashMap<_, u64, Conn> = HashMap::try_from(open(new_path)?).map_err(map_err(new_path, "not a hash"))?;
+    let old: HashMap<_, u64, Conn> =
+        HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
+    let mut new: HashMap<_, u64, Conn> =
+        HashMap::try_from(open(new_path)?).map_err(map_err(new_path, "not a hash"))?;
     let capacity = info(old_path)?.max_entries as usize;
     let mut written = 0;
     let mut seen = BTreeSet::new();
@@ -298,7 +321,8 @@ fn copy_conns(
     }
     if !uncount.is_empty() {
         let path = new_path.with_file_name(MAP_BACKEND_STATS);
-        let mut stats: Array<_, BackendStats> = Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
+        let mut stats: Array<_, BackendStats> =
+            Array::try_from(open(&path)?).map_err(map_err(&path, "not an array"))?;
         for (id, n) in uncount {
             let mut s = stats.get(&id, 0).map_err(map_err(&path, "cannot read"))?;
             s.active = s.active.wrapping_sub(n);
@@ -320,7 +344,8 @@ fn progress(state: u32) -> u8 {
 }
 
 fn add_stats(old_path: &Path, new_path: &Path, base: &mut Vec<Vec<u64>>) -> Result<usize, LoaderError> {
-    let old: PerCpuArray<_, u64> = PerCpuArray::try_from(open(old_path)?).map_err(map_err(old_path, "not a per-CPU array"))?;
+    let old: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(open(old_path)?).map_err(map_err(old_path, "not a per-CPU array"))?;
     let mut new: PerCpuArray<_, u64> =
         PerCpuArray::try_from(open(new_path)?).map_err(map_err(new_path, "not a per-CPU array"))?;
     let mut written = 0;
@@ -332,7 +357,8 @@ fn add_stats(old_path: &Path, new_path: &Path, base: &mut Vec<Vec<u64>>) -> Resu
             for (s, (n, t)) in sum.iter_mut().zip(now.iter().zip(&then)) {
                 *s = s.wrapping_add(n.wrapping_sub(*t));
             }
-            let values = PerCpuValues::try_from(sum).map_err(|e| map_err(new_path, "cannot write")(MapError::IoError(e)))?;
+            let values = PerCpuValues::try_from(sum)
+                .map_err(|e| map_err(new_path, "cannot write")(MapError::IoError(e)))?;
             new.set(i, values, 0).map_err(map_err(new_path, "cannot write"))?;
             written += 1;
         }
@@ -348,9 +374,15 @@ fn add_stats(old_path: &Path, new_path: &Path, base: &mut Vec<Vec<u64>>) -> Resu
 /// Adds the growth of the additive fields; `srtt_us` is taken from the old map while the new
 /// one has no measurement yet. The kernel's adds to the new map between our read and write
 /// of an entry are lost: one lookup and one update apart, while the copy runs.
-fn add_backend_stats(old_path: &Path, new_path: &Path, base: &mut Vec<BackendStats>) -> Result<usize, LoaderError> {
-    let old: Array<_, BackendStats> = Array::try_from(open(old_path)?).map_err(map_err(old_path, "not an array"))?;
-    let mut new: Array<_, BackendStats> = Array::try_from(open(new_path)?).map_err(map_err(new_path, "not an array"))?;
+fn add_backend_stats(
+    old_path: &Path,
+    new_path: &Path,
+    base: &mut Vec<BackendStats>,
+) -> Result<usize, LoaderError> {
+    let old: Array<_, BackendStats> =
+        Array::try_from(open(old_path)?).map_err(map_err(old_path, "not an array"))?;
+    let mut new: Array<_, BackendStats> =
+        Array::try_from(open(new_path)?).map_err(map_err(new_path, "not an array"))?;
     let mut written = 0;
     for i in 0..old.len().min(new.len()) {
         let now = old.get(&i, 0).map_err(map_err(old_path, "cannot read"))?;
@@ -401,7 +433,7 @@ pub(super) fn commit(
     pins: &PinDir,
     carried: &mut [Carried],
     served: Served<'_>,
-) -> Result<Vec<(&'static str, usize)>, LoaderError> {
+) -> Result<Counts, LoaderError> {
     let (maps, staging) = (pins.maps(), pins.staging());
     sys::rename_exchange(&maps, &staging).map_err(setup_err(&maps, "cannot exchange the map sets"))?;
     let late = carried

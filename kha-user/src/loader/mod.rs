@@ -171,7 +171,8 @@ pub struct LoadReport {
 
 impl LoadReport {
     pub fn lines(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.recovered.iter().map(|r| format!("an earlier migration: {r:?}")).collect();
+        let mut out: Vec<String> =
+            self.recovered.iter().map(|r| format!("an earlier migration: {r:?}")).collect();
         for (map, action, copied) in &self.maps {
             match action {
                 Action::Create => out.push(format!("{map}: created")),
@@ -304,7 +305,11 @@ impl Loaded {
     /// After `attach`: in a migration, makes the new map set `pins.maps()`, carries over what
     /// the old programs wrote since the copy, and removes the old set (see `migrate`).
     /// Returns the entries carried in that last pass, per map; nothing without a migration.
-    pub fn commit(&mut self, pins: &PinDir, netns: Option<&Path>) -> Result<Vec<(&'static str, usize)>, LoaderError> {
+    pub fn commit(
+        &mut self,
+        pins: &PinDir,
+        netns: Option<&Path>,
+    ) -> Result<Vec<(&'static str, usize)>, LoaderError> {
         let Some(carried) = self.carried.as_mut() else { return Ok(vec![]) };
         let late = migrate::commit(pins, carried, migrate::Served { netns, mend_counts: true })?;
         self.carried = None;
