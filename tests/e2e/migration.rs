@@ -124,18 +124,42 @@ fn a_conn_capacity_change_migrates_under_a_connect_loop_and_keeps_open_connectio
     start_tls(&mut bed, &["--max-conns", "2048"]);
     assert_eq!(max_entries(&bed, "KHA_CONNS"), 2048);
     assert_eq!(record(&bed, "KHA_CONNS")["max_entries"], 2048);
-    let clients = [LiveClient::start(&bed, 900), LiveClient::start(&bed, 900)];
+    // The default capacity, 65536: the pinned 2048-entry conn map must be migrated.
+    upgrade_under_load(&mut bed, &[], 2048, 65536);
+}
+
+/// A build from before `KHA_LAYOUT` (`KHA_OLD_BIN`, e.g. main's `kha` before the record) pinned
+/// the maps; this one takes them over, assumes version 1, and migrates the conn map to a
+/// smaller capacity.
+#[test]
+#[ignore = "needs KHA_OLD_BIN: a kha built before KHA_LAYOUT"]
+fn an_upgrade_from_a_build_before_the_layout_record_fails_no_connect() {
+    let old = std::env::var_os("KHA_OLD_BIN").expect("KHA_OLD_BIN: a kha built before KHA_LAYOUT");
+    let Some(mut bed) = harness::bed(3) else { return };
+    let new = std::mem::replace(&mut bed.kha_bin, old.into());
+    start_tls(&mut bed, &[]);
+    assert!(!bed.pin_dir.join("maps/KHA_LAYOUT").exists(), "KHA_OLD_BIN already records layouts");
+    bed.kha_bin = new;
+    upgrade_under_load(&mut bed, &["--max-conns", "32768"], 65536, 32768);
+    for map in kha_common::LAYOUTS {
+        assert_eq!(record(&bed, map.name)["version"], map.version, "{map:?}");
+    }
+}
+
+/// Two long-lived connections and a connect loop while the agent restarts with `restart`
+/// args, which move the conn map from capacity `from` to `to`.
+fn upgrade_under_load(bed: &mut Bed, restart: &[&str], from: u64, to: u64) {
+    let clients = [LiveClient::start(bed, 900), LiveClient::start(bed, 900)];
     let first: Vec<Value> = clients.iter().map(|c| c.next()).collect();
     assert!(first.iter().all(|r| r["error"].is_null()), "{first:?}");
 
     let count: u32 = 20_000;
-    let mut client = ConnectLoop::start_with(&bed, "127.0.0.1:6443", count, false);
+    let mut client = ConnectLoop::start_with(bed, "127.0.0.1:6443", count, false);
     wait_for_records(&client, 200);
     let before = client.records();
     let exit = bed.stop_agent(libc::SIGTERM).unwrap();
     assert!(exit.success(), "{exit}");
-    // The default capacity, 65536: the pinned 2048-entry conn map must be migrated.
-    start_tls(&mut bed, &[]);
+    start_tls(bed, restart);
     assert!(client.running(), "the connect loop finished before the migration; raise its count");
     assert!(client.records() > before, "no connect ran during the migration");
     let summary = client.summary();
@@ -144,11 +168,12 @@ fn a_conn_capacity_change_migrates_under_a_connect_loop_and_keeps_open_connectio
 
     let log = bed.agent_log_text();
     eprintln!("{}", log.lines().filter(|l| l.contains("maps:")).collect::<Vec<_>>().join("\n"));
-    assert!(log.contains("KHA_CONNS: migrated (Capacity { from: 2048, to: 65536 })"), "{log}");
+    let migrated = format!("KHA_CONNS: migrated (Capacity {{ from: {from}, to: {to} }})");
+    assert!(log.contains(&migrated), "{log}");
     wait_for("the old map set removed", Duration::from_secs(10), || !bed.pin_dir.join("maps-next").exists());
-    assert_eq!(max_entries(&bed, "KHA_CONNS"), 65536);
-    assert_eq!(record(&bed, "KHA_CONNS")["max_entries"], 65536);
-    assert_eq!(record(&bed, "KHA_CONNS")["version"], 1);
+    assert_eq!(max_entries(bed, "KHA_CONNS"), to);
+    assert_eq!(record(bed, "KHA_CONNS")["max_entries"], to);
+    assert_eq!(record(bed, "KHA_CONNS")["version"], 1);
 
     // The long-lived connections go on over the same sockets, tracked in the new map.
     for (c, f) in clients.iter().zip(&first) {
@@ -156,20 +181,20 @@ fn a_conn_capacity_change_migrates_under_a_connect_loop_and_keeps_open_connectio
         assert!(r["error"].is_null() && r["reused"] == true && r["local"] == f["local"], "{f} then {r}");
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while dump(&bed, "KHA_CONNS").len() != clients.len() && std::time::Instant::now() < deadline {
+    while dump(bed, "KHA_CONNS").len() != clients.len() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let left = dump(&bed, "KHA_CONNS");
+    let left = dump(bed, "KHA_CONNS");
     assert_eq!(
         left.len(),
         clients.len(),
         "KHA_CONNS holds sockets other than the long-lived ones: {:?}; (id, active, entries): {:?}",
         left.iter().take(3).map(|e| e["formatted"].clone()).collect::<Vec<_>>(),
-        active_against_conns(&bed)
+        active_against_conns(bed)
     );
     // `active` counts exactly them: sockets of the loop that the old programs counted and
     // that closed after the swap are uncounted too (loader/migrate.rs, `copy_conns`).
-    let counts = active_against_conns(&bed);
+    let counts = active_against_conns(bed);
     eprintln!("(backend id, active, open sockets in KHA_CONNS): {counts:?}");
     assert!(counts.iter().all(|(_, active, entries)| active == entries), "(id, active, entries): {counts:?}");
 
