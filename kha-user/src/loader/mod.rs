@@ -5,7 +5,8 @@
 //! `links/{getpeername4,getpeername6,sockops,sock_release,connect4,connect6}`. Links are
 //! bpf_links, pinned, so the programs stay attached while no agent runs; a new agent swaps its
 //! programs in under the same links with `BPF_LINK_UPDATE`, which no connect can observe
-//! half-done.
+//! half-done. A build whose maps differ from the pinned ones migrates them through
+//! `maps-next/` (see `migrate`).
 
 mod checks;
 mod destroy_check;
