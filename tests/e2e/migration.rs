@@ -214,12 +214,17 @@ fn an_older_layout_version_is_migrated_or_refused_with_the_fix() {
     assert_eq!(bed.stop_agent(libc::SIGTERM).unwrap().code(), Some(0));
 
     // An older build recorded the frontend slots with layout version 0: the new agent
-    // rebuilds them in a new map, complete before its programs read it.
+    // rebuilds them in a new map, complete before its programs read it. It also drops m3,
+    // which the old slots (read until the swap) still name in the shared backend map.
     claim_version(&bed, "KHA_SVC", 0);
     let count: u32 = 20_000;
     let mut client = ConnectLoop::start(&bed, &frontend, count);
     wait_for_records(&client, 200);
-    start_ident(&mut bed);
+    let mut a = args(&["--frontend", &frontend, harness::NO_CHECKS]);
+    for m in ["m1", "m2"] {
+        a.extend(args(&["--backend", &bed.lab.master(m).unwrap().ident_v4().to_string()]));
+    }
+    start(&mut bed, &a);
     assert!(client.running(), "the connect loop finished before the migration; raise its count");
     let summary = client.summary();
     assert_eq!(summary["failed"], 0, "connects failed during the migration: {summary}");
