@@ -2,7 +2,7 @@
 //! the pinned map as the kernel and `KHA_LAYOUT` describe it against the map this build
 //! wants (kha-common `layout`). Pure; the loader carries the plan out.
 
-use kha_common::{Carry, MapLayout, MapSpec, UNRECORDED_VERSION};
+use kha_common::{Carry, MAP_BACKENDS, MAP_SERVICES, MapLayout, MapSpec, UNRECORDED_VERSION};
 
 /// A pinned map as found: its shape from the kernel, its version from `KHA_LAYOUT` (`None`
 /// when no record names it: a kha from before the record pinned it).
@@ -50,6 +50,9 @@ pub enum Action {
 pub enum Why {
     /// Same layout, another capacity (`--max-conns`).
     Capacity { from: u32, to: u32 },
+    /// Migrated because the other half of the backend table is (`KHA_SVC` and
+    /// `KHA_BACKENDS` move together).
+    Tied,
     /// Another layout version, or a shape that does not match the recorded version.
     Layout { from: u32, to: u32 },
 }
@@ -97,10 +100,28 @@ pub fn decide(pinned: Option<&Pinned>, want: &Wanted) -> Result<Action, Refusal>
 }
 
 /// The decision for every map, or the first refusal.
+///
+/// The slots and the backends they name move together: until the swap the old programs read
+/// the old pair, from it the new programs the new pair, so the agent's sync into the new set
+/// cannot make either half name what the other lacks. A backend map migrated only for that
+/// keeps its entries (same layout), so every backend keeps its id, which the per-backend
+/// counters and the open connections' entries refer to.
 pub fn plan<'a>(
     maps: impl IntoIterator<Item = (Option<&'a Pinned>, Wanted)>,
 ) -> Result<Vec<(Wanted, Action)>, Refusal> {
-    maps.into_iter().map(|(p, w)| decide(p, &w).map(|a| (w, a))).collect()
+    let mut plan: Vec<(Wanted, Action)> =
+        maps.into_iter().map(|(p, w)| decide(p, &w).map(|a| (w, a))).collect::<Result<_, _>>()?;
+    let moves = |plan: &[(Wanted, Action)], name| {
+        plan.iter().any(|(w, a)| w.spec.name == name && matches!(a, Action::Migrate { .. }))
+    };
+    if moves(&plan, MAP_SERVICES) || moves(&plan, MAP_BACKENDS) {
+        for (w, a) in &mut plan {
+            if *a == Action::Reuse && [MAP_SERVICES, MAP_BACKENDS].contains(&w.spec.name) {
+                *a = Action::Migrate { copy: w.spec.name == MAP_BACKENDS, why: Why::Tied };
+            }
+        }
+    }
+    Ok(plan)
 }
 
 /// Whether the plan needs new maps (and so a staging directory and a program swap).
@@ -110,7 +131,7 @@ pub fn migrates(plan: &[(Wanted, Action)]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use kha_common::{LAYOUTS, MAP_CONNS, MAP_SERVICES, layout_spec};
+    use kha_common::{LAYOUTS, MAP_CONNS, layout_spec};
 
     use super::*;
 
@@ -194,6 +215,33 @@ mod tests {
         let w = want(MAP_SERVICES);
         let odd = Pinned { key_size: 16, ..pinned_as(&w, Some(1)) };
         assert!(matches!(decide(Some(&odd), &w), Ok(Action::Migrate { copy: false, .. })));
+    }
+
+    #[test]
+    fn the_slots_and_the_backends_move_together() {
+        let pinned: Vec<_> = LAYOUTS
+            .iter()
+            .map(|s| {
+                let w = want(s.name);
+                let version = if s.name == MAP_SERVICES { 0 } else { s.version };
+                (Some(pinned_as(&w, Some(version))), w)
+            })
+            .collect();
+        let p = plan(pinned.iter().map(|(p, w)| (p.as_ref(), *w))).unwrap();
+        let action = |name: &str| p.iter().find(|(w, _)| w.spec.name == name).unwrap().1;
+        assert!(matches!(action(MAP_SERVICES), Action::Migrate { copy: false, why: Why::Layout { .. } }));
+        assert_eq!(action(MAP_BACKENDS), Action::Migrate { copy: true, why: Why::Tied });
+        assert_eq!(action(MAP_CONNS), Action::Reuse);
+        // A capacity change elsewhere leaves them alone.
+        let mut grown = pinned.clone();
+        for (p, w) in &mut grown {
+            p.as_mut().unwrap().version = Some(w.spec.version);
+            if w.spec.name == MAP_CONNS {
+                w.max_entries = 1 << 20;
+            }
+        }
+        let p = plan(grown.iter().map(|(p, w)| (p.as_ref(), *w))).unwrap();
+        assert!(p.iter().all(|(w, a)| *a == Action::Reuse || w.spec.name == MAP_CONNS), "{p:?}");
     }
 
     #[test]

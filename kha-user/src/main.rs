@@ -17,7 +17,7 @@ use kha::{
     loader::{self, DEFAULT_PIN_DIR, PinDir},
     maps::KhaMaps,
     status,
-    sync::{BackendTable as _, KeepBackends, sync},
+    sync::{BackendTable as _, sync},
 };
 use kha_common::DatapathConfig;
 
@@ -307,12 +307,7 @@ fn run(args: RunArgs) -> Result<()> {
     // is complete in them before the programs that read them are swapped in.
     let mut staged = KhaMaps::open_pinned(loaded.maps_dir())?;
     staged.set_datapath_config(&DatapathConfig { netns_cookie, cgroup_id })?;
-    let desired = Desired::from_config(&config);
-    let report = if loaded.migrating() {
-        sync(&mut KeepBackends(&mut staged), &desired)?
-    } else {
-        sync(&mut staged, &desired)?
-    };
+    let report = sync(&mut staged, &Desired::from_config(&config))?;
     let attached = loaded.attach(&pins, &cgroup, cgroup_id)?;
     for line in loaded.report.lines() {
         log::info!("maps: {line}");

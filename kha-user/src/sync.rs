@@ -50,23 +50,6 @@ pub fn sync<T: BackendTable>(table: &mut T, desired: &Desired) -> Result<SyncRep
     Ok(SyncReport { writes: ops.len() })
 }
 
-/// A table whose backends are only ever added to: for the sync into a map migration's new
-/// set before the programs are swapped. If `KHA_BACKENDS` is shared by both sets while
-/// `KHA_SVC` is new, the old programs still read the old slots until the swap, and those may
-/// name a backend the new config dropped; deleting it would fail their connects. A later sync
-/// removes what no slot names any more.
-pub struct KeepBackends<'a, T>(pub &'a mut T);
-
-impl<T: BackendTable> BackendTable for KeepBackends<'_, T> {
-    type Error = T::Error;
-    fn snapshot(&self) -> Result<Snapshot, T::Error> {
-        self.0.snapshot()
-    }
-    fn apply(&mut self, op: &Op) -> Result<(), T::Error> {
-        if matches!(op, Op::DeleteBackend(_)) { Ok(()) } else { self.0.apply(op) }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,22 +84,6 @@ mod tests {
     fn desired(backends: &[&str]) -> Desired {
         let b: Vec<String> = backends.iter().map(|s| s.to_string()).collect();
         Desired::from_config(&Config::from_flags(&[], &b, &Default::default()).unwrap())
-    }
-
-    #[test]
-    fn keep_backends_applies_everything_but_backend_deletes() {
-        let mut t = FakeTable { state: Snapshot::default(), fail_at: None, writes: 0 };
-        sync(&mut t, &desired(&["192.0.2.11:6443"])).unwrap();
-        // A migration's new slot map is empty; the shared backend map is not.
-        t.state.services.clear();
-        let want = desired(&["192.0.2.12:6443"]);
-        sync(&mut KeepBackends(&mut t), &want).unwrap();
-        for (k, f) in &want.frontends {
-            assert_eq!(t.state.resolve(k).as_ref(), Some(&f.backends));
-        }
-        assert_eq!(t.state.backends.len(), 2, "the dropped backend was deleted before the swap");
-        sync(&mut t, &want).unwrap();
-        assert_eq!(t.state.backends.len(), 1, "a plain sync removes it afterwards");
     }
 
     #[test]

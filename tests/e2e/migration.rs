@@ -232,6 +232,8 @@ fn an_older_layout_version_is_migrated_or_refused_with_the_fix() {
     assert_eq!(served, u64::from(count), "{summary}");
     let log = bed.agent_log_text();
     assert!(log.contains("KHA_SVC: migrated (Layout { from: 0, to: 1 }), rebuilt"), "{log}");
+    // The backends move with the slots, ids kept: the three masters.
+    assert!(log.contains("KHA_BACKENDS: migrated (Tied), 3 entries copied"), "{log}");
     wait_for("the old map set removed", Duration::from_secs(10), || !bed.pin_dir.join("maps-next").exists());
     assert_eq!(record(&bed, "KHA_SVC")["version"], 1);
 

@@ -297,11 +297,6 @@ pub enum Attached {
 }
 
 impl Loaded {
-    /// Whether `attach` swaps in programs on a new map set (see `migrate`).
-    pub fn migrating(&self) -> bool {
-        self.plan.is_some() || self.carried.is_some()
-    }
-
     /// Where the maps the loaded programs use are pinned until `commit`: the agent writes
     /// its backend table there before `attach`.
     pub fn maps_dir(&self) -> &Path {

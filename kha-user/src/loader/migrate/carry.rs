@@ -8,7 +8,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues};
 use kha_common::{
-    BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Conn, MAP_BACKEND_STATS, MAP_CONNS, MAP_STATS,
+    Backend, BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Conn, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_CONNS, MAP_STATS,
 };
 
 use super::{LoaderError, NOEXIST, info, map_err, open};
@@ -21,6 +22,10 @@ enum Base {
     BackendStats(Vec<BackendStats>),
     /// The cookies copied so far, with the state they were copied in.
     Conns(BTreeMap<u64, u32>),
+    /// Written by the agent only (none runs during a migration): one copy is all.
+    Backends {
+        done: bool,
+    },
 }
 
 /// A map whose entries are being carried from the old set to the new.
@@ -47,6 +52,7 @@ pub(in crate::loader) fn fill(
             MAP_CONNS => Base::Conns(BTreeMap::new()),
             MAP_STATS => Base::Stats(vec![]),
             MAP_BACKEND_STATS => Base::BackendStats(vec![]),
+            MAP_BACKENDS => Base::Backends { done: false },
             other => {
                 return Err(LoaderError::Unsupported(format!(
                     "no way to carry {other}'s entries; the build is broken"
@@ -83,6 +89,11 @@ pub(in crate::loader) fn carry(
         Base::Conns(copied) => copy_conns(&old, &new, copied, served),
         Base::Stats(base) => add_stats(&old, &new, base),
         Base::BackendStats(base) => add_backend_stats(&old, &new, base),
+        Base::Backends { done: true } => Ok(0),
+        Base::Backends { done } => {
+            *done = true;
+            copy_backends(&old, &new)
+        }
     }
 }
 
@@ -217,6 +228,19 @@ pub(super) fn copy_conns(
         }
     }
     Ok(written)
+}
+
+fn copy_backends(old_path: &Path, new_path: &Path) -> Result<usize, LoaderError> {
+    let old: HashMap<_, u32, Backend> =
+        HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
+    let mut new: HashMap<_, u32, Backend> =
+        HashMap::try_from(open(new_path)?).map_err(map_err(new_path, "not a hash"))?;
+    let entries: Vec<(u32, Backend)> =
+        old.iter().collect::<Result<_, _>>().map_err(map_err(old_path, "cannot read"))?;
+    for (id, b) in &entries {
+        new.insert(id, b, 0).map_err(map_err(new_path, "cannot write"))?;
+    }
+    Ok(entries.len())
 }
 
 /// How far a connect got, whatever the numbering of `Conn::established`.
