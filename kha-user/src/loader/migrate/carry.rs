@@ -127,11 +127,11 @@ pub(super) fn copy_conns(
         }
     };
     let open_before = served.and_then(open_now);
-    let is_open = |c: &u64, conn: &Conn| {
-        // Before its SYN a socket is listed as closed; a close before the SYN is seen by
-        // sock_release, which deletes the entry if it is in.
-        conn.established == CONN_UNSENT || open_before.as_ref().is_none_or(|open| open.contains(c))
-    };
+    // Also for an entry the old programs left before its SYN: by now (milliseconds after the
+    // swap) its socket either sent the SYN, under the new sock_ops, which found no entry and
+    // so did not count it (copied as it is, the close is not uncounted either), or failed and
+    // is gone.
+    let is_open = |c: &u64| open_before.as_ref().is_none_or(|open| open.contains(c));
     let counted = |state: u32| state != CONN_UNSENT;
     let old: HashMap<_, u64, Conn> =
         HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
@@ -155,7 +155,7 @@ pub(super) fn copy_conns(
         if !seen.insert(cookie) {
             continue;
         }
-        let open = is_open(&cookie, &conn);
+        let open = is_open(&cookie);
         if let Some(&then) = copied.get(&cookie) {
             let missed_close = counted(conn.established) && !counted(then);
             if !open {
@@ -189,9 +189,7 @@ pub(super) fn copy_conns(
             Ok(()) => {
                 written += 1;
                 copied.insert(cookie, conn.established);
-                if conn.established != CONN_UNSENT {
-                    inserted.push((cookie, conn));
-                }
+                inserted.push((cookie, conn));
             }
             Err(e) if missing(&e, libc::EEXIST) => {}
             Err(e) => return Err(map_err(new_path, "cannot write")(e)),
