@@ -2,8 +2,9 @@
 //! value layouts, and the pure helpers the kernel runs (so the host tests the same code).
 //!
 //! Layout rules: explicit padding, no `bool`/enum/`Option`, byte order in the field name
-//! (`_be` = network order), and a compile-time size assert per type. Changing a layout means a
-//! new map name (`_V2`), because pinned maps outlive the agent that created them.
+//! (`_be` = network order), and a compile-time size assert per type. Pinned maps outlive the
+//! agent that created them, so changing a layout means bumping the map's version in
+//! `layout::LAYOUTS`; the agent then migrates the pinned map (see `layout`).
 #![no_std]
 
 // The host-side helpers (feature `user`) need std; the kernel build never sees them.
@@ -16,9 +17,11 @@ pub mod cgroup;
 #[cfg(feature = "user")]
 pub mod errno;
 pub mod iter;
+pub mod layout;
 pub mod maps;
 pub mod select;
 
 pub use addr::*;
 pub use iter::*;
+pub use layout::*;
 pub use maps::*;

@@ -38,7 +38,7 @@ pub const MAP_CONNS: &str = "KHA_CONNS";
 pub const MAP_PROBES: &str = "KHA_PROBES";
 
 /// All maps, in the order `kha detach` and `kha status` walk them.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_PROBES,
     MAP_SERVICES,
     MAP_BACKENDS,
@@ -47,6 +47,7 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_BACKEND_STATS,
     MAP_BACKEND_HEALTH,
     MAP_CONNS,
+    crate::layout::MAP_LAYOUT,
 ];
 
 /// The programs kha attaches, each under a pinned link of its own (the agent's

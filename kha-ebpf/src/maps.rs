@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kha_common::{
-    BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
+    BACKEND_ARRAY_LEN, Backend, LAYOUT_SLOTS, MapLayout, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
     MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ProbeKey, ProbeStatus, SERVICES_CAPACITY,
     STATS_LEN, ServiceKey, ServiceValue,
 };
@@ -39,6 +39,10 @@ pub static KHA_CONNS: LruHashMap<u64, Conn, CONNS_CAPACITY> = LruHashMap::new();
 #[btf_map(pin_by_name)]
 pub static KHA_PROBES: HashMap<ProbeKey, ProbeStatus, { MAX_FRONTENDS * MAX_BACKENDS_PER_FRONTEND }, 1> =
     HashMap::new();
+
+/// What each pinned map's layout is (kha-common `layout`). Written by the agent only.
+#[btf_map(pin_by_name)]
+pub static KHA_LAYOUT: Array<MapLayout, LAYOUT_SLOTS> = Array::new();
 
 #[inline(always)]
 pub fn count(stat: u32) {

@@ -10,6 +10,7 @@ pub mod endpoints;
 pub mod errors;
 pub mod health;
 pub mod kubespray;
+pub mod layout;
 pub mod loader;
 pub mod maps;
 pub mod observe;

@@ -93,6 +93,11 @@ struct RunArgs {
     /// the connections of failed masters.
     #[arg(long)]
     require_sock_destroy: bool,
+    /// Redirected sockets tracked at once (the conn map's capacity; the oldest entry goes when
+    /// it is full). A change migrates the pinned map at start, open connections carried over.
+    #[arg(long, default_value_t = kha_common::CONNS_CAPACITY as u32,
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
+    max_conns: u32,
     #[command(flatten)]
     health: HealthArgs,
     #[command(flatten)]
@@ -306,21 +311,32 @@ fn run(args: RunArgs) -> Result<()> {
     pins.create()?;
     let _lock = loader::lock_pin_dir(&pins.root)?;
 
-    let mut loaded = loader::load(&pins)?;
+    let mut loaded = loader::load(&pins, args.max_conns, args.netns.as_deref())?;
     loaded.preflight(&pins, &cgroup, cgroup_id)?;
-    let mut maps = KhaMaps::open_pinned(&pins.maps())?;
-    maps.set_datapath_config(&DatapathConfig { netns_cookie, cgroup_id })?;
+    // In a migration these are the new maps, not yet used by any program: the backend table
+    // is complete in them before the programs that read them are swapped in.
+    let mut staged = KhaMaps::open_pinned(loaded.maps_dir())?;
+    staged.set_datapath_config(&DatapathConfig { netns_cookie, cgroup_id })?;
     // Backends the last run's sockets still point at keep their entries (and ids) until the
-    // supervisor has dealt with those sockets (`Supervisor::adopt_orphans`).
+    // supervisor has dealt with those sockets (`Supervisor::adopt_orphans`). Read from the
+    // live conn map: a migration's new one is filled only at the program swap.
     let mut desired = Desired::from_config(&config);
-    match maps.conns() {
+    match KhaMaps::open_pinned(&pins.maps()).and_then(|live| live.conns()) {
         Ok(conns) => desired.keep.extend(conns.iter().map(|(_, _, b)| kha::endpoints::backend_of(*b))),
         Err(e) => log::warn!("cannot list the sockets the last run redirected: {e}"),
     }
-    let report = sync(&mut maps, &desired)?;
+    let report = sync(&mut staged, &desired)?;
     let attached = loaded.attach(&pins, &cgroup, cgroup_id)?;
+    for line in loaded.report.lines() {
+        log::info!("maps: {line}");
+    }
+    for (map, n) in loaded.commit(&pins, args.netns.as_deref())? {
+        log::info!("maps: {map}: {n} entries carried over after the program swap; old maps removed");
+    }
     // The links hold the programs now; the loader's handles can go.
     drop(loaded);
+    drop(staged);
+    let maps = KhaMaps::open_pinned(&pins.maps())?;
     log::info!(
         "attached to {} ({}), {} map writes, {} frontends; pins under {}",
         cgroup.display(),
@@ -423,6 +439,7 @@ fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
         counters: maps.stats()?,
         probes: &maps.probe_statuses()?,
         backends: &backends,
+        layout: maps.layout()?,
         // A kernel property: asked here, in the namespace `kha status` runs in.
         sock_destroy: loader::sock_destroy_support(None),
     });

@@ -10,8 +10,9 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use kha_common::{
     Backend, BackendHealth, BackendStats, Conn, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_CONNS, MAP_PROBES, MAP_SERVICES, MAP_STATS, ProbeKey, ProbeStatus,
-    STAT_NAMES, STAT_TERMINATED, STAT_TERMINATED_DESTROY, STAT_TERMINATED_RESET, ServiceKey, ServiceValue,
+    MAP_BACKENDS, MAP_CONFIG, MAP_CONNS, MAP_LAYOUT, MAP_PROBES, MAP_SERVICES, MAP_STATS, MapLayout,
+    ProbeKey, ProbeStatus, STAT_NAMES, STAT_TERMINATED, STAT_TERMINATED_DESTROY, STAT_TERMINATED_RESET,
+    ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -177,6 +178,19 @@ impl KhaMaps {
 
     pub fn set_datapath_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapsError> {
         self.config.set(0, cfg, 0).map_err(|source| MapsError::Write { map: MAP_CONFIG, source })
+    }
+
+    /// `KHA_LAYOUT`'s entries, empty if the maps were pinned by a kha from before the record.
+    pub fn layout(&self) -> Result<Vec<MapLayout>, MapsError> {
+        let path = self.dir.join(MAP_LAYOUT);
+        if !path.exists() {
+            return Ok(vec![]);
+        }
+        let read = |source| MapsError::Read { map: MAP_LAYOUT, source };
+        let record: Array<MapData, MapLayout> =
+            Array::try_from(open(&self.dir, MAP_LAYOUT)?).map_err(read)?;
+        let entries: Vec<MapLayout> = record.iter().collect::<Result<_, _>>().map_err(read)?;
+        Ok(entries.into_iter().filter(|l| !l.name().is_empty()).collect())
     }
 
     /// Counters summed over CPUs, by name.

@@ -4,7 +4,8 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use kha_common::{
-    BackendStats, DatapathConfig, FRONTEND_FALLBACK, POLICY_NAMES, PROBE_STATE_NAMES, ProbeKey, ProbeStatus,
+    BackendStats, DatapathConfig, FRONTEND_FALLBACK, MapLayout, POLICY_NAMES, PROBE_STATE_NAMES, ProbeKey,
+    ProbeStatus,
 };
 use serde::Serialize;
 
@@ -25,6 +26,9 @@ pub struct Inputs<'a> {
     pub backends: &'a BTreeMap<u32, (BackendStats, bool)>,
     /// What the kernel answered to a SOCK_DESTROY of a socket of the caller's own.
     pub sock_destroy: DestroySupport,
+    /// `KHA_LAYOUT`: each map's layout version and capacity (empty if a kha from before the
+    /// record pinned the maps).
+    pub layout: Vec<MapLayout>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -38,6 +42,15 @@ pub struct Status {
     pub frontends: Vec<FrontendStatus>,
     pub counters: Vec<Counter>,
     pub sock_destroy: SockDestroyStatus,
+    pub layout: Vec<LayoutStatus>,
+}
+
+/// One map as `KHA_LAYOUT` records it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayoutStatus {
+    pub map: String,
+    pub version: u32,
+    pub max_entries: u32,
 }
 
 /// Whether kha can terminate the connections of a failed master (`CONFIG_INET_DIAG_DESTROY`).
@@ -168,6 +181,15 @@ pub fn build(inp: Inputs<'_>) -> Status {
             state: inp.sock_destroy.name(),
             problem: inp.sock_destroy.problem(),
         },
+        layout: inp
+            .layout
+            .iter()
+            .map(|l| LayoutStatus {
+                map: l.name().to_owned(),
+                version: l.version,
+                max_entries: l.max_entries,
+            })
+            .collect(),
     }
 }
 
@@ -196,6 +218,13 @@ pub fn render_text(s: &Status, color: bool) -> String {
     );
     for l in &s.links {
         let _ = writeln!(out, "  link {:<13} id {:<6} prog {}", l.hook, l.link_id, l.prog_id);
+    }
+    if s.layout.is_empty() {
+        let _ = writeln!(out, "maps: no layout record (pinned by a kha from before KHA_LAYOUT)");
+    } else {
+        let maps: Vec<String> =
+            s.layout.iter().map(|l| format!("{} v{} ({})", l.map, l.version, l.max_entries)).collect();
+        let _ = writeln!(out, "maps: {}", maps.join(", "));
     }
     match &s.sock_destroy.problem {
         None => {
@@ -289,6 +318,7 @@ mod tests {
             probes,
             backends: kernel,
             sock_destroy: DestroySupport::Supported,
+            layout: vec![MapLayout::new(&kha_common::LAYOUTS[7], 4096)],
         })
     }
 
@@ -316,7 +346,9 @@ mod tests {
         assert!(text.contains("frontend [::1]:7443") && text.contains("EHOSTUNREACH"), "{text}");
         assert!(text.contains("rewritten 5"), "{text}");
         assert!(text.contains("sock_destroy: supported"), "{text}");
+        assert!(text.contains("maps: KHA_CONNS v1 (4096)"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["layout"][0]["max_entries"], 4096);
         assert_eq!(json["frontends"][0]["backends"][1]["address"], "192.0.2.12:6443");
         assert_eq!(json["frontends"][0]["backends"][1]["kernel"]["chosen"], 7);
         assert_eq!(json["frontends"][1]["backends"].as_array().unwrap().len(), 0);
@@ -379,6 +411,7 @@ mod tests {
             probes: &probes,
             backends: &backends,
             sock_destroy: DestroySupport::Missing,
+            layout: vec![],
         });
         let text = render_text(&s, false);
         assert!(text.contains("sock_destroy: MISSING: cannot terminate sockets"), "{text}");

@@ -18,7 +18,7 @@ fn ident_frontend() -> String {
 }
 
 /// `bpftool map dump` of one of the bed's maps, as JSON (with BTF: `formatted` key and value).
-fn dump(bed: &Bed, map: &str) -> Vec<Value> {
+pub fn dump(bed: &Bed, map: &str) -> Vec<Value> {
     let out = Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(bed.pin_dir.join("maps").join(map))

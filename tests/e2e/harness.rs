@@ -279,7 +279,17 @@ pub struct ConnectLoop {
 
 impl ConnectLoop {
     pub fn start(bed: &Bed, addr: &str, count: u32) -> ConnectLoop {
-        let list = ["connect", "--addr", addr, "--count", &count.to_string(), "--read-ident", "--json"];
+        Self::start_with(bed, addr, count, true)
+    }
+
+    /// Without `--read-ident`: a connect and a close, for frontends whose backends do not send
+    /// an identity line (the TLS ones); `by_master` stays empty.
+    pub fn start_with(bed: &Bed, addr: &str, count: u32, read_ident: bool) -> ConnectLoop {
+        let count = count.to_string();
+        let mut list = vec!["connect", "--addr", addr, "--count", &count, "--json"];
+        if read_ident {
+            list.push("--read-ident");
+        }
         let mut child = KillOnDrop(bed.spawn_lab_tool(true, &args(&list)).expect("connect loop"));
         let records = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (stdout, seen) = (child.stdout.take().expect("stdout"), records.clone());

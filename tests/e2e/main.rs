@@ -9,6 +9,7 @@ mod endpoints;
 mod harness;
 mod health;
 mod lifecycle;
+mod migration;
 mod privileges;
 mod rebalance;
 mod refusals;

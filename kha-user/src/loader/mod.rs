@@ -5,10 +5,12 @@
 //! `links/{getpeername4,getpeername6,sockops,sock_release,connect4,connect6}`. Links are
 //! bpf_links, pinned, so the programs stay attached while no agent runs; a new agent swaps its
 //! programs in under the same links with `BPF_LINK_UPDATE`, which no connect can observe
-//! half-done.
+//! half-done. A build whose maps differ from the pinned ones migrates them through
+//! `maps-next/` (see `migrate`).
 
 mod checks;
 mod destroy_check;
+mod migrate;
 mod reset;
 mod sockdiag;
 mod sys;
@@ -21,11 +23,15 @@ use std::{
 };
 
 use aya::{Ebpf, EbpfLoader, programs::Program};
+use kha_common::MAP_CONNS;
+
+use crate::layout::{self, Action, Refusal};
 pub use checks::{
     PinLock, cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie,
     socket_in_netns,
 };
 pub use destroy_check::{DestroySupport, check_sock_destroy, sock_destroy_support};
+pub use migrate::{Recovered, wanted};
 pub use reset::{Leftover, Outcome as ResetOutcome, ResetError, Resetter};
 pub use sockdiag::destroy as destroy_sockets;
 pub use sys::LinkInfo;
@@ -71,6 +77,10 @@ impl PinDir {
     pub fn links(&self) -> PathBuf {
         self.root.join("links")
     }
+    /// Where a migration builds the new map set (see `migrate`).
+    pub fn staging(&self) -> PathBuf {
+        migrate::staging_dir(&self.root)
+    }
     pub fn link(&self, hook: &Hook) -> PathBuf {
         self.links().join(hook.link)
     }
@@ -93,8 +103,17 @@ pub enum LoaderError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Layout(#[from] Refusal),
+    #[error("{path}: {what} (while migrating the pinned maps)")]
+    Migrate {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
     #[error(
-        "cannot load kha's eBPF object (maps under {maps}): {source}. If a pinned map has another layout, an older kha made it: run `kha detach` first"
+        "cannot load kha's eBPF object (maps under {maps}): {source}. If a pinned map has another layout than its record in KHA_LAYOUT says, a foreign build made it: run `kha detach` first"
     )]
     Object {
         maps: PathBuf,
@@ -131,17 +150,78 @@ pub(crate) fn setup_err<'a>(
     move |source| LoaderError::Setup { path: path.to_owned(), what, source }
 }
 
-/// The object with every program verified and loaded, not yet attached. Maps are created or
-/// reused from `pins.maps()`.
+/// The object with every program verified and loaded, not yet attached, and its maps: the
+/// pinned ones reused, or (a migration) a new set filled in `pins.staging()`.
 pub struct Loaded {
     ebpf: Ebpf,
+    maps_dir: PathBuf,
+    /// In a migration: the plan until `attach` copies the entries, then what the pass after
+    /// the swap needs.
+    plan: Option<Vec<(layout::Wanted, Action)>>,
+    carried: Option<Vec<migrate::Carried>>,
+    pub report: LoadReport,
 }
 
-pub fn load(pins: &PinDir) -> Result<Loaded, LoaderError> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pins.maps())
+/// What `load` found and did with the pinned maps, for the start-up log.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    pub recovered: Option<Recovered>,
+    /// Every map with what the plan did, and the entries copied into a new map.
+    pub maps: Vec<(&'static str, Action, usize)>,
+}
+
+impl LoadReport {
+    pub fn lines(&self) -> Vec<String> {
+        let mut out: Vec<String> =
+            self.recovered.iter().map(|r| format!("an earlier migration: {r:?}")).collect();
+        for (map, action, copied) in &self.maps {
+            match action {
+                Action::Create => out.push(format!("{map}: created")),
+                Action::Reuse => {}
+                Action::Migrate { copy, why } => out.push(format!(
+                    "{map}: migrated ({why:?}), {}",
+                    if *copy { format!("{copied} entries copied") } else { "rebuilt".to_owned() }
+                )),
+            }
+        }
+        out
+    }
+}
+
+/// The loader for kha's object with its maps under `dir`, the conn map at `conns` entries.
+fn object_loader(dir: &Path, conns: u32) -> EbpfLoader<'static> {
+    let mut l = EbpfLoader::new();
+    l.default_map_pin_directory(dir).map_max_entries(MAP_CONNS, conns);
+    l
+}
+
+/// The capacity of the pinned conn map under `dir`, for a second load of the object (the
+/// iterator) that must reuse it as it is.
+pub(crate) fn pinned_conns_capacity(dir: &Path) -> Option<u32> {
+    let fd = sys::obj_get(&dir.join(MAP_CONNS)).ok()?;
+    Some(sys::map_info(fd.as_fd()).ok()?.max_entries)
+}
+
+/// Loads kha's programs against maps of the layout this build has, with `conns_capacity`
+/// entries in the conn map (`netns`: where the redirected sockets are, the served namespace): pinned maps are reused where they match and migrated where they
+/// do not (see `migrate`); a pinned map that cannot be carried over is refused before
+/// anything changes.
+pub fn load(pins: &PinDir, conns_capacity: u32, netns: Option<&Path>) -> Result<Loaded, LoaderError> {
+    let recovered = migrate::recover(pins, migrate::Served { netns, mend_counts: false })?;
+    let wanted = migrate::wanted(conns_capacity);
+    let state = migrate::pinned_state(&pins.maps(), &wanted)?;
+    let plan = layout::plan(state.iter().map(|(p, w)| (p.as_ref(), *w)))?;
+    let migrating = layout::migrates(&plan);
+    let maps_dir = if migrating {
+        migrate::stage(pins, &plan)?;
+        pins.staging()
+    } else {
+        migrate::drop_foreign_record(&pins.maps())?;
+        pins.maps()
+    };
+    let mut ebpf = object_loader(&maps_dir, conns_capacity)
         .load(OBJECT)
-        .map_err(|source| LoaderError::Object { maps: pins.maps(), source: Box::new(source) })?;
+        .map_err(|source| LoaderError::Object { maps: maps_dir.clone(), source: Box::new(source) })?;
     for hook in HOOKS {
         let result = match program(&mut ebpf, hook)? {
             Program::CgroupSockAddr(p) => p.load(),
@@ -151,7 +231,15 @@ pub fn load(pins: &PinDir) -> Result<Loaded, LoaderError> {
         };
         result.map_err(|source| LoaderError::Program { program: hook.program, source })?;
     }
-    Ok(Loaded { ebpf })
+    migrate::write_record(&maps_dir, &plan)?;
+    let maps = plan.iter().map(|(w, a)| (w.spec.name, *a, 0)).collect();
+    Ok(Loaded {
+        ebpf,
+        maps_dir,
+        plan: migrating.then_some(plan),
+        carried: None,
+        report: LoadReport { recovered, maps },
+    })
 }
 
 fn missing(hook: Hook) -> LoaderError {
@@ -209,6 +297,27 @@ pub enum Attached {
 }
 
 impl Loaded {
+    /// Where the maps the loaded programs use are pinned until `commit`: the agent writes
+    /// its backend table there before `attach`.
+    pub fn maps_dir(&self) -> &Path {
+        &self.maps_dir
+    }
+
+    /// After `attach`: in a migration, makes the new map set `pins.maps()`, carries over what
+    /// the old programs wrote since the copy, and removes the old set (see `migrate`).
+    /// Returns the entries carried in that last pass, per map; nothing without a migration.
+    pub fn commit(
+        &mut self,
+        pins: &PinDir,
+        netns: Option<&Path>,
+    ) -> Result<Vec<(&'static str, usize)>, LoaderError> {
+        let Some(carried) = self.carried.as_mut() else { return Ok(vec![]) };
+        let late = migrate::commit(pins, carried, migrate::Served { netns, mend_counts: true })?;
+        self.carried = None;
+        self.maps_dir = pins.maps();
+        Ok(late)
+    }
+
     /// Checks the pinned links before anything is written (see `existing_links`).
     pub fn preflight(&self, pins: &PinDir, cgroup: &Path, cgroup_id: u64) -> Result<(), LoaderError> {
         existing_links(pins, cgroup, cgroup_id).map(drop)
@@ -224,6 +333,15 @@ impl Loaded {
         cgroup_id: u64,
     ) -> Result<Vec<Attached>, LoaderError> {
         let existing = existing_links(pins, cgroup, cgroup_id)?;
+        if let Some(plan) = self.plan.take() {
+            // As late as possible: what the old programs write after this copy and before
+            // the swap is what `commit` must carry over, and less of it is better.
+            let (carried, copied) = migrate::fill(&pins.maps(), &self.maps_dir, &plan)?;
+            for (map, _, n) in &mut self.report.maps {
+                *n = copied.iter().find(|(m, _)| m == map).map_or(0, |(_, c)| *c);
+            }
+            self.carried = Some(carried);
+        }
         let cg = File::open(cgroup).map_err(setup_err(cgroup, "cannot open cgroup"))?;
         let mut swapped: Vec<(OwnedFd, OwnedFd, OwnedFd)> = Vec::new(); // (link, old prog, new prog)
         let mut created: Vec<(Hook, OwnedFd)> = Vec::new();
@@ -352,6 +470,8 @@ pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
             report.maps += 1;
         }
     }
+    // A migration an agent did not finish leaves its staging set.
+    report.maps += migrate::remove_set(&pins.staging())?;
     for dir in [pins.links(), pins.maps(), pins.root.clone()] {
         if dir == pins.root && checks::is_mount_point(&dir) {
             report.kept_mount = Some(dir);

@@ -34,39 +34,63 @@ pub fn destroy(netns: Option<&Path>, cookies: &BTreeSet<u64>) -> io::Result<usiz
     if cookies.is_empty() {
         return Ok(0);
     }
-    match netns {
-        None => destroy_here(cookies),
-        Some(path) => {
-            let ns = std::fs::File::open(path)?;
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    // SAFETY: setns on this short-lived thread only.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    destroy_here(cookies)
-                })
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
-            })
+    in_netns(netns, || destroy_here(cookies))
+}
+
+/// Runs `f` in the namespace `netns` (or the agent's own), on a short-lived thread.
+fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    let Some(path) = netns else { return f() };
+    let ns = std::fs::File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this short-lived thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
+    })
+}
+
+/// Every TCP state but TIME_WAIT and CLOSE: sockets whose close sock_ops has not seen yet.
+const OPEN_STATES: u32 = ALL_STATES & !(1 << 6) & !(1 << 7);
+
+/// The cookies of the TCP sockets in `netns` (or the agent's own) that are not closed yet
+/// (TIME_WAIT counts as closed: sock_ops saw TCP_CLOSE on the way there).
+pub fn open_cookies(netns: Option<&Path>) -> io::Result<BTreeSet<u64>> {
+    in_netns(netns, || {
+        let nl = open()?;
+        let mut all = BTreeSet::new();
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            for id in dump_ids(&nl, family, OPEN_STATES)? {
+                all.insert(cookie_of(&id));
+            }
         }
-    }
+        Ok(all)
+    })
+}
+
+fn dump_ids(nl: &OwnedFd, family: u8, states: u32) -> io::Result<Vec<[u8; SOCKID_LEN]>> {
+    let mut ids = Vec::new();
+    let mut req = request(family, &[0; SOCKID_LEN]);
+    req[4..8].copy_from_slice(&states.to_ne_bytes());
+    send(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req)?;
+    read_until_done(nl, |msg| {
+        if msg.len() >= MSG_ID_END {
+            ids.push(msg[4..MSG_ID_END].try_into().expect("length checked"));
+        }
+    })?;
+    Ok(ids)
 }
 
 fn destroy_here(cookies: &BTreeSet<u64>) -> io::Result<usize> {
     let nl = open()?;
     let mut destroyed = 0;
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let mut ids = Vec::new();
-        send(&nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &request(family, &[0; SOCKID_LEN]))?;
-        read_until_done(&nl, |msg| {
-            if msg.len() >= MSG_ID_END {
-                let id: [u8; SOCKID_LEN] = msg[4..MSG_ID_END].try_into().expect("length checked");
-                if cookies.contains(&cookie_of(&id)) {
-                    ids.push(id);
-                }
-            }
-        })?;
+        let mut ids = dump_ids(&nl, family, ALL_STATES)?;
+        ids.retain(|id| cookies.contains(&cookie_of(id)));
         for id in ids {
             send(&nl, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &request(family, &id))?;
             // ENOENT: it closed meanwhile, which is what we wanted anyway.

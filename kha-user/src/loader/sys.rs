@@ -1,6 +1,7 @@
 //! The few bpf(2) link commands aya 0.16 does not expose for links reopened from bpffs:
 //! taking a pinned link, asking which cgroup and program it holds, swapping its program
-//! atomically, and detaching it.
+//! atomically, and detaching it; and for map migrations, what a map or program is and an
+//! atomic swap of two pin directories.
 
 use std::{
     ffi::CString,
@@ -128,4 +129,66 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         cgroup_id: u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")),
         attach_type: u32_at(24),
     })
+}
+
+/// The parts of `struct bpf_map_info` the layout check needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    pub id: u32,
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    let mut info = [0u8; 128];
+    let mut a = Attr::new()
+        .u32_at(0, map.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
+    Ok(MapInfo {
+        map_type: u32_at(0),
+        id: u32_at(4),
+        key_size: u32_at(8),
+        value_size: u32_at(12),
+        max_entries: u32_at(16),
+    })
+}
+
+/// The ids of the maps a program uses (`bpf_prog_info.map_ids`).
+pub fn prog_map_ids(prog: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut info = [0u8; 256];
+    // nr_map_ids at 52, map_ids at 56: ask for up to 64 ids.
+    info[52..56].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+    info[56..64].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    let mut a = Attr::new()
+        .u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    let n = u32::from_ne_bytes(info[52..56].try_into().expect("4 bytes")) as usize;
+    Ok(ids[..n.min(ids.len())].to_vec())
+}
+
+/// Swaps two directories in one step (`renameat2(RENAME_EXCHANGE)`, which bpffs supports):
+/// at every instant each name holds one complete map set.
+pub fn rename_exchange(a: &Path, b: &Path) -> io::Result<()> {
+    const RENAME_EXCHANGE: libc::c_uint = 2;
+    let (a, b) = (c_path(a)?, c_path(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            RENAME_EXCHANGE,
+        )
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

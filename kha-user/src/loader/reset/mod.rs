@@ -135,7 +135,12 @@ impl Resetter {
     pub fn load(maps_dir: &Path) -> Result<Self, ResetError> {
         let raw = std::fs::read(VMLINUX_BTF).map_err(ResetError::Btf)?;
         let offsets = btf::Btf::parse(&raw).and_then(|b| b.iter_offsets()).map_err(ResetError::Offsets)?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = match super::pinned_conns_capacity(maps_dir) {
+            // The conn map as it is pinned: aya refuses to reuse one of another capacity.
+            Some(conns) => super::object_loader(maps_dir, conns),
+            None => EbpfLoader::new(),
+        };
+        let mut ebpf = loader
             .default_map_pin_directory(maps_dir)
             .override_global(ITER_OFFSETS_GLOBAL, &offsets, true)
             .load(super::OBJECT)
