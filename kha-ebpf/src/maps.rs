@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kha_common::{
-    BACKEND_ARRAY_LEN, Backend, LAYOUT_SLOTS, MapLayout, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
-    MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ProbeKey, ProbeStatus, SERVICES_CAPACITY,
-    STATS_LEN, ServiceKey, ServiceValue,
+    BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
+    LAYOUT_SLOTS, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MapLayout, ProbeKey, ProbeStatus,
+    SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue,
 };
 
 #[btf_map(pin_by_name)]

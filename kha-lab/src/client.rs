@@ -130,6 +130,10 @@ pub struct ClientOptions {
     pub reuse: Reuse,
     pub tls: Arc<ClientConfig>,
     pub limits: Limits,
+    /// `OPTIONS *` instead of `GET` of the URL's path: Go's net/http answers it itself, before
+    /// any handler (kube-apiserver's filters included), so it says only that the server's
+    /// process answers, at about the cost of the TLS record.
+    pub options_star: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -396,7 +400,7 @@ async fn connect(opts: &ClientOptions, deadline: Instant) -> Result<Conn, Connec
     }
 }
 
-/// Sends one GET and reads the response; also says whether the connection
+/// Sends one request (GET, or `OPTIONS *`) and reads the response; also says whether the connection
 /// may be reused.
 async fn exchange(
     opts: &ClientOptions,
@@ -404,9 +408,9 @@ async fn exchange(
     deadline: Instant,
 ) -> Result<(http::Response, bool), Failure> {
     let close = opts.reuse == Reuse::NewConnectionEach;
+    let (method, target) = if opts.options_star { ("OPTIONS", "*") } else { ("GET", opts.url.path.as_str()) };
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: kha-lab\r\nAccept: */*\r\n{}\r\n",
-        opts.url.path,
+        "{method} {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: kha-lab\r\nAccept: */*\r\n{}\r\n",
         opts.url.authority(),
         if close { "Connection: close\r\n" } else { "" },
     );

@@ -98,6 +98,9 @@ struct ClientArgs {
     /// TCP destination overriding the URL host, e.g. [::1]:6443.
     #[arg(long)]
     connect_addr: Option<SocketAddr>,
+    /// Send `OPTIONS *` instead of GET of the URL's path.
+    #[arg(long)]
+    options_star: bool,
     /// One JSON object per line (schema: kha_lab::client module docs).
     #[arg(long)]
     json: bool,
@@ -281,6 +284,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<ExitCode> {
         reuse: if args.keep_alive { Reuse::KeepAlive } else { Reuse::NewConnectionEach },
         tls,
         limits: http::Limits::default(),
+        options_star: args.options_star,
     };
     let summary = client::run(&opts, |r| print_line(args.json, r)).await;
     let failed = summary.failed;

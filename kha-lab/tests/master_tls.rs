@@ -36,6 +36,7 @@ fn options(ca_pem: &str, addr: SocketAddr, path: &str, count: u64, reuse: Reuse)
         reuse,
         tls: tls::client_config_from_ca_pem(ca_pem.as_bytes()).expect("client tls"),
         limits: Limits::default(),
+        options_star: false,
     }
 }
 
