@@ -127,12 +127,23 @@ fn supervisor(config: Config) -> Sup {
 /// As [`supervisor`], with settings changed by `tune` (the default ones: no fallback grace,
 /// no rebalancing).
 fn supervisor_with(config: Config, tune: impl FnOnce(&mut Settings)) -> Sup {
+    supervisor_after(&config.clone(), config, tune)
+}
+
+/// The table a previous run left for `previous`, every pair of it holding [`SOCKETS`] sockets.
+fn left_by(previous: &Config) -> (FakeTable, FakeSockets) {
     let mut table = FakeTable::default();
-    sync(&mut table, &Desired::from_config(&config)).unwrap();
+    sync(&mut table, &Desired::from_config(previous)).unwrap();
     let sockets = FakeSockets {
-        open: pairs_of(&config).into_iter().map(|p| (p, SOCKETS)).collect(),
+        open: pairs_of(previous).into_iter().map(|p| (p, SOCKETS)).collect(),
         ..Default::default()
     };
+    (table, sockets)
+}
+
+/// A supervisor for `config` taking over what a run of `previous` left.
+fn supervisor_after(previous: &Config, config: Config, tune: impl FnOnce(&mut Settings)) -> Sup {
+    let (table, sockets) = left_by(previous);
     let settings = Settings {
         checked: true,
         hysteresis: DEFAULT_HYSTERESIS,
@@ -767,24 +778,10 @@ fn state_of(health: &BTreeMap<ProbeTarget, BackendHealth>, b: SocketAddr) -> Sta
 async fn sockets_a_previous_run_left_on_a_master_no_longer_configured_end_after_the_drain() {
     // The last run served m1..m3 and m4; m4 left the config while no agent ran. The binary's
     // first sync kept m4's entry (its sockets are in KHA_CONNS).
-    let mut table = FakeTable::default();
     let before = config(&[F], &[m(1), m(2), m(3), m(4)]);
-    sync(&mut table, &Desired::from_config(&before)).unwrap();
+    let (table, _) = left_by(&before);
     let id = table.state.backends.iter().find(|(_, b)| **b == backend_of(m(4))).map(|(id, _)| *id);
-    let sockets = FakeSockets {
-        open: pairs_of(&before).into_iter().map(|p| (p, SOCKETS)).collect(),
-        ..Default::default()
-    };
-    let settings = Settings {
-        checked: true,
-        hysteresis: DEFAULT_HYSTERESIS,
-        all_down: AllDown::Fallback,
-        drain: DRAIN,
-        fallback_grace: Duration::ZERO,
-        rebalance: None,
-        recorders: Recorders::default(),
-    };
-    let mut sup = Supervisor::new(settings, config(&[F], &[m(1), m(2), m(3)]), table, sockets);
+    let mut sup = supervisor_after(&before, config(&[F], &[m(1), m(2), m(3)]), |_| {});
     assert_eq!(id_of(&sup, m(4)), id, "its id stays taken while its sockets live");
     assert!(!live(&sup, F).contains(&m(4)));
     all_up(&mut sup);

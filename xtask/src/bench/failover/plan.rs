@@ -71,17 +71,7 @@ impl Plan {
     /// 180 s window, to measure how long they really do (the full run's 30 s window only
     /// shows that they still do then). Not in CI: about 10 minutes.
     pub fn long() -> Plan {
-        Plan {
-            profile: "long".into(),
-            rounds: 1,
-            window_s: 180.0,
-            quiet_s: 10.0,
-            recovery_s: 40.0,
-            warmup_s: 3.0,
-            settle_s: 60.0,
-            spread: true,
-            real: false,
-        }
+        Plan { profile: "long".into(), rounds: 1, window_s: 180.0, ..Plan::full() }
     }
 
     pub fn is_long(&self) -> bool {
