@@ -108,6 +108,10 @@ impl Client {
         Ok(self.recs.first())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Why the client ended, when it did.
     pub fn exited(&mut self) -> Option<String> {
         let st = self.child.try_wait().ok().flatten()?;

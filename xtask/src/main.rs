@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything a checkout needs, from a fresh machine to a running lab.
 
 mod bench;
+mod chaos;
 mod cmd;
 mod demo;
 mod fuzz;
@@ -38,6 +39,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmark kha against direct connects, nginx and haproxy (docs/benchmarks.md).
     Bench(bench::BenchArgs),
+    /// Chaos soak: random master, agent and config faults under load, invariants checked
+    /// throughout; `target/chaos/chaos-<seed>.{md,json}`. docs/testing.md, "Chaos soak".
+    Chaos(chaos::ChaosArgs),
     /// Run the fuzz targets of fuzz/ (config file, probe responses, kubespray inventories and
     /// vars, EndpointSlices) for a bounded time each; installs the pinned nightly and cargo-fuzz
     /// first. docs/testing.md, "Fuzzing".
@@ -59,6 +63,7 @@ fn main() {
         Command::Run { args } => run(args),
         Command::Demo(args) => demo::demo(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Chaos(args) => chaos::chaos(args),
         Command::Fuzz(args) => fuzz::fuzz(args),
         Command::Test { filter } => test(filter),
     };
@@ -105,6 +110,8 @@ fn test(filter: Option<String>) -> Result<()> {
             bench::failover_quick_check(false)?;
             // The same against the real control plane, watchers included.
             bench::failover_quick_check(true)?;
+            // Every chaos event kind once, invariants judged (about 90 s).
+            chaos::chaos(chaos::ChaosArgs::quick())?;
         } else if ci {
             anyhow::bail!("the demo and bench smoke tests need root");
         }
