@@ -145,7 +145,8 @@ impl Report {
         let _ = writeln!(
             s,
             "\n## Agent fds and RSS\n\nPer agent process, from {} s after its first sample on; flat means \
-             at most {FD_SLACK} fds and {} MiB above the first value.\n\n| pid | seconds | fds first/last/max | RSS MiB first/last/max |\n|---|---|---|---|",
+             it ends (the smallest of its last 2 s of samples) at most {FD_SLACK} fds and {} MiB above \
+             the first value; peaks that come back down are notes.\n\n| pid | seconds | fds first/last/max/end | RSS MiB first/last/max/end |\n|---|---|---|---|",
             WARMUP.as_secs(),
             RSS_SLACK_KB / 1024
         );
@@ -153,15 +154,17 @@ impl Report {
         for a in &self.agents {
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {}/{}/{} | {:.1}/{:.1}/{:.1} |",
+                "| {} | {:.0} | {}/{}/{}/{} | {:.1}/{:.1}/{:.1}/{:.1} |",
                 a.pid,
                 a.secs,
                 a.first.0,
                 a.last.0,
                 a.max.0,
+                a.level.0,
                 mib(a.first.1),
                 mib(a.last.1),
-                mib(a.max.1)
+                mib(a.max.1),
+                mib(a.level.1)
             );
         }
         for (i, (pid, kinds)) in self.agent_fds.iter().enumerate() {
