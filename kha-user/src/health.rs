@@ -150,6 +150,11 @@ impl BackendHealth {
         matches!(self.state, State::Up | State::Unchecked) && self.failures == 0
     }
 
+    /// Down or draining, and its last probe passed: on its way back (`rise` not reached yet).
+    pub fn recovering(&self) -> bool {
+        matches!(self.state, State::Down | State::Draining) && self.successes > 0
+    }
+
     /// Applies one probe event. The first result decides at once; after that `rise`/`fall`
     /// results in a row are needed, except that a lost probe connection (the master's process
     /// died, or it went silent) makes an up backend suspect at once, and the next result (the

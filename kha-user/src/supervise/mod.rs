@@ -450,7 +450,7 @@ pub async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Whether terminating `pair`'s sockets helps: only if the frontend is not on the all-down
-/// fallback and another of its backends is proven up (not just unprobed, not failing) to take
+/// fallback, the pair's backend is not on its way back, and another of its backends is proven up (not just unprobed, not failing) to take
 /// the reconnects. Otherwise every node of the cluster would, in the same second, send every
 /// client straight back to the masters it had (or, on the fallback, to any of them, the dead
 /// ones included), for nothing but a relist storm.
@@ -464,6 +464,12 @@ fn verdict(
         return Verdict::Forget;
     };
     if on_fallback.contains(frontend) {
+        return Verdict::Hold;
+    }
+    // Its own last probe passed: it is coming back (masters recovering from one event pass
+    // their probes within a moment of each other), and moving its sockets now would reset
+    // them onto whichever master answered first, on every node. A failed probe ends the wait.
+    if health.get(&(*backend, f.health_path.clone())).is_some_and(BackendHealth::recovering) {
         return Verdict::Hold;
     }
     let up = |b: &SocketAddr| health.get(&(*b, f.health_path.clone())).is_some_and(BackendHealth::proven);

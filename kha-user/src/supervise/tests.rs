@@ -792,3 +792,36 @@ async fn sockets_a_previous_run_left_on_a_master_no_longer_configured_end_after_
     assert_eq!(terminated(&sup), [(addr(F), m(4))]);
     assert!(sup.terminator().terminated.last().unwrap().0 - start >= DRAIN);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_master_on_its_way_back_keeps_its_sockets_when_another_comes_back_first() {
+    // Every master hung at once, then all resumed: m1 is proven up first; m3's own probe has
+    // passed too (rise not reached yet). Resetting m3's sockets onto m1 would, on every node,
+    // pile the watches onto whichever master answered first.
+    let mut sup = supervisor(config(&[F], &[m(1), m(2), m(3)]));
+    all_down_then(&mut sup);
+    let before = terminated(&sup);
+    assert!(!before.contains(&(addr(F), m(3))), "held while all were down");
+    feed(&mut sup, m(3), &[ready()]);
+    feed(&mut sup, m(1), &[ready(), ready()]);
+    assert_eq!(state(&sup, m(1)), State::Up);
+    assert_eq!(terminated(&sup), before, "m3 is coming back: its sockets stay");
+    feed(&mut sup, m(3), &[ready()]);
+    assert_eq!(state(&sup, m(3)), State::Up);
+    run_deadlines_for(&mut sup, DRAIN * 2).await;
+    assert_eq!(terminated(&sup), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_master_that_fails_again_on_its_way_back_loses_its_sockets() {
+    let mut sup = supervisor(config(&[F], &[m(1), m(2), m(3)]));
+    all_down_then(&mut sup);
+    let before = terminated(&sup);
+    feed(&mut sup, m(3), &[ready()]);
+    feed(&mut sup, m(1), &[ready(), ready()]);
+    assert_eq!(terminated(&sup), before);
+    feed(&mut sup, m(3), &[refused()]);
+    let mut want = before;
+    want.push((addr(F), m(3)));
+    assert_eq!(terminated(&sup), want, "the wait ends with a failed probe");
+}
