@@ -44,6 +44,23 @@ pub struct Span {
     pub event: usize,
 }
 
+/// Applies a fault to master `master` (`set(.., true)`), holds it `hold_ms`, undoes it
+/// (`set(.., false)`); returns when it was applied and when the undo began.
+fn held(
+    w: &mut World,
+    master: usize,
+    hold_ms: u64,
+    set: impl Fn(&mut World, &str, bool) -> Result<()>,
+) -> Result<(Instant, Instant)> {
+    let m = w.names[master].clone();
+    let t = Instant::now();
+    set(w, &m, true)?;
+    pause(Duration::from_millis(hold_ms))?;
+    let u = Instant::now();
+    set(w, &m, false)?;
+    Ok((t, u))
+}
+
 /// Does `ev` (the `idx`-th event) to `w`, pushing its spans; returns a note for the table.
 pub fn apply(w: &mut World, ev: &Event, idx: usize, spans: &mut Vec<Span>) -> Result<String> {
     let name = |w: &World, m: usize| w.names[m].clone();
@@ -51,43 +68,25 @@ pub fn apply(w: &mut World, ev: &Event, idx: usize, spans: &mut Vec<Span>) -> Re
         |fault, master, start, undo| Span { fault, master, start, undo, end: Instant::now(), event: idx };
     let ms = |ms: u64| Duration::from_millis(ms);
     match ev {
-        Event::Kill { master, hold_ms } => {
-            let m = name(w, *master);
-            let t = Instant::now();
-            w.masters().kill(&m)?;
-            pause(ms(*hold_ms))?;
-            let u = Instant::now();
-            w.masters().restart(&m)?;
-            spans.push(span(Fault::Kill, Some(*master), t, u));
-        }
+        Event::Kill { master, hold_ms } => held(w, *master, *hold_ms, |w, m, on| match on {
+            true => w.masters().kill(m),
+            false => w.masters().restart(m),
+        })
+        .map(|(t, u)| spans.push(span(Fault::Kill, Some(*master), t, u)))?,
         Event::Hang { master, hold_ms } | Event::ShortPause { master, pause_ms: hold_ms } => {
-            let m = name(w, *master);
-            let t = Instant::now();
-            w.masters().freeze(&m, true)?;
-            pause(ms(*hold_ms))?;
-            let u = Instant::now();
-            w.masters().freeze(&m, false)?;
+            let (t, u) = held(w, *master, *hold_ms, |w, m, on| w.masters().freeze(m, on))?;
             let f = if matches!(ev, Event::Hang { .. }) { Fault::Hang } else { Fault::Pause };
             spans.push(span(f, Some(*master), t, u));
         }
         Event::Blackhole { master, hold_ms } => {
-            let m = name(w, *master);
-            let t = Instant::now();
-            w.masters().link(&m, true)?;
-            pause(ms(*hold_ms))?;
-            let u = Instant::now();
-            w.masters().link(&m, false)?;
-            spans.push(span(Fault::Blackhole, Some(*master), t, u));
+            held(w, *master, *hold_ms, |w, m, on| w.masters().link(m, on))
+                .map(|(t, u)| spans.push(span(Fault::Blackhole, Some(*master), t, u)))?
         }
-        Event::NotReady { master, hold_ms } => {
-            let m = name(w, *master);
-            let t = Instant::now();
-            w.masters().not_ready(&m)?;
-            pause(ms(*hold_ms))?;
-            let u = Instant::now();
-            w.masters().ready(&m)?;
-            spans.push(span(Fault::NotReady, Some(*master), t, u));
-        }
+        Event::NotReady { master, hold_ms } => held(w, *master, *hold_ms, |w, m, on| match on {
+            true => w.masters().not_ready(m),
+            false => w.masters().ready(m),
+        })
+        .map(|(t, u)| spans.push(span(Fault::NotReady, Some(*master), t, u)))?,
         Event::ReadyzFlap { master, flaps, bad_ms, good_ms } => {
             let m = name(w, *master);
             let t = Instant::now();
