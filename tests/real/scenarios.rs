@@ -360,17 +360,30 @@ pub fn discovery_follows_the_real_endpointslice() {
         t_join.elapsed().as_secs_f64()
     );
 
-    // least-connections sends a new client to the master holding none.
+    // client-go dials one connection per informer at start and keeps one of them for HTTP/2,
+    // whichever won the race: least-connections sends the first dial to m4, but the watch may
+    // stay on another master. The watchers that land elsewhere stay open and load m1..m3, so
+    // once each holds more than the dials one watcher makes (4 informers), every dial goes to
+    // m4: 3 x 5 watchers bound the tries.
+    let mut elsewhere = Vec::new();
     let mut on_m4 = None;
-    for _ in 0..8 {
+    for _ in 0..16 {
         let wt = d.watcher(Duration::from_secs(120));
         wait_for("kha-watch synced", Duration::from_secs(30), || wt.synced());
         if wt.current_peer().and_then(|p| d.master_of(&p)).as_deref() == Some("m4") {
             on_m4 = Some(wt);
             break;
         }
+        elsewhere.push(wt);
     }
-    let watcher = on_m4.expect("no watcher landed on the joined apiserver in 8 tries");
+    let watcher = on_m4.unwrap_or_else(|| {
+        let landed: Vec<Option<String>> =
+            elsewhere.iter().map(|wt| wt.current_peer().and_then(|p| d.master_of(&p))).collect();
+        panic!(
+            "least-connections sent none of 16 watchers to the joined apiserver: they landed on {landed:?}; kha's backends: {}",
+            d.bed.status().map(|s| s["frontends"][0]["backends"].to_string()).unwrap_or_default()
+        )
+    });
 
     let t0 = Instant::now();
     d.cp.sigterm_apiserver("m4").expect("SIGTERM m4");
