@@ -1,5 +1,13 @@
 //! Builds kha-ebpf for bpfel with the pinned toolchain and embeds the object (see loader.rs).
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// Where `cargo xtask setup` (and the Containerfile) put LLVM 22, which bpf-linker needs too.
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
@@ -18,5 +26,19 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::Custom("1.98"),
-    )
+    )?;
+    strip_dwarf(&PathBuf::from(std::env::var("OUT_DIR")?).join("kha"))
+}
+
+/// The object keeps BTF (map field names, the verifier's line info) and loses the DWARF that
+/// bpf-linker made it from: 400 KB of its 500, which the agent would map and page in.
+fn strip_dwarf(object: &Path) -> anyhow::Result<()> {
+    let objcopy = Path::new(LLVM_BIN).join("llvm-objcopy");
+    let status = Command::new(&objcopy).arg("--strip-debug").arg(object).status().with_context(|| {
+        format!("running {} (LLVM 22: `cargo xtask setup` installs it)", objcopy.display())
+    })?;
+    if !status.success() {
+        bail!("{} --strip-debug {} failed: {status}", objcopy.display(), object.display());
+    }
+    Ok(())
 }

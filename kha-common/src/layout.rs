@@ -65,6 +65,10 @@ pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+/// Hash entries allocated on update instead of all at creation: a map costs its buckets
+/// plus the entries it holds, not its capacity. For maps only the agent writes (an update
+/// may then fail with ENOMEM, which the agent reports; the datapath only reads them).
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// What a migration does with a map's entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +93,9 @@ pub struct MapSpec {
     /// The capacity the kernel side is compiled with; only `KHA_CONNS`'s can be changed at
     /// load time (`--max-conns`).
     pub max_entries: u32,
+    /// `BPF_F_*` creation flags; kha-ebpf's `maps.rs` passes the same. Not part of the
+    /// layout: a map pinned with other flags is migrated as for another capacity.
+    pub map_flags: u32,
     pub carry: Carry,
 }
 
@@ -106,21 +113,32 @@ const fn spec<K, V>(
         key_size: core::mem::size_of::<K>() as u32,
         value_size: core::mem::size_of::<V>() as u32,
         max_entries: max_entries as u32,
+        map_flags: 0,
         carry,
     }
 }
 
+const fn unpreallocated(s: MapSpec) -> MapSpec {
+    MapSpec { map_flags: BPF_F_NO_PREALLOC, ..s }
+}
+
 /// Every map but `KHA_LAYOUT` itself, which is written anew with every migration.
 pub const LAYOUTS: [MapSpec; 8] = [
-    spec::<ProbeKey, ProbeStatus>(
+    unpreallocated(spec::<ProbeKey, ProbeStatus>(
         MAP_PROBES,
         1,
         BPF_MAP_TYPE_HASH,
         MAX_FRONTENDS * MAX_BACKENDS_PER_FRONTEND,
         Carry::Rebuilt,
-    ),
-    spec::<ServiceKey, ServiceValue>(MAP_SERVICES, 1, BPF_MAP_TYPE_HASH, SERVICES_CAPACITY, Carry::Rebuilt),
-    spec::<u32, Backend>(MAP_BACKENDS, 1, BPF_MAP_TYPE_HASH, MAX_BACKENDS, Carry::Rebuilt),
+    )),
+    unpreallocated(spec::<ServiceKey, ServiceValue>(
+        MAP_SERVICES,
+        1,
+        BPF_MAP_TYPE_HASH,
+        SERVICES_CAPACITY,
+        Carry::Rebuilt,
+    )),
+    unpreallocated(spec::<u32, Backend>(MAP_BACKENDS, 1, BPF_MAP_TYPE_HASH, MAX_BACKENDS, Carry::Rebuilt)),
     spec::<u32, DatapathConfig>(MAP_CONFIG, 1, BPF_MAP_TYPE_ARRAY, 1, Carry::Rebuilt),
     spec::<u32, u64>(MAP_STATS, 1, BPF_MAP_TYPE_PERCPU_ARRAY, STATS_LEN, Carry::Kept),
     spec::<u32, BackendStats>(MAP_BACKEND_STATS, 1, BPF_MAP_TYPE_ARRAY, BACKEND_ARRAY_LEN, Carry::Kept),

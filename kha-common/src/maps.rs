@@ -54,13 +54,22 @@ pub const ALL_MAPS: [&str; 9] = [
 /// `loader::HOOKS`; the lab waits for this many links).
 pub const HOOK_COUNT: usize = 6;
 
-pub const MAX_FRONTENDS: usize = 128;
+/// Frontends per node: a node has one or two (`127.0.0.1:6443`, `[::1]:6443`), a few with a
+/// service VIP or a second control plane. The slot and probe maps' bucket arrays scale with it
+/// (16 bytes per entry of capacity, about 380 KiB at 32; 1.5 MiB at 128).
+pub const MAX_FRONTENDS: usize = 32;
 pub const MAX_BACKENDS_PER_FRONTEND: usize = 255;
 /// Backend ids are `1..=MAX_BACKENDS`; per-backend arrays have `MAX_BACKENDS + 1` entries.
 pub const MAX_BACKENDS: usize = 4096;
 pub const BACKEND_ARRAY_LEN: usize = MAX_BACKENDS + 1;
-/// Redirected sockets tracked at once (LRU: the oldest entry goes if a close was missed).
-pub const CONNS_CAPACITY: usize = 65536;
+/// Redirected sockets tracked at once by default (LRU: the oldest entry goes when it is
+/// full). A node opens tens to hundreds of connections to its apiservers (kubelet, kube-proxy,
+/// the CNI and other host-network agents); each entry pins about 120 bytes whether used or
+/// not, so the default is ample rather than vast, and `--max-conns` raises it.
+pub const CONNS_CAPACITY: usize = 16384;
+/// The range `--max-conns` accepts.
+pub const MIN_CONNS: usize = 1024;
+pub const MAX_CONNS: usize = 1 << 24;
 /// The two slot regions of a frontend start after these bases.
 pub const SLOT_BASES: [u16; 2] = [0, MAX_BACKENDS_PER_FRONTEND as u16];
 /// Every frontend may hold its slot 0 plus two full regions (the live one and the next).
@@ -353,6 +362,6 @@ mod tests {
     fn capacities_cover_a_full_table() {
         // Both regions' slot numbers fit the u16 slot field.
         assert!(2 * MAX_BACKENDS_PER_FRONTEND < u16::MAX as usize);
-        assert_eq!(SERVICES_CAPACITY, 128 * 511);
+        assert_eq!(SERVICES_CAPACITY, 32 * 511);
     }
 }

@@ -8,16 +8,20 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kha_common::{
-    BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
-    LAYOUT_SLOTS, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MapLayout, ProbeKey, ProbeStatus,
-    SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue,
+    BACKEND_ARRAY_LEN, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn,
+    DatapathConfig, LAYOUT_SLOTS, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MapLayout,
+    ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue,
 };
 
+/// Entries are allocated as the agent writes them (`BPF_F_NO_PREALLOC`, as kha-common's
+/// `LAYOUTS` says): the capacity is for 128 frontends, a node uses a few, and a preallocated
+/// map would pin 6.8 MB for it. Lookups, all the datapath does, cost the same.
 #[btf_map(pin_by_name)]
-pub static KHA_SVC: HashMap<ServiceKey, ServiceValue, SERVICES_CAPACITY> = HashMap::new();
+pub static KHA_SVC: HashMap<ServiceKey, ServiceValue, SERVICES_CAPACITY, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 #[btf_map(pin_by_name)]
-pub static KHA_BACKENDS: HashMap<u32, Backend, MAX_BACKENDS> = HashMap::new();
+pub static KHA_BACKENDS: HashMap<u32, Backend, MAX_BACKENDS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 #[btf_map(pin_by_name)]
 pub static KHA_CONFIG: Array<DatapathConfig, 1> = Array::new();
@@ -37,8 +41,12 @@ pub static KHA_CONNS: LruHashMap<u64, Conn, CONNS_CAPACITY> = LruHashMap::new();
 /// Written by the agent for `kha status`; declared here so it is created and pinned with the
 /// others. Not preallocated: most of its capacity is never used.
 #[btf_map(pin_by_name)]
-pub static KHA_PROBES: HashMap<ProbeKey, ProbeStatus, { MAX_FRONTENDS * MAX_BACKENDS_PER_FRONTEND }, 1> =
-    HashMap::new();
+pub static KHA_PROBES: HashMap<
+    ProbeKey,
+    ProbeStatus,
+    { MAX_FRONTENDS * MAX_BACKENDS_PER_FRONTEND },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// What each pinned map's layout is (kha-common `layout`). Written by the agent only.
 #[btf_map(pin_by_name)]

@@ -12,6 +12,8 @@ pub struct Pinned {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub map_flags: u32,
     pub version: Option<u32>,
 }
 
@@ -50,6 +52,8 @@ pub enum Action {
 pub enum Why {
     /// Same layout, another capacity (`--max-conns`).
     Capacity { from: u32, to: u32 },
+    /// Same layout and entries, other creation flags (e.g. a map no longer preallocated).
+    Flags { from: u32, to: u32 },
     /// Migrated because the other half of the backend table is (`KHA_SVC` and
     /// `KHA_BACKENDS` move together).
     Tied,
@@ -90,11 +94,18 @@ pub fn decide(pinned: Option<&Pinned>, want: &Wanted) -> Result<Action, Refusal>
             }
         };
     }
+    // Same layout: the entries can be copied as they are. The backend map is rebuilt by the
+    // agent, but from the entries it finds, so copying it keeps every backend's id (which the
+    // counters and the open connections' entries refer to).
+    let copy = kept || spec.name == MAP_BACKENDS;
     if p.max_entries != want.max_entries {
         return Ok(Action::Migrate {
-            copy: kept,
+            copy,
             why: Why::Capacity { from: p.max_entries, to: want.max_entries },
         });
+    }
+    if p.map_flags != spec.map_flags {
+        return Ok(Action::Migrate { copy, why: Why::Flags { from: p.map_flags, to: spec.map_flags } });
     }
     Ok(Action::Reuse)
 }
@@ -146,6 +157,7 @@ mod tests {
             key_size: w.spec.key_size,
             value_size: w.spec.value_size,
             max_entries: w.max_entries,
+            map_flags: w.spec.map_flags,
             version,
         }
     }
@@ -176,7 +188,10 @@ mod tests {
         let bigger = Wanted { max_entries: w.max_entries * 2, ..w };
         assert_eq!(
             decide(Some(&pinned_as(&w, Some(1))), &bigger),
-            Ok(Action::Migrate { copy: true, why: Why::Capacity { from: 65536, to: 131072 } })
+            Ok(Action::Migrate {
+                copy: true,
+                why: Why::Capacity { from: w.max_entries, to: 2 * w.max_entries }
+            })
         );
         let w = want(MAP_SERVICES);
         let bigger = Wanted { max_entries: w.max_entries + 1, ..w };
@@ -184,6 +199,30 @@ mod tests {
             decide(Some(&pinned_as(&w, Some(1))), &bigger),
             Ok(Action::Migrate { copy: false, .. })
         ));
+    }
+
+    /// KHA_SVC and KHA_BACKENDS as a kha before `BPF_F_NO_PREALLOC` pinned them.
+    #[test]
+    fn other_flags_migrate_and_the_backends_keep_their_ids() {
+        let preallocated = |name| {
+            let w = want(name);
+            assert_eq!(w.spec.map_flags, kha_common::BPF_F_NO_PREALLOC, "{name}");
+            (Pinned { map_flags: 0, ..pinned_as(&w, Some(1)) }, w)
+        };
+        let (svc, backends) = (preallocated(MAP_SERVICES), preallocated(MAP_BACKENDS));
+        let flags = Why::Flags { from: 0, to: kha_common::BPF_F_NO_PREALLOC };
+        assert_eq!(decide(Some(&svc.0), &svc.1), Ok(Action::Migrate { copy: false, why: flags }));
+        assert_eq!(decide(Some(&backends.0), &backends.1), Ok(Action::Migrate { copy: true, why: flags }));
+        let conns = want(MAP_CONNS);
+        let plan = plan([(Some(&svc.0), svc.1), (Some(&backends.0), backends.1), (None, conns)]).unwrap();
+        assert_eq!(
+            plan.iter().map(|(w, a)| (w.spec.name, *a)).collect::<Vec<_>>(),
+            [
+                (MAP_SERVICES, Action::Migrate { copy: false, why: flags }),
+                (MAP_BACKENDS, Action::Migrate { copy: true, why: flags }),
+                (MAP_CONNS, Action::Create),
+            ]
+        );
     }
 
     #[test]

@@ -96,7 +96,8 @@ struct RunArgs {
     /// Redirected sockets tracked at once (the conn map's capacity; the oldest entry goes when
     /// it is full). A change migrates the pinned map at start, open connections carried over.
     #[arg(long, default_value_t = kha_common::CONNS_CAPACITY as u32,
-          value_parser = clap::value_parser!(u32).range(1024..=(1 << 24)))]
+          value_parser = clap::value_parser!(u32)
+              .range(kha_common::MIN_CONNS as i64..=kha_common::MAX_CONNS as i64))]
     max_conns: u32,
     #[command(flatten)]
     health: HealthArgs,
@@ -409,8 +410,8 @@ fn run(args: RunArgs) -> Result<()> {
 
 /// The agent loop (the only writer of the maps) runs in `block_on` on the main thread, and
 /// everything it spawns (probes, endpoints, discovery) on a worker thread of its own. The
-/// loop's calls block at times (a SOCK_DESTROY run dumps the sockets and scans the 65,536-entry
-/// conn map); with a current-thread runtime that would stall every probe and timer with it.
+/// loop's calls block at times (a SOCK_DESTROY run dumps the sockets and scans the conn
+/// map); with a current-thread runtime that would stall every probe and timer with it.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -124,8 +124,8 @@ fn a_conn_capacity_change_migrates_under_a_connect_loop_and_keeps_open_connectio
     start_tls(&mut bed, &["--max-conns", "2048"]);
     assert_eq!(max_entries(&bed, "KHA_CONNS"), 2048);
     assert_eq!(record(&bed, "KHA_CONNS")["max_entries"], 2048);
-    // The default capacity, 65536: the pinned 2048-entry conn map must be migrated.
-    upgrade_under_load(&mut bed, &[], 2048, 65536);
+    // The default capacity: the pinned 2048-entry conn map must be migrated.
+    upgrade_under_load(&mut bed, &[], 2048, kha_common::CONNS_CAPACITY as u64);
 }
 
 /// A build from before `KHA_LAYOUT` (`KHA_OLD_BIN`, e.g. main's `kha` before the record) pinned
@@ -140,10 +140,74 @@ fn an_upgrade_from_a_build_before_the_layout_record_fails_no_connect() {
     start_tls(&mut bed, &[]);
     assert!(!bed.pin_dir.join("maps/KHA_LAYOUT").exists(), "KHA_OLD_BIN already records layouts");
     bed.kha_bin = new;
+    // 65536: the default of the builds before the record.
     upgrade_under_load(&mut bed, &["--max-conns", "32768"], 65536, 32768);
     for map in kha_common::LAYOUTS {
         assert_eq!(record(&bed, map.name)["version"], map.version, "{map:?}");
     }
+}
+
+/// A backend table migrated with the slots (here: slots recorded with an older version) keeps
+/// every backend's counters, so the open connections' `active` stays exact. The agent's sync
+/// into the staged set used to find its backend table empty, take every backend for a new
+/// one and zero its counters in the shared `KHA_BE_STATS`.
+#[test]
+fn a_migrated_backend_table_keeps_the_open_connections_counted() {
+    let Some(mut bed) = harness::bed(3) else { return };
+    start_tls(&mut bed, &[]);
+    let clients = [LiveClient::start(&bed, 900), LiveClient::start(&bed, 900)];
+    let first: Vec<Value> = clients.iter().map(|c| c.next()).collect();
+    assert!(first.iter().all(|r| r["error"].is_null()), "{first:?}");
+    let before = active_against_conns(&bed);
+    assert!(!before.is_empty() && before.iter().all(|(_, active, open)| active == open), "{before:?}");
+    assert_eq!(bed.stop_agent(libc::SIGTERM).unwrap().code(), Some(0));
+    claim_version(&bed, "KHA_SVC", 0);
+    start_tls(&mut bed, &[]);
+    wait_for("the old map set removed", Duration::from_secs(10), || !bed.pin_dir.join("maps-next").exists());
+    for (c, f) in clients.iter().zip(&first) {
+        let r = c.next();
+        assert!(r["error"].is_null() && r["reused"] == true && r["local"] == f["local"], "{f} then {r}");
+    }
+    assert_eq!(active_against_conns(&bed), before, "(backend id, active, open sockets) after the migration");
+    let log = bed.agent_log_text();
+    assert!(log.contains("KHA_BACKENDS: migrated (Tied), 3 entries copied"), "{log}");
+}
+
+/// The build before the backend table stopped being preallocated (`KHA_PREV_BIN`, e.g. main's
+/// `kha` from before `BPF_F_NO_PREALLOC`, whose conn map default was 65536) pinned the maps;
+/// this one migrates `KHA_SVC` and `KHA_BACKENDS` to their new flags, the backends with their
+/// ids (and `active`, which a sync into an empty staged table used to reset), and the conn map
+/// to the new default capacity, with no connect failing.
+#[test]
+#[ignore = "needs KHA_PREV_BIN: a kha whose KHA_SVC and KHA_BACKENDS are preallocated"]
+fn an_upgrade_to_unpreallocated_maps_fails_no_connect_and_keeps_backend_ids() {
+    let prev = std::env::var_os("KHA_PREV_BIN").expect("KHA_PREV_BIN: a kha with preallocated maps");
+    let Some(mut bed) = harness::bed(3) else { return };
+    let new = std::mem::replace(&mut bed.kha_bin, prev.into());
+    start_tls(&mut bed, &[]);
+    let flags =
+        |bed: &Bed, map: &str| bpftool(&["map", "show", "pinned", &map_path(bed, map)])["flags"].clone();
+    assert_eq!(flags(&bed, "KHA_SVC"), 0, "KHA_PREV_BIN already leaves KHA_SVC unpreallocated");
+    let ids = |bed: &Bed| {
+        let mut v: Vec<String> =
+            dump(bed, "KHA_BACKENDS").iter().map(|e| e["formatted"].to_string()).collect();
+        v.sort();
+        v
+    };
+    let before = ids(&bed);
+    bed.kha_bin = new;
+    upgrade_under_load(&mut bed, &[], 65536, kha_common::CONNS_CAPACITY as u64);
+    let log = bed.agent_log_text();
+    // KHA_SVC's capacity changed too (32 frontends, not 128): that is what its line says.
+    for map in
+        ["KHA_SVC: migrated (Capacity", "KHA_BACKENDS: migrated (Flags { from: 0, to: 1 }), 3 entries copied"]
+    {
+        assert!(log.contains(map), "{map} not in the log: {log}");
+    }
+    for spec in kha_common::LAYOUTS {
+        assert_eq!(flags(&bed, spec.name), spec.map_flags, "{}", spec.name);
+    }
+    assert_eq!(ids(&bed), before, "the backends' ids and entries changed in the migration");
 }
 
 /// Two long-lived connections and a connect loop while the agent restarts with `restart`

@@ -79,6 +79,32 @@ pub fn build_debug() -> Result<()> {
     cargo(&[&["build", "-p", "kha-user", "-p", "kha-lab"], quiet].concat())
 }
 
+/// The target of the agent's static build on this machine.
+pub fn dist_target() -> String {
+    format!("{}-unknown-linux-musl", std::env::consts::ARCH)
+}
+
+/// The agent as operators run it: the `dist` profile (LTO, one codegen unit, no symbols,
+/// abort on panic), linked statically against musl, which leaves no shared C library mapped
+/// (2 MB of the dynamic build's 7 MB resident). About 4 minutes on 2 cores from scratch;
+/// returns its path.
+pub fn build_dist() -> Result<PathBuf> {
+    let target = dist_target();
+    let bin = target_dir().join(&target).join("dist/kha");
+    if !bin.exists() {
+        eprintln!(
+            "build: the agent as operators run it (dist profile, static; the first build takes about 4 minutes on 2 cores)"
+        );
+    }
+    // cc-rs looks for `<arch>-linux-musl-gcc`; Debian's musl-tools calls it `musl-gcc`.
+    let cc = format!("CC_{}", target.replace('-', "_"));
+    cargo_env(
+        &["build", "--quiet", "--profile", "dist", "--target", &target, "-p", "kha-user"],
+        &[(&cc, "musl-gcc")],
+    )?;
+    Ok(bin)
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

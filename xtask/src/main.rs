@@ -76,10 +76,10 @@ fn main() {
 fn run(args: Vec<String>) -> Result<()> {
     setup::setup()?;
     cmd::require_root("kha attaches eBPF programs")?;
-    cmd::cargo(&["build", "--release", "-p", "kha-user"])?;
+    let kha = cmd::build_dist()?;
     let mut full = vec!["run".to_string()];
     full.extend(args);
-    cmd::exec(&cmd::target_dir().join("release/kha"), &full)
+    cmd::exec(&kha, &full)
 }
 
 fn test(filter: Option<String>) -> Result<()> {
@@ -110,6 +110,8 @@ fn test(filter: Option<String>) -> Result<()> {
             bench::failover_quick_check(false)?;
             // The same against the real control plane, watchers included.
             bench::failover_quick_check(true)?;
+            // The agent's static build with discovery on, against the real control plane.
+            bench::memory_quick_check()?;
             // Every chaos event kind once, invariants judged (about 90 s).
             chaos::chaos(chaos::ChaosArgs::quick())?;
         } else if ci {

@@ -557,7 +557,9 @@ fn containerfile_builds_as_xtask_setup_does_and_ships_what_the_manifests_run() {
         "llvm-22-dev".to_owned(),
         "rustup toolchain install".to_owned(),
         "bpftool".to_owned(),
-        format!("install -m 0755 target/release/kha {KHA}"),
+        "musl-tools".to_owned(),
+        "cargo build --profile dist --target \"$target\" --locked -p kha-user".to_owned(),
+        format!("install -m 0755 \"target/$target/dist/kha\" {KHA}"),
         format!("COPY --from=build {KHA} {KHA}"),
         format!("ENTRYPOINT [\"{KHA}\"]"),
     ] {

@@ -232,7 +232,9 @@ pub fn load(pins: &PinDir, conns_capacity: u32, netns: Option<&Path>) -> Result<
         result.map_err(|source| LoaderError::Program { program: hook.program, source })?;
     }
     migrate::write_record(&maps_dir, &plan)?;
-    let maps = plan.iter().map(|(w, a)| (w.spec.name, *a, 0)).collect();
+    let prefilled = if migrating { migrate::prefill(pins, &plan)? } else { vec![] };
+    let count = |name| prefilled.iter().find(|(m, _)| *m == name).map_or(0, |(_, n)| *n);
+    let maps = plan.iter().map(|(w, a)| (w.spec.name, *a, count(w.spec.name))).collect();
     Ok(Loaded {
         ebpf,
         maps_dir,
@@ -338,7 +340,9 @@ impl Loaded {
             // the swap is what `commit` must carry over, and less of it is better.
             let (carried, copied) = migrate::fill(&pins.maps(), &self.maps_dir, &plan)?;
             for (map, _, n) in &mut self.report.maps {
-                *n = copied.iter().find(|(m, _)| m == map).map_or(0, |(_, c)| *c);
+                if let Some((_, c)) = copied.iter().find(|(m, _)| m == map) {
+                    *n = *c;
+                }
             }
             self.carried = Some(carried);
         }
@@ -490,4 +494,29 @@ pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use kha_common::{LAYOUTS, MAP_LAYOUT};
+
+    /// The layout check compares pinned maps with `LAYOUTS`; the object must define the same
+    /// maps, or aya would refuse a map the plan called reusable.
+    #[test]
+    fn the_object_defines_the_maps_layouts_describes() {
+        let obj = aya_obj::Object::parse(super::OBJECT).expect("kha's object parses");
+        for spec in LAYOUTS {
+            let m = obj.maps.get(spec.name).unwrap_or_else(|| panic!("{} not in the object", spec.name));
+            assert_eq!(
+                (m.map_type(), m.key_size(), m.value_size(), m.max_entries(), m.map_flags()),
+                (spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.map_flags),
+                "{}",
+                spec.name
+            );
+        }
+        // Besides the global data sections (`.rodata`), only the record itself has no layout.
+        let named: Vec<_> = obj.maps.keys().filter(|n| !n.starts_with('.')).collect();
+        assert!(obj.maps.contains_key(MAP_LAYOUT));
+        assert_eq!(named.len(), LAYOUTS.len() + 1, "a map without a layout: {named:?}");
+    }
 }

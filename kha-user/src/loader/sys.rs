@@ -139,6 +139,7 @@ pub struct MapInfo {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    pub map_flags: u32,
 }
 
 pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
@@ -155,6 +156,7 @@ pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
         key_size: u32_at(8),
         value_size: u32_at(12),
         max_entries: u32_at(16),
+        map_flags: u32_at(20),
     })
 }
 

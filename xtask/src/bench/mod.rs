@@ -9,6 +9,8 @@
 //! - [`procfs`]: CPU and memory of a load balancer; kha's program run time.
 //! - [`report`], [`plot`], [`machine`]: `target/bench/results.{json,md,svg}`.
 //! - [`failover`]: `cargo xtask bench failover`, `target/bench/failover.{json,md}`.
+//! - [`memory`]: `cargo xtask bench memory`, the agent with discovery on against the real
+//!   control plane, `target/bench/memory.{json,md}`.
 //!
 //! How to read and reproduce the results: `docs/benchmarks.md`.
 
@@ -16,6 +18,7 @@ mod failover;
 mod figures;
 mod lab;
 mod machine;
+mod memory;
 mod plot;
 mod probe_cost;
 mod procfs;
@@ -41,6 +44,9 @@ pub enum Suite {
     /// What probing costs a real kube-apiserver (kept-alive `/readyz` against a new TLS
     /// connection each, as haproxy does), and the fleet model built on it.
     ProbeCost,
+    /// The agent's memory with discovery on against the real control plane, idle and under
+    /// c=128 HTTPS, by part (anonymous, file-backed, each map).
+    Memory,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -153,10 +159,29 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         println!("written: {}/probe-cost.{{json,md}}", dir.display());
         return Ok(());
     }
+    if args.suite == Some(Suite::Memory) {
+        let dir = memory::run(&args)?;
+        println!("{}", std::fs::read_to_string(dir.join("memory.md")).unwrap_or_default());
+        println!("written: {}/memory.{{json,md}}", dir.display());
+        return Ok(());
+    }
     let dir = run_bench(&args)?;
     let md = std::fs::read_to_string(dir.join(report::MARKDOWN)).unwrap_or_default();
     println!("{md}");
     println!("written: {}/{{{},{},{}}}", dir.display(), report::JSON, report::MARKDOWN, report::PLOT);
+    Ok(())
+}
+
+/// Runs `cargo xtask bench memory --quick` and checks that it measured both phases with
+/// discovery serving every master (never how much memory it was). Needs root.
+#[allow(dead_code, reason = "called by `cargo xtask test`")]
+pub fn memory_quick_check() -> Result<()> {
+    let dir = memory::run(&BenchArgs { quick: true, suite: Some(Suite::Memory), ..BenchArgs::default() })?;
+    memory::verify(&dir)?;
+    println!(
+        "bench memory --quick: both phases measured, discovery serving every master ({})",
+        dir.display()
+    );
     Ok(())
 }
 
@@ -170,32 +195,36 @@ pub fn quick_check() -> Result<()> {
     Ok(())
 }
 
-/// What both benches do first: set-up, root, the build they measure (release for real
-/// figures: a debug TLS stack in the masters and the client would be what is measured; --quick
-/// only checks the harness and uses the debug build the tests use), the binaries' paths for the
-/// bed, the proxies, and the output directory. Returns (binaries dir, "release"/"debug", out).
+/// What the benches do first: set-up, root, the builds they measure (kha as operators run it,
+/// the `dist` build; the lab release for real figures: a debug TLS stack in the masters and
+/// the client would be what is measured; --quick only checks the harness and uses the
+/// lab's debug build), the binaries' paths for the bed, the proxies, and the output
+/// directory. Returns (the agent's binary, the lab's "release"/"debug", out).
 pub(crate) fn prepare(args: &BenchArgs, why: &str) -> Result<(PathBuf, &'static str, PathBuf)> {
     setup::setup()?;
     cmd::require_root(why)?;
     let release = args.release || !args.quick;
     let kind = if release { "release" } else { "debug" };
     if release {
-        cmd::cargo(&["build", "--quiet", "--release", "-p", "kha-user", "-p", "kha-lab"])?;
+        cmd::cargo(&["build", "--quiet", "--release", "-p", "kha-lab"])?;
     } else {
         cmd::build_debug()?;
     }
     let bin = cmd::target_dir().join(kind);
+    // The agent as operators run it, also with --quick: its memory is one of the figures,
+    // and its static build must keep working.
+    let kha = cmd::build_dist()?;
     // SAFETY: no other thread runs yet; the bed reads these to find the binaries.
     unsafe {
         std::env::set_var("KHA_LAB_BIN", bin.join("kha-lab"));
-        std::env::set_var("KHA_BIN", bin.join("kha"));
+        std::env::set_var("KHA_BIN", &kha);
     }
     proxy::ensure_installed()?;
     let out = args.out.clone().unwrap_or_else(|| {
         let d = cmd::target_dir().join("bench");
         if args.quick { d.join("quick") } else { d }
     });
-    Ok((bin, kind, out))
+    Ok((kha, kind, out))
 }
 
 fn run_bench(args: &BenchArgs) -> Result<PathBuf> {
@@ -226,7 +255,7 @@ fn run_bench(args: &BenchArgs) -> Result<PathBuf> {
         run::run(&mut lab, &profile)?
         // The lab drops here: proxies, listeners, agent, pins, namespaces, cgroup.
     };
-    let mut settings = profile.settings(kind);
+    let mut settings = profile.settings(&format!("kha dist (static), lab {kind}"));
     // Other work on the machine moves the figures: say how busy it was.
     settings.insert("load average before".into(), load_before);
     settings.insert("load average after".into(), loadavg());

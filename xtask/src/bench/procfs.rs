@@ -2,7 +2,7 @@
 //! processes (`/proc`), and for kha the kernel's own count of time spent in its programs
 //! and the memory its maps and programs pin (`bpftool`).
 
-use std::{fs, process::Command};
+use std::{collections::BTreeMap, fs, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
@@ -51,8 +51,13 @@ pub fn cpu_ns(pid: u32) -> Option<u64> {
 
 /// VmRSS in bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// A `/proc/<pid>/status` size field (`VmRSS`, `RssAnon`, `RssFile`) in bytes.
+pub fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.split(':').next() == Some(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -99,8 +104,45 @@ pub fn prog_info(id: u64) -> Result<ProgInfo> {
     })
 }
 
-pub fn map_memlock(id: u64) -> Result<u64> {
-    Ok(bpftool_json(&["map", "show", "id", &id.to_string()])?["bytes_memlock"].as_u64().unwrap_or(0))
+/// The id of the map pinned at `path`.
+fn pinned_map_id(path: &std::path::Path) -> Result<u64> {
+    let info = bpftool_json(&["map", "show", "pinned", &path.display().to_string()])?;
+    info["id"].as_u64().with_context(|| format!("bpftool shows no id for {}", path.display()))
+}
+
+/// What kha pins in the kernel: its programs' memlock, and each map's by name.
+#[derive(Debug, Clone, Default)]
+pub struct KhaPinned {
+    pub programs: u64,
+    pub maps: BTreeMap<String, u64>,
+}
+
+impl KhaPinned {
+    pub fn total(&self) -> u64 {
+        self.programs + self.maps.values().sum::<u64>()
+    }
+}
+
+/// The programs of the bed's pinned links, the maps they use and those only the agent uses
+/// (`KHA_PROBES`, `KHA_LAYOUT`: pinned under the bed's pin dir), each once.
+pub fn kha_pinned(bed: &kha_lab::bed::Bed) -> Result<KhaPinned> {
+    let mut out = KhaPinned::default();
+    let mut ids = std::collections::BTreeSet::new();
+    for id in bed.prog_ids() {
+        let p = prog_info(id)?;
+        out.programs += p.memlock;
+        ids.extend(p.map_ids);
+    }
+    let dir = bed.pin_dir.join("maps");
+    for pin in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        ids.insert(pinned_map_id(&pin?.path())?);
+    }
+    for id in ids {
+        let m = bpftool_json(&["map", "show", "id", &id.to_string()])?;
+        let name = m["name"].as_str().unwrap_or("?").to_owned();
+        out.maps.insert(name, m["bytes_memlock"].as_u64().unwrap_or(0));
+    }
+    Ok(out)
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";

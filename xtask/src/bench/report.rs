@@ -279,8 +279,12 @@ pub fn num(v: f64) -> String {
     }
 }
 
+/// The memory figures and their goal: the agent's RSS plus its maps' and programs' memlock.
+const MEMORY_FIGURES: [&str; 2] = ["rss_idle", "rss_load"];
+const MEMORY_GOAL_MIB: f64 = 10.0;
+
 /// kha against the goals: within 3 % of direct on every rate and throughput, within 1 µs
-/// of direct on connect latency.
+/// of direct on connect latency, at most 10 MiB of memory.
 fn goals(figures: &[FigureResult]) -> Vec<Goal> {
     let mut v = Vec::new();
     for f in figures {
@@ -302,6 +306,10 @@ fn goals(figures: &[FigureResult]) -> Vec<Goal> {
                 let diff = both.and_then(|(k, d)| paired(&k, &d, |a, b| a - b));
                 let measured = diff.map_or("not measured".into(), |d| format!("{d:+.2} µs"));
                 ("kha within 1 µs of direct", measured, diff.is_some_and(|d| d <= 1.0))
+            }
+            Kind::Cost if MEMORY_FIGURES.contains(&f.figure.id.as_str()) => {
+                let measured = kha.map_or("not measured".into(), |k| format!("{k:.1} MiB"));
+                ("kha at most 10 MiB", measured, kha.is_some_and(|k| k <= MEMORY_GOAL_MIB))
             }
             _ => continue,
         };
@@ -407,5 +415,15 @@ mod tests {
         assert!(!g.met, "{g:?}");
         assert_eq!(g.measured, "+1.50 µs");
         assert!(r.goals.iter().find(|g| g.figure.contains("bulk")).unwrap().met);
+        // Above 10 MiB is not met; 10 and less is.
+        let memory = |r: &Report, label| r.goals.iter().find(|g| g.figure == label).cloned().unwrap();
+        assert!(memory(&r, "LB memory, idle").met, "{:?}", memory(&r, "LB memory, idle"));
+        values.values.get_mut("rss_idle").unwrap().insert("kha".into(), vec![10.5]);
+        values.values.get_mut("rss_load").unwrap().insert("kha".into(), vec![9.5]);
+        let r = Report::build("quick", 1, 1.0, Machine::default(), BTreeMap::new(), &values, BTreeMap::new());
+        assert!(!memory(&r, "LB memory, idle").met, "{:?}", memory(&r, "LB memory, idle"));
+        let r = Report::build("quick", 1, 1.0, Machine::default(), BTreeMap::new(), &values, BTreeMap::new());
+        let g = memory(&r, "LB memory, under load (c=128)");
+        assert!(g.met && g.measured == "9.5 MiB", "{g:?}");
     }
 }

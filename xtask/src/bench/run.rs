@@ -72,17 +72,7 @@ impl Meter {
         if self.lb != Lb::Kha {
             return Ok(0);
         }
-        let mut total = 0;
-        let mut maps = std::collections::BTreeSet::new();
-        for id in lab.bed.prog_ids() {
-            let p = procfs::prog_info(id)?;
-            total += p.memlock;
-            maps.extend(p.map_ids);
-        }
-        for m in maps {
-            total += procfs::map_memlock(m)?;
-        }
-        Ok(total)
+        Ok(procfs::kha_pinned(&lab.bed)?.total())
     }
 
     /// Resident memory of the LB's processes (kha: the agent), cheap enough to sample.

@@ -21,8 +21,9 @@ pub mod controlplane;
 pub mod fuzz;
 
 /// Debian packages: LLVM 22 for bpf-linker (rustc 1.98 emits LLVM 22 bitcode), bpftool to
-/// inspect maps and programs, iproute2 for the lab's namespaces.
-const PACKAGES: [&str; 3] = ["llvm-22-dev", "bpftool", "iproute2"];
+/// inspect maps and programs, iproute2 for the lab's namespaces, musl-tools for the C parts of
+/// the agent's static build (ring's, compiled with `musl-gcc`; see `cmd::build_dist`).
+const PACKAGES: [&str; 4] = ["llvm-22-dev", "bpftool", "iproute2", "musl-tools"];
 const BPF_LINKER: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// As in rust-toolchain.toml.
@@ -31,7 +32,25 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 pub fn setup() -> Result<()> {
     debian_packages("the build", &PACKAGES, "about a minute")?;
-    bpf_linker()
+    bpf_linker()?;
+    musl_target()
+}
+
+/// The Rust standard library for the agent's static build, for this machine's architecture
+/// (rust-toolchain.toml cannot say "the host's").
+fn musl_target() -> Result<()> {
+    let target = cmd::dist_target();
+    let mut list = cmd::command("rustup");
+    list.args(["target", "list", "--installed", "--toolchain", TOOLCHAIN]);
+    let installed = list.output().with_context(|| "running rustup target list")?;
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    step(&format!("adding the Rust target {target} (the agent's static build)"), "10-30 seconds", || {
+        let mut add = cmd::command("rustup");
+        add.args(["target", "add", "--toolchain", TOOLCHAIN, &target]);
+        cmd::status_quiet(add)
+    })
 }
 
 /// One step of the set-up: says what it does and its usual duration, runs, says how long it

@@ -22,10 +22,6 @@ enum Base {
     BackendStats(Vec<BackendStats>),
     /// The cookies copied so far, with the state they were copied in.
     Conns(BTreeMap<u64, u32>),
-    /// Written by the agent only (none runs during a migration): one copy is all.
-    Backends {
-        done: bool,
-    },
 }
 
 /// A map whose entries are being carried from the old set to the new.
@@ -52,7 +48,8 @@ pub(in crate::loader) fn fill(
             MAP_CONNS => Base::Conns(BTreeMap::new()),
             MAP_STATS => Base::Stats(vec![]),
             MAP_BACKEND_STATS => Base::BackendStats(vec![]),
-            MAP_BACKENDS => Base::Backends { done: false },
+            // Copied when the set was staged (`copy_backends`), before the agent's sync.
+            MAP_BACKENDS => continue,
             other => {
                 return Err(LoaderError::Unsupported(format!(
                     "no way to carry {other}'s entries; the build is broken"
@@ -89,11 +86,6 @@ pub(in crate::loader) fn carry(
         Base::Conns(copied) => copy_conns(&old, &new, copied, served),
         Base::Stats(base) => add_stats(&old, &new, base),
         Base::BackendStats(base) => add_backend_stats(&old, &new, base),
-        Base::Backends { done: true } => Ok(0),
-        Base::Backends { done } => {
-            *done = true;
-            copy_backends(&old, &new)
-        }
     }
 }
 
@@ -228,7 +220,12 @@ pub(super) fn copy_conns(
     Ok(written)
 }
 
-fn copy_backends(old_path: &Path, new_path: &Path) -> Result<usize, LoaderError> {
+/// The backend table into a staged set, before the agent syncs its desired table into it:
+/// written by the agent only, so one copy is all, and it must come first. A sync into an
+/// empty table would take every backend for a new one and reset its counters in the shared
+/// `KHA_BE_STATS` (the open connections' `active` with them), and a copy after the sync would
+/// bring back backends the sync removed.
+pub(in crate::loader) fn copy_backends(old_path: &Path, new_path: &Path) -> Result<usize, LoaderError> {
     let old: HashMap<_, u32, Backend> =
         HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
     let mut new: HashMap<_, u32, Backend> =

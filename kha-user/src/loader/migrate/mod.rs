@@ -21,18 +21,35 @@ use std::{
 };
 
 use aya::maps::{Array, Map, MapData, MapError};
-use kha_common::{LAYOUT_SLOTS, LAYOUTS, MAP_CONNS, MAP_LAYOUT, MapLayout};
+use kha_common::{LAYOUT_SLOTS, LAYOUTS, MAP_BACKENDS, MAP_CONNS, MAP_LAYOUT, MapLayout};
 
 mod carry;
 
 use carry::copy_conns;
 pub(super) use carry::{Carried, Counts, Served, carry, fill};
 
+/// The entries of the maps a staged set needs before the agent writes into it: the backend
+/// table, where the plan copies it (see `carry::copy_backends`). After the loader created the
+/// staged maps; returns the entries copied, per map.
+pub(super) fn prefill(pins: &PinDir, plan: &[(Wanted, Action)]) -> Result<Counts, LoaderError> {
+    let copies = |name| {
+        plan.iter().any(|(w, a)| w.spec.name == name && matches!(a, Action::Migrate { copy: true, .. }))
+    };
+    if !copies(MAP_BACKENDS) {
+        return Ok(vec![]);
+    }
+    let n = carry::copy_backends(&pins.maps().join(MAP_BACKENDS), &pins.staging().join(MAP_BACKENDS))?;
+    Ok(vec![(MAP_BACKENDS, n)])
+}
+
 use super::{HOOKS, LoaderError, PinDir, setup_err, sys};
 use crate::layout::{Action, Pinned, Wanted};
 
 /// `BPF_NOEXIST`: never overwrite what the new programs already wrote.
 const NOEXIST: u64 = 1;
+/// `BPF_F_RDONLY`, `BPF_F_WRONLY`.
+const BPF_F_RDONLY: u32 = 1 << 3;
+const BPF_F_WRONLY: u32 = 1 << 4;
 
 /// A map-level failure during a migration.
 fn map_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(MapError) -> LoaderError + 'a {
@@ -87,6 +104,8 @@ pub(super) fn pinned_state(
                 key_size: i.key_size,
                 value_size: i.value_size,
                 max_entries: i.max_entries,
+                // As aya compares them: the access modes describe the descriptor, not the map.
+                map_flags: i.map_flags & !(BPF_F_RDONLY | BPF_F_WRONLY),
                 version,
             };
             Ok((Some(p), *w))

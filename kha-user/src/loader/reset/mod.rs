@@ -33,7 +33,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{Iter, ProgramError},
 };
-use kha_common::{CONNS_CAPACITY, ITER_OFFSETS_GLOBAL, ITER_PROGRAM, TcpRecord};
+use kha_common::{ITER_OFFSETS_GLOBAL, ITER_PROGRAM, MAX_CONNS, TcpRecord};
 use records::{Sock, TCP_ESTABLISHED, canonical};
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -43,8 +43,8 @@ const ROUNDS: usize = 2;
 /// reset is processed when the packet is sent, or when the socket's owner releases its lock.
 const CHECKS: usize = 10;
 const CHECK_EVERY: Duration = Duration::from_millis(2);
-/// The iterator never lists more sockets than `KHA_CONNS` holds.
-const MAX_OUTPUT: u64 = (CONNS_CAPACITY * size_of::<TcpRecord>()) as u64;
+/// The iterator never lists more sockets than `KHA_CONNS` holds, at most `--max-conns`'s top.
+const MAX_OUTPUT: u64 = (MAX_CONNS * size_of::<TcpRecord>()) as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResetError {

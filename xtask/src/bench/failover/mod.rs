@@ -84,7 +84,7 @@ pub fn plan_for(args: &BenchArgs) -> Plan {
 
 /// Runs the failover bench; returns the directory written to.
 pub fn run(args: &BenchArgs) -> Result<PathBuf> {
-    let (bin, kind, out) = super::prepare(
+    let (kha, kind, out) = super::prepare(
         args,
         "the failover bench creates network namespaces, attaches eBPF programs and runs nginx and haproxy",
     )?;
@@ -94,7 +94,7 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
         unsafe { std::env::set_var("KHA_CONTROLPLANE_BIN", bins) };
     }
     let plan = plan_for(args);
-    let mut settings = kha_settings(&bin.join("kha"))?;
+    let mut settings = kha_settings(&kha)?;
     settings.insert("binaries".into(), kind.into());
     STOP.store(false, Ordering::SeqCst);
     // SAFETY: the handler only stores to an atomic.
