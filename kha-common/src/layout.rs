@@ -73,10 +73,14 @@ pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// What a migration does with a map's entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Carry {
-    /// Rebuilt by the agent before the programs switch (the backend table from its config,
-    /// the datapath settings, probe statuses) or safe to lose (suspicion marks): a new map
+    /// Rebuilt by the agent before the programs switch (the slots from its config, the
+    /// datapath settings, probe statuses) or safe to lose (suspicion marks): a new map
     /// starts empty.
     Rebuilt,
+    /// Rebuilt by the agent on top of the entries it finds: the backend table, whose ids the
+    /// counters and the open connections' entries refer to. Copied when the new set is
+    /// staged, before the agent writes into it, wherever the layout allows; else rebuilt.
+    Seeded,
     /// Copied entry by entry: the open sockets kha redirected and their counts, and the
     /// counters. Losing them loses the ability to terminate or count those sockets.
     Kept,
@@ -138,7 +142,7 @@ pub const LAYOUTS: [MapSpec; 8] = [
         SERVICES_CAPACITY,
         Carry::Rebuilt,
     )),
-    unpreallocated(spec::<u32, Backend>(MAP_BACKENDS, 1, BPF_MAP_TYPE_HASH, MAX_BACKENDS, Carry::Rebuilt)),
+    unpreallocated(spec::<u32, Backend>(MAP_BACKENDS, 1, BPF_MAP_TYPE_HASH, MAX_BACKENDS, Carry::Seeded)),
     spec::<u32, DatapathConfig>(MAP_CONFIG, 1, BPF_MAP_TYPE_ARRAY, 1, Carry::Rebuilt),
     spec::<u32, u64>(MAP_STATS, 1, BPF_MAP_TYPE_PERCPU_ARRAY, STATS_LEN, Carry::Kept),
     spec::<u32, BackendStats>(MAP_BACKEND_STATS, 1, BPF_MAP_TYPE_ARRAY, BACKEND_ARRAY_LEN, Carry::Kept),

@@ -14,8 +14,8 @@ use kha_common::{
 };
 
 /// Entries are allocated as the agent writes them (`BPF_F_NO_PREALLOC`, as kha-common's
-/// `LAYOUTS` says): the capacity is for 128 frontends, a node uses a few, and a preallocated
-/// map would pin 6.8 MB for it. Lookups, all the datapath does, cost the same.
+/// `LAYOUTS` says): the capacity is for `MAX_FRONTENDS`, a node uses one or two, and a
+/// preallocated map pins all of it. Lookups, all the datapath does, cost the same.
 #[btf_map(pin_by_name)]
 pub static KHA_SVC: HashMap<ServiceKey, ServiceValue, SERVICES_CAPACITY, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();

@@ -84,7 +84,7 @@ pub fn decide(pinned: Option<&Pinned>, want: &Wanted) -> Result<Action, Refusal>
     if p.version() != spec.version || found != shape {
         let why = Why::Layout { from: p.version(), to: spec.version };
         return match (kept, p.version() == spec.version) {
-            // Rebuilt maps lose nothing by starting empty, whatever was pinned.
+            // Rebuilt and seeded maps lose nothing by starting empty, whatever was pinned.
             (false, _) => Ok(Action::Migrate { copy: false, why }),
             (true, false) => {
                 Err(Refusal::Version { map: spec.name, pinned: p.version(), wanted: spec.version })
@@ -94,10 +94,8 @@ pub fn decide(pinned: Option<&Pinned>, want: &Wanted) -> Result<Action, Refusal>
             }
         };
     }
-    // Same layout: the entries can be copied as they are. The backend map is rebuilt by the
-    // agent, but from the entries it finds, so copying it keeps every backend's id (which the
-    // counters and the open connections' entries refer to).
-    let copy = kept || spec.name == MAP_BACKENDS;
+    // Same layout: the entries can be copied as they are.
+    let copy = spec.carry != Carry::Rebuilt;
     if p.max_entries != want.max_entries {
         return Ok(Action::Migrate {
             copy,
@@ -128,7 +126,7 @@ pub fn plan<'a>(
     if moves(&plan, MAP_SERVICES) || moves(&plan, MAP_BACKENDS) {
         for (w, a) in &mut plan {
             if *a == Action::Reuse && [MAP_SERVICES, MAP_BACKENDS].contains(&w.spec.name) {
-                *a = Action::Migrate { copy: w.spec.name == MAP_BACKENDS, why: Why::Tied };
+                *a = Action::Migrate { copy: w.spec.carry == Carry::Seeded, why: Why::Tied };
             }
         }
     }
@@ -232,7 +230,7 @@ mod tests {
             let old = pinned_as(&w, Some(spec.version + 1));
             let got = decide(Some(&old), &w);
             match spec.carry {
-                Carry::Rebuilt => assert_eq!(
+                Carry::Rebuilt | Carry::Seeded => assert_eq!(
                     got,
                     Ok(Action::Migrate {
                         copy: false,

@@ -8,7 +8,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues};
 use kha_common::{
-    Backend, BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Conn, MAP_BACKEND_STATS,
+    Backend, BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Carry, Conn, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONNS, MAP_STATS,
 };
 
@@ -43,13 +43,13 @@ pub(in crate::loader) fn fill(
 ) -> Result<(Vec<Carried>, Counts), LoaderError> {
     let mut carried = vec![];
     let mut copied = vec![];
-    for (w, _) in plan.iter().filter(|(_, a)| matches!(a, Action::Migrate { copy: true, .. })) {
+    // Seeded maps were copied when the set was staged (`prefill`).
+    let kept = |w: &Wanted| w.spec.carry == Carry::Kept;
+    for (w, _) in plan.iter().filter(|(w, a)| kept(w) && matches!(a, Action::Migrate { copy: true, .. })) {
         let base = match w.spec.name {
             MAP_CONNS => Base::Conns(BTreeMap::new()),
             MAP_STATS => Base::Stats(vec![]),
             MAP_BACKEND_STATS => Base::BackendStats(vec![]),
-            // Copied when the set was staged (`copy_backends`), before the agent's sync.
-            MAP_BACKENDS => continue,
             other => {
                 return Err(LoaderError::Unsupported(format!(
                     "no way to carry {other}'s entries; the build is broken"
@@ -220,12 +220,21 @@ pub(super) fn copy_conns(
     Ok(written)
 }
 
-/// The backend table into a staged set, before the agent syncs its desired table into it:
-/// written by the agent only, so one copy is all, and it must come first. A sync into an
-/// empty table would take every backend for a new one and reset its counters in the shared
-/// `KHA_BE_STATS` (the open connections' `active` with them), and a copy after the sync would
-/// bring back backends the sync removed.
-pub(in crate::loader) fn copy_backends(old_path: &Path, new_path: &Path) -> Result<usize, LoaderError> {
+/// Copies a `Carry::Seeded` map into a staged set, before the agent syncs its desired table
+/// into it: written by the agent only, so one copy is all, and it must come first. A sync into
+/// an empty backend table would take every backend for a new one and reset its counters in the
+/// shared `KHA_BE_STATS` (the open connections' `active` with them), and a copy after the sync
+/// would bring back backends the sync removed. Returns the entries copied.
+pub(in crate::loader) fn seed(old: &Path, new: &Path, map: &'static str) -> Result<usize, LoaderError> {
+    match map {
+        MAP_BACKENDS => copy_backends(&old.join(map), &new.join(map)),
+        other => {
+            Err(LoaderError::Unsupported(format!("no way to seed {other}'s entries; the build is broken")))
+        }
+    }
+}
+
+fn copy_backends(old_path: &Path, new_path: &Path) -> Result<usize, LoaderError> {
     let old: HashMap<_, u32, Backend> =
         HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
     let mut new: HashMap<_, u32, Backend> =

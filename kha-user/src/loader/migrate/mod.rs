@@ -21,26 +21,12 @@ use std::{
 };
 
 use aya::maps::{Array, Map, MapData, MapError};
-use kha_common::{LAYOUT_SLOTS, LAYOUTS, MAP_BACKENDS, MAP_CONNS, MAP_LAYOUT, MapLayout};
+use kha_common::{Carry, LAYOUT_SLOTS, LAYOUTS, MAP_CONNS, MAP_LAYOUT, MapLayout};
 
 mod carry;
 
 use carry::copy_conns;
 pub(super) use carry::{Carried, Counts, Served, carry, fill};
-
-/// The entries of the maps a staged set needs before the agent writes into it: the backend
-/// table, where the plan copies it (see `carry::copy_backends`). After the loader created the
-/// staged maps; returns the entries copied, per map.
-pub(super) fn prefill(pins: &PinDir, plan: &[(Wanted, Action)]) -> Result<Counts, LoaderError> {
-    let copies = |name| {
-        plan.iter().any(|(w, a)| w.spec.name == name && matches!(a, Action::Migrate { copy: true, .. }))
-    };
-    if !copies(MAP_BACKENDS) {
-        return Ok(vec![]);
-    }
-    let n = carry::copy_backends(&pins.maps().join(MAP_BACKENDS), &pins.staging().join(MAP_BACKENDS))?;
-    Ok(vec![(MAP_BACKENDS, n)])
-}
 
 use super::{HOOKS, LoaderError, PinDir, setup_err, sys};
 use crate::layout::{Action, Pinned, Wanted};
@@ -147,6 +133,15 @@ pub(super) fn stage(pins: &PinDir, plan: &[(Wanted, Action)]) -> Result<(), Load
         fs::hard_link(&from, &to).map_err(setup_err(&to, "cannot link the reused map into staging"))?;
     }
     Ok(())
+}
+
+/// Copies the `Carry::Seeded` maps the plan copies into the staged set, right after the
+/// loader created it and before the agent writes into it; returns the entries copied, per map.
+pub(super) fn prefill(pins: &PinDir, plan: &[(Wanted, Action)]) -> Result<Counts, LoaderError> {
+    plan.iter()
+        .filter(|(w, a)| w.spec.carry == Carry::Seeded && matches!(a, Action::Migrate { copy: true, .. }))
+        .map(|(w, _)| Ok((w.spec.name, carry::seed(&pins.maps(), &pins.staging(), w.spec.name)?)))
+        .collect()
 }
 
 /// Removes every pin in a map set's directory, then the directory.
