@@ -7,6 +7,7 @@
 //! | `GET /readyz` in mode `readyz-500`   | 500 `text/plain` [`READYZ_FAILED_BODY`]       |
 //! | `GET /version`                       | 200 `application/json`, kube-apiserver's shape|
 //! | `GET /bulk?bytes=N` (N <= [`MAX_BULK_BYTES`]) | 200 `application/octet-stream`, N bytes streamed (a large LIST or watch, for benchmarks) |
+//! | `OPTIONS *`                          | 200, empty, in every mode that answers (as Go's server, before any handler) |
 //! | other paths / other methods          | 404 / 405 with a JSON `Status` body           |
 //!
 //! Every response carries [`MASTER_HEADER`] (`X-Kha-Lab-Master: <name>`): a client going
@@ -415,7 +416,11 @@ async fn serve_ident(mut sock: TcpStream, shared: Arc<Shared>) {
 
 /// The answer kube-apiserver would give `request` in `mode`.
 pub fn route(request: &Request, mode: FailureMode, name: &str) -> Response {
-    let response = if request.method != "GET" && request.method != "HEAD" {
+    let response = if request.method == "OPTIONS" && request.target == "*" {
+        // Go's HTTP server answers this itself, before any apiserver handler (kha's liveness
+        // request): so does the simulated one, in every mode that answers at all.
+        Response::new(200, "text/plain; charset=utf-8", "")
+    } else if request.method != "GET" && request.method != "HEAD" {
         status_response(
             405,
             "MethodNotAllowed",

@@ -40,9 +40,11 @@ pub enum State {
     /// Answering, but not ready (graceful shutdown, etcd trouble): no new connections, and
     /// existing ones are terminated after the drain time.
     Draining,
-    /// Its probe connection was lost (closed, reset, or abandoned by TCP) while it was up: no
-    /// new connections, existing ones kept. The prober reconnects at once; a ready answer
-    /// makes it up again, a failure confirms it down. One lost keepalive (a VM paused for 2 s,
+    /// Up until a moment ago, and then its probe connection was lost (closed, reset, or
+    /// abandoned by TCP), a request went unanswered for a moment, or it answered "not ready"
+    /// once: no new connections, existing ones kept. A ready answer (for a silence, any
+    /// answer) makes it up again; a failed reconnect, a confirmed silence or `--fall` failures
+    /// confirm it down or draining. One lost keepalive or a pause (a VM paused for a second,
     /// a bond failover) is seen by every node in the same second: a verdict on it alone would
     /// terminate every socket to that master cluster-wide.
     Suspect,
@@ -89,6 +91,22 @@ pub enum Change {
     WentUp,
 }
 
+/// Why a backend is [`State::Suspect`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Suspicion {
+    /// Its probe connection was lost: the reconnect's result decides.
+    Lost,
+    /// A request went unanswered for a while ([`ProbeEvent::Slow`]): any answer clears it
+    /// ([`ProbeEvent::Alive`] too), failures count towards `fall` as usual, and only a
+    /// confirmed silence ([`ProbeFailure::Silent`]) takes it down at once. A slow answer is
+    /// not a dead master, and one probe timeout must not terminate a socket.
+    Slow,
+    /// It answered "not ready" once: a ready answer clears it, `fall` of them in a row make
+    /// it draining. An apiserver in graceful shutdown says so at once (its `/readyz` fails
+    /// before it stops serving), and new connections should go elsewhere from that answer on.
+    NotReady,
+}
+
 #[derive(Clone, Debug)]
 pub struct BackendHealth {
     pub state: State,
@@ -102,10 +120,8 @@ pub struct BackendHealth {
     /// Configured, persisted by the last run, or passed a probe since: may be served by the
     /// all-down fallback. A backend only discovery names is not, until a probe passed.
     vouched: bool,
-    /// Suspect because a probe went unanswered for a while ([`ProbeEvent::Slow`]), not because
-    /// its connection was lost: failures then count towards `fall` as usual. A slow answer is
-    /// not a dead master, and one probe timeout must not terminate a socket.
-    slow: bool,
+    /// Why it is suspect, while it is.
+    suspect: Option<Suspicion>,
 }
 
 impl BackendHealth {
@@ -120,7 +136,7 @@ impl BackendHealth {
             since: now,
             unauthorized: None,
             vouched: true,
-            slow: false,
+            suspect: None,
         }
     }
 
@@ -164,13 +180,20 @@ impl BackendHealth {
         let (failure, latency) = match event {
             ProbeEvent::Slow { waited } => {
                 // An up backend whose probe says nothing takes no new connections until the
-                // answer or the timeout says more; its sockets are kept either way.
+                // answer or the silence says more; its sockets are kept either way.
                 if self.state != State::Up {
                     return Change::None;
                 }
                 self.last_failure = Some(format!("no answer to its probe for {:.1} s", waited.as_secs_f64()));
-                self.slow = true;
-                return self.transition(State::Suspect, now);
+                return self.become_suspect(Suspicion::Slow, now);
+            }
+            ProbeEvent::Alive { .. } => {
+                // The process answered after all; readiness has its own results.
+                if self.suspect != Some(Suspicion::Slow) {
+                    return Change::None;
+                }
+                self.last_failure = None;
+                return self.transition(State::Up, now);
             }
             ProbeEvent::Ready { latency } => (None, Some(*latency)),
             ProbeEvent::Failed { failure, latency } => (Some(failure), Some(*latency)),
@@ -197,13 +220,17 @@ impl BackendHealth {
         self.successes = 0;
         let down = if still_answers(failure) { State::Draining } else { State::Down };
         let lost = matches!(event, ProbeEvent::ConnectionLost { .. }) || failure.connection_died();
+        let silent = matches!(failure, ProbeFailure::Silent { .. });
+        let counting = matches!(self.suspect, Some(Suspicion::Slow | Suspicion::NotReady));
         let next = match self.state {
             State::Unknown | State::Unproven => down,
-            State::Up if lost => State::Suspect,
+            // Confirmed gone: nothing answered for the whole silence.
+            _ if silent => State::Down,
+            State::Up if lost => return self.become_suspect(Suspicion::Lost, now),
             State::Up if self.failures >= h.fall => down,
-            // Slow, then failed: counts towards `fall` like any failed probe (a lost connection
-            // the slow probe's timeout broke does too).
-            State::Suspect if self.slow && self.failures < h.fall => State::Suspect,
+            State::Up if down == State::Draining => return self.become_suspect(Suspicion::NotReady, now),
+            // Slow or not ready, then failed: counts towards `fall` like any failed probe.
+            State::Suspect if counting && self.failures < h.fall => State::Suspect,
             // The reconnect failed too: confirmed.
             State::Suspect => down,
             // A draining master whose process then dies is down: stop waiting for the drain.
@@ -211,6 +238,12 @@ impl BackendHealth {
             s => s,
         };
         self.transition(next, now)
+    }
+
+    fn become_suspect(&mut self, why: Suspicion, now: SystemTime) -> Change {
+        let change = self.transition(State::Suspect, now);
+        self.suspect = Some(why);
+        change
     }
 
     fn succeeded(&mut self, h: Hysteresis, latency: Option<Duration>, now: SystemTime) -> Change {
@@ -238,7 +271,7 @@ impl BackendHealth {
         }
         let was_serving = self.state.serves();
         if next != State::Suspect {
-            self.slow = false;
+            self.suspect = None;
         }
         self.state = next;
         self.since = now;
@@ -674,6 +707,46 @@ mod tests {
         // After a slow suspicion that cleared, a lost connection is a lost connection again.
         let (b, _) = run(&[ready(), slow, ready(), lost(), refused()]);
         assert_eq!(b.state, State::Down);
+    }
+
+    #[test]
+    fn a_confirmed_silence_is_down_at_once_whatever_came_before() {
+        use crate::probe::test_events::{silent, slow};
+        for before in [vec![ready()], vec![ready(), slow()], vec![ready(), lost()], vec![ready(), not_ready()]] {
+            let mut events = before.clone();
+            events.push(silent());
+            let (b, changes) = run(&events);
+            assert_eq!((b.state, *changes.last().unwrap()), (State::Down, Change::WentDown), "{before:?}");
+        }
+        // Back only by `rise` ready answers, as from any down.
+        assert_eq!(run(&[ready(), silent(), ready()]).0.state, State::Down);
+        assert_eq!(run(&[ready(), silent(), ready(), ready()]).0.state, State::Up);
+    }
+
+    #[test]
+    fn a_late_liveness_answer_clears_only_a_slow_suspicion() {
+        use crate::probe::test_events::{alive, slow};
+        let (b, changes) = run(&[ready(), slow(), alive()]);
+        assert_eq!((b.state, changes[2]), (State::Up, Change::WentUp));
+        assert_eq!(b.last_failure, None);
+        // It says the process serves, not that it is ready or that the lost connection is back.
+        assert_eq!(run(&[ready(), not_ready(), alive()]).0.state, State::Suspect);
+        assert_eq!(run(&[ready(), lost(), alive()]).0.state, State::Suspect);
+        assert_eq!(run(&[ready(), not_ready(), not_ready(), alive()]).0.state, State::Draining);
+        assert_eq!(run(&[alive()]).0.state, State::Unknown);
+    }
+
+    #[test]
+    fn the_first_not_ready_answer_stops_new_connections_and_fall_makes_it_draining() {
+        let (b, changes) = run(&[ready(), not_ready()]);
+        assert_eq!((b.state, changes[1]), (State::Suspect, Change::WentSuspect));
+        assert!(!b.state.serves());
+        let (b, changes) = run(&[ready(), not_ready(), ready()]);
+        assert_eq!((b.state, changes[2]), (State::Up, Change::WentUp), "one flap, then ready again");
+        let (b, changes) = run(&[ready(), not_ready(), not_ready()]);
+        assert_eq!((b.state, changes[2]), (State::Draining, Change::WentDraining));
+        // A not-ready master whose connection is then lost is confirmed by the reconnect.
+        assert_eq!(run(&[ready(), not_ready(), lost(), refused()]).0.state, State::Down);
     }
 
     #[test]

@@ -139,6 +139,11 @@ pub enum ProbeFailure {
     Closed,
     /// Any other I/O error (for example `EMFILE` when creating the socket).
     Io { kind: io::ErrorKind, errno: Option<Errno> },
+    /// Nothing came back for `waited` ([`SILENT_AFTER`](super::SILENT_AFTER)): no answer to a
+    /// liveness request, and no connect or handshake on the reconnects after it. The master
+    /// is hung, stopped or cut off; unlike a [`ProbeFailure::Timeout`] of a readiness request
+    /// (a `/readyz` waiting on a slow etcd) this confirms it gone.
+    Silent { waited: std::time::Duration },
 }
 
 /// Errors that come from this node running short of something (descriptors, memory, buffers,
@@ -202,6 +207,9 @@ impl fmt::Display for ProbeFailure {
             ProbeFailure::Closed => f.write_str("connection closed by the server"),
             ProbeFailure::Io { errno: Some(errno), .. } => write!(f, "I/O error: {errno}"),
             ProbeFailure::Io { kind, errno: None } => write!(f, "I/O error: {kind}"),
+            ProbeFailure::Silent { waited } => {
+                write!(f, "no answer for {:.1} s: hung, stopped or cut off", waited.as_secs_f64())
+            }
         }
     }
 }

@@ -26,13 +26,23 @@ pub(crate) fn request(path: &str, addr: SocketAddr) -> Vec<u8> {
             target.push_str(&format!("%{b:02X}"));
         }
     }
+    head("GET", &target, addr)
+}
+
+/// `OPTIONS * HTTP/1.1`, the liveness request: Go's HTTP server answers it itself (200, no
+/// body) before any handler, so it costs an apiserver a request parse and no more.
+pub(crate) fn options_request(addr: SocketAddr) -> Vec<u8> {
+    head("OPTIONS", "*", addr)
+}
+
+fn head(method: &str, target: &str, addr: SocketAddr) -> Vec<u8> {
     let host = match (addr, addr.port()) {
         (SocketAddr::V4(a), 443) => a.ip().to_string(),
         (SocketAddr::V6(a), 443) => format!("[{}]", a.ip()),
         (addr, _) => addr.to_string(),
     };
     format!(
-        "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: kha/{}\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: kha/{}\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n",
         env!("CARGO_PKG_VERSION")
     )
     .into_bytes()

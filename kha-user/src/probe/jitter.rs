@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Each wait between probes is the interval times a factor drawn uniformly from
 /// `[1 - JITTER, 1 + JITTER]`, so the mean rate is the configured one.
-pub const JITTER: f64 = 0.2;
+pub const JITTER: f64 = 0.1;
 
 pub(crate) struct Rng(u64);
 
@@ -54,11 +54,11 @@ mod tests {
         let mut rng = Rng::seeded("192.0.2.11:6443");
         let base = Duration::from_secs(2);
         let draws: Vec<Duration> = (0..1000).map(|_| rng.jitter(base)).collect();
-        assert!(draws.iter().all(|d| *d >= base.mul_f64(0.8) && *d <= base.mul_f64(1.2)));
+        assert!(draws.iter().all(|d| *d >= base.mul_f64(1.0 - JITTER) && *d <= base.mul_f64(1.0 + JITTER)));
         let mean = draws.iter().sum::<Duration>() / 1000;
-        assert!(mean > base.mul_f64(0.97) && mean < base.mul_f64(1.03), "{mean:?}");
-        let low = draws.iter().filter(|d| **d < base.mul_f64(0.9)).count();
-        let high = draws.iter().filter(|d| **d > base.mul_f64(1.1)).count();
+        assert!(mean > base.mul_f64(0.98) && mean < base.mul_f64(1.02), "{mean:?}");
+        let low = draws.iter().filter(|d| **d < base.mul_f64(1.0 - JITTER / 2.0)).count();
+        let high = draws.iter().filter(|d| **d > base.mul_f64(1.0 + JITTER / 2.0)).count();
         assert!(low > 150 && high > 150, "{low} {high}");
     }
 

@@ -1,50 +1,66 @@
-//! Active health probes: is this master's apiserver ready to serve?
+//! Active health probes: is this master's apiserver alive, and is it ready to serve?
 //!
 //! The agent runs [`run`] as one tokio task per backend (on any runtime flavour). The task
-//! keeps **one persistent TLS connection** to the backend and sends `GET <path> HTTP/1.1`
-//! (`/readyz` by default, `/health` for etcd) on it every [`ProbeSettings::interval`],
-//! jittered by +-20 %. A probe is a small request, not a handshake, so probing is cheap at
-//! cluster scale. Each result is sent as a [`ProbeEvent`], tagged with the caller's tag, on a
-//! channel the probes of every backend may share; what to make of the results (rise/fall
-//! hysteresis, the backend set) is the caller's business.
+//! keeps **one persistent TLS connection** to the backend and asks two questions on it, each
+//! a small request rather than a handshake, so probing stays cheap at cluster scale:
+//!
+//! - **Alive?** Every [`ProbeSettings::interval`] (1 s by default, jittered by +-[`JITTER`])
+//!   an `OPTIONS * HTTP/1.1`: Go's HTTP server answers it before any handler, without
+//!   authentication, admission or etcd (83 us of kube-apiserver CPU against 402 us for a
+//!   kept-alive `/readyz`, see docs/health.md), so its answer says only "the process serves",
+//!   which is what finding a hung, paused or cut-off master needs, and a slow etcd can never
+//!   delay it. Any complete HTTP response counts. Unanswered for [`SLOW_AFTER`] it is reported
+//!   [`ProbeEvent::Slow`]; unanswered for [`SILENT_AFTER`], on this connection and on the
+//!   reconnects after it, [`ProbeFailure::Silent`]: confirmed gone.
+//! - **Ready?** `GET <path>` (`/readyz` by default, `/health` for etcd) at most every
+//!   [`ProbeSettings::readiness_interval`] (also 1 s by default: every tick; large fleets set
+//!   it longer), right after that tick's liveness answer, with [`ProbeSettings::timeout`]: a
+//!   `/readyz` may take seconds while etcd is slow, and slow is not dead.
+//!
+//! Each result is sent as a [`ProbeEvent`], tagged with the caller's tag, on a channel the
+//! probes of every backend may share; what to make of the results (rise/fall hysteresis, the
+//! backend set) is the caller's business.
 //!
 //! - **Ready** means status 200. Anything else is [`ProbeEvent::Failed`] with the reason
 //!   kept ([`ProbeFailure`]): refused, unreachable, timeout (and in which phase), reset, TLS
 //!   error (with the certificate verification error), non-200 status (with the body line that
-//!   says why, e.g. `[-]etcd failed: reason withheld`), malformed, oversized, closed.
+//!   says why, e.g. `[-]etcd failed: reason withheld`), malformed, oversized, closed, silent.
 //! - **Verification**: the server certificate is checked against the CA of [`tls_config`]
 //!   with the backend's IP address as the name (`ServerName::IpAddress`), never a DNS name.
 //! - **Rotation**: the TLS config is taken from [`ProbeSettings::tls`] at each new connection,
 //!   so a reloaded CA or client certificate (see [`TlsStore`]) is used from the next reconnect
 //!   on; an established connection is kept (its certificate is checked against a new CA, and
 //!   a warning logged if the next reconnect would fail).
-//! - **Bounded**: connect plus TLS handshake, and request plus response, each have
-//!   [`ProbeSettings::timeout`]; a response (head and body) may not exceed
-//!   [`ProbeSettings::max_response_bytes`]. A slow, never-ending or garbage-spewing server
-//!   costs at most one timeout and one buffer of that size, then the connection is dropped.
+//! - **Bounded**: a response (head and body) may not exceed
+//!   [`ProbeSettings::max_response_bytes`]; every wait has a deadline. A slow, never-ending or
+//!   garbage-spewing server costs at most one timeout and one buffer of that size.
 //!   Content-Length, chunked and close-delimited bodies are read.
-//! - **Losing the connection is news**: between probes the task keeps a read pending on the
-//!   idle connection. A FIN or RST (the apiserver process died), a keepalive timeout (the
-//!   master is blackholed; see [`socket`] for the 1 to 2 s numbers) or stray
-//!   bytes are reported at once as [`ProbeEvent::ConnectionLost`], without waiting for the
-//!   next probe. The task then reconnects after [`LOST_RETRY_MIN`]..[`LOST_RETRY_MAX`] (at
-//!   most once per interval; else after the normal interval), and that probe's result is the
-//!   next event. The same goes for a probe whose connection died under it (reset, or
-//!   abandoned by TCP). That reconnect rides out silence for [`LOST_RECONNECT_WINDOW`], a
-//!   fresh SYN every [`LOST_CONNECT_ATTEMPT`]: a master paused for a moment is found ready
-//!   again rather than reported as timed out.
+//! - **Losing the connection is news**: between requests the task keeps a read pending on the
+//!   idle connection. A FIN or RST (the apiserver process died), a keepalive timeout or stray
+//!   bytes are reported at once as [`ProbeEvent::ConnectionLost`]. The task then reconnects
+//!   after [`LOST_RETRY_MIN`]..[`LOST_RETRY_MAX`] (at most once per interval), and rides out
+//!   [`SILENT_AFTER`] of silence, a fresh SYN every [`LOST_CONNECT_ATTEMPT`], before it reports
+//!   [`ProbeFailure::Silent`]: a master paused for a moment is found alive again.
+//! - **A failing master is asked again soon**: after a failure without any answer (refused,
+//!   silent, timed out, unreachable) the next attempt comes after [`DOWN_RETRY_MIN`]..
+//!   [`DOWN_RETRY_MAX`] instead of an interval, for [`DOWN_RETRY_FOR`], so a master that can
+//!   serve again is found within a fraction of a second; a refused one (its process is
+//!   restarting) after the [`LOST_RETRY_MIN`]..[`LOST_RETRY_MAX`] spread instead, so that a
+//!   restarted apiserver does not get every node's handshake in the same instant.
 //! - **Clean closes are not failures**: a response with `Connection: close` (or a close within
 //!   [`CLOSE_AFTER_RESPONSE_GRACE`] of a complete response) just makes the next probe
-//!   reconnect. If a kept-alive connection turns out closed when a probe is sent on it, the
-//!   probe is retried once on a new connection.
+//!   reconnect. If a kept-alive connection turns out closed when a request is sent on it, the
+//!   request is retried once on a new connection. A server that closes after every `OPTIONS *`
+//!   gets no more of them: its readiness probes carry liveness alone.
 //! - The socket is made by the caller's [`MakeSocket`] (so the agent can create it inside the
 //!   network namespace it serves) and tuned here: TCP keepalive, `TCP_USER_TIMEOUT`,
 //!   `TCP_NODELAY`.
 //!
-//! Timing of events: the first probe starts at once; each later one starts an interval
-//! (jittered) after the previous event. `latency` is the probe's duration including connect
-//! and handshake when it had to open a connection (the first probe, and after a loss).
+//! Timing of events: the first probe starts at once; each later tick an interval (jittered)
+//! after the previous one. `latency` is the request's duration including connect and
+//! handshake when it had to open a connection (the first probe, and after a loss).
 
+mod conn;
 mod failure;
 mod files;
 /// Public for the fuzz target `probe_response` (fuzz/); the agent uses it through [`run`].
@@ -66,8 +82,8 @@ pub use failure::{Errno, Malformed, Phase, ProbeFailure, SNIPPET_BYTES, STATUS_L
 pub use files::{MAX_PEM_BYTES, TlsDefaults, TlsFiles, TlsPem};
 pub use jitter::JITTER;
 pub use prober::{
-    CLOSE_AFTER_RESPONSE_GRACE, CONFIRM_MAX, CONFIRM_MIN, LOST_CONNECT_ATTEMPT, LOST_RECONNECT_WINDOW,
-    LOST_RETRY_MAX, LOST_RETRY_MIN, MIN_INTERVAL, run,
+    CLOSE_AFTER_RESPONSE_GRACE, CONFIRM_MAX, CONFIRM_MIN, DOWN_RETRY_FOR, DOWN_RETRY_MAX, DOWN_RETRY_MIN,
+    LOST_CONNECT_ATTEMPT, LOST_RETRY_MAX, LOST_RETRY_MIN, MIN_INTERVAL, run,
 };
 pub use reload::{Reload, TLS_CHECK_INTERVAL, TlsHandle, TlsPublisher, TlsStore};
 pub use socket::{MakeSocket, default_socket};
@@ -78,15 +94,40 @@ pub use tls::{ProbeConfigError, ProbeTlsConfig, tls_config};
 /// graceful shutdown begun), unlike `/livez`.
 pub const DEFAULT_PATH: &str = "/readyz";
 
-/// Default time between probes (before jitter). Losing a master outright (process death,
-/// blackhole) does not wait for it: that is seen on the persistent connection at once or
-/// within 1 to 2 s. The interval bounds how late a master that still holds its connections
-/// but stops being ready (`/readyz` 500 in graceful shutdown, etcd gone, hung process) is
-/// noticed. Each probe is one small request on a kept-alive connection: 2 s means 2,500
-/// requests per second on each apiserver from a 5,000-node cluster.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+/// Default time between liveness requests (before jitter), and so the bound on how late a
+/// hung, paused or cut-off master is noticed: [`SLOW_AFTER`] after the first request it leaves
+/// unanswered it takes no new connections. Each is an `OPTIONS *` on a kept-alive connection:
+/// at 1,000 nodes 1,000 requests a second on each apiserver, at 83 us each 0.08 of a core; a
+/// larger fleet sets it longer (`--fleet-size`, docs/health.md).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Default bound on connect plus handshake, and on request plus response. Longer than
+/// Default time between readiness requests (`/readyz`): every tick, so a master that stops
+/// being ready (graceful shutdown, etcd gone) takes no new connections about a second later.
+/// 402 us of apiserver CPU each: 0.4 of a core at 1,000 nodes; large fleets set it to 15 s,
+/// haproxy's `inter`.
+pub const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Above this many nodes, [`cadence_for_fleet`] trades readiness detection for apiserver CPU.
+pub const LARGE_FLEET: u32 = 1000;
+
+/// The probe cadence (liveness interval, readiness interval) for a cluster of `nodes` nodes,
+/// what `--fleet-size` sets: kha's defaults up to [`LARGE_FLEET`]; above it a liveness request
+/// every 2 s and `/readyz` every 15 s, haproxy's `inter`. Both proxies' costs grow with the
+/// node count alike, so the comparison holds at any size: per node and apiserver that is
+/// 42 + 27 us of apiserver CPU a second, against 70 us for kubespray's haproxy checks (a new
+/// TLS connection per `/readyz` every 15 s), while a hung or cut-off master is still out of
+/// the live set within about 2.5 s and its sockets moved within about 4.5 s (haproxy: 75 s).
+/// The figures are in docs/health.md.
+pub fn cadence_for_fleet(nodes: u32) -> (Duration, Duration) {
+    if nodes <= LARGE_FLEET {
+        (DEFAULT_INTERVAL, DEFAULT_READINESS_INTERVAL)
+    } else {
+        (Duration::from_secs(2), Duration::from_secs(15))
+    }
+}
+
+/// Default bound on a readiness request, and on connect plus handshake when no silence is
+/// being timed. Longer than
 /// kube-apiserver's own etcd readiness check timeout (`--etcd-readycheck-timeout`, 2 s), so
 /// that a slow etcd shows up as `HTTP 500: [-]etcd-readiness failed` rather than as a timeout;
 /// short enough that a hung master is found within a few seconds.
@@ -103,10 +144,14 @@ pub struct ProbeSettings {
     /// Request path, e.g. `/readyz`, or `/health` for etcd. Bytes not allowed in a request
     /// target are percent-encoded.
     pub path: String,
-    /// Base time between probes; each wait is jittered by +-[`JITTER`]. At least
-    /// [`MIN_INTERVAL`] is used.
+    /// Base time between ticks (a liveness request each); each wait is jittered by
+    /// +-[`JITTER`]. At least [`MIN_INTERVAL`] is used.
     pub interval: Duration,
-    /// Bound for connect plus TLS handshake, and for each request plus response.
+    /// Readiness (`path`) is asked on the first tick at least this long after the last time
+    /// it was; at most `interval` means every tick.
+    pub readiness_interval: Duration,
+    /// Bound for each readiness request plus response, and for connect plus TLS handshake
+    /// outside a silence (which [`SILENT_AFTER`] bounds).
     pub timeout: Duration,
     /// From [`tls_config`] (or any rustls client config offering ALPN `http/1.1` or none),
     /// or a [`TlsHandle`] that [`TlsStore`] reloads: read at each new connection.
@@ -117,12 +162,13 @@ pub struct ProbeSettings {
 }
 
 impl ProbeSettings {
-    /// The defaults ([`DEFAULT_PATH`], [`DEFAULT_INTERVAL`], [`DEFAULT_TIMEOUT`],
-    /// [`DEFAULT_MAX_RESPONSE_BYTES`]) with the given TLS config.
+    /// The defaults ([`DEFAULT_PATH`], [`DEFAULT_INTERVAL`], [`DEFAULT_READINESS_INTERVAL`],
+    /// [`DEFAULT_TIMEOUT`], [`DEFAULT_MAX_RESPONSE_BYTES`]) with the given TLS config.
     pub fn new(tls: impl Into<TlsHandle>) -> Self {
         ProbeSettings {
             path: DEFAULT_PATH.to_owned(),
             interval: DEFAULT_INTERVAL,
+            readiness_interval: DEFAULT_READINESS_INTERVAL,
             timeout: DEFAULT_TIMEOUT,
             tls: tls.into(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
@@ -133,30 +179,45 @@ impl ProbeSettings {
 /// What a probe task reports.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ProbeEvent {
-    /// The backend answered 200.
+    /// The backend answered its readiness request 200.
     Ready { latency: Duration },
-    /// A probe failed.
+    /// A readiness request failed, or the master was silent for [`SILENT_AFTER`]
+    /// ([`ProbeFailure::Silent`]), or a connect failed.
     Failed { failure: ProbeFailure, latency: Duration },
     /// The idle persistent connection was closed, reset, timed out (keepalive) or received
-    /// stray bytes between probes. The backend was not asked anything: this says "the
+    /// stray bytes between requests. The backend was not asked anything: this says "the
     /// connection to it is gone", typically because its apiserver process died (FIN or RST)
     /// or it became unreachable (keepalive). A reconnecting probe follows shortly.
     ConnectionLost { failure: ProbeFailure },
-    /// A probe has had no answer for `waited` ([`SLOW_AFTER`], or half the timeout if that is
-    /// shorter); its answer or its timeout follows. An apiserver answers `/readyz` in
-    /// milliseconds: one that says nothing for a second is hung, overloaded, or cut off, and
-    /// new connections should not wait to learn which.
+    /// A request has had no answer for `waited` ([`SLOW_AFTER`], or half the timeout if that
+    /// is shorter); its answer, [`ProbeEvent::Alive`], a timeout or [`ProbeFailure::Silent`]
+    /// follows. A process that has not answered an `OPTIONS *` (or a `/readyz`) for that long
+    /// is hung, stalled, or cut off; new connections should not wait to learn which.
     Slow { waited: Duration },
+    /// A liveness request reported [`ProbeEvent::Slow`] was answered after all: the process
+    /// serves (whatever its readiness, which the next readiness result says).
+    Alive { latency: Duration },
 }
 
-/// See [`ProbeEvent::Slow`].
-pub const SLOW_AFTER: Duration = Duration::from_secs(1);
+/// See [`ProbeEvent::Slow`]. Go's HTTP server answers `OPTIONS *` in well under a millisecond
+/// on a loaded apiserver; 0.4 s of silence plus the wait for the tick keeps a hung master's
+/// new connections to at most 1.5 s with the 1 s default interval.
+pub const SLOW_AFTER: Duration = Duration::from_millis(400);
+
+/// How long a master may say nothing (no answer to a liveness request, none to the reconnects
+/// after it) before it is [`ProbeFailure::Silent`], confirmed gone, and its sockets are
+/// terminated. A master paused for less (a VM snapshot, a SIGSTOP, a bond failover) keeps
+/// every socket; the issue's line is 2 s, and a pause ends in an answer within milliseconds
+/// of its end (a SIGSTOPped process answers the pending request at SIGCONT; after a blackout
+/// the next fresh SYN, at most [`LOST_CONNECT_ATTEMPT`] later, gets through, so a cut-off link
+/// rides out up to about 1.7 s).
+pub const SILENT_AFTER: Duration = Duration::from_secs(2);
 
 impl ProbeEvent {
     /// The failure, unless the backend was ready (or has not answered yet).
     pub fn failure(&self) -> Option<&ProbeFailure> {
         match self {
-            ProbeEvent::Ready { .. } | ProbeEvent::Slow { .. } => None,
+            ProbeEvent::Ready { .. } | ProbeEvent::Slow { .. } | ProbeEvent::Alive { .. } => None,
             ProbeEvent::Failed { failure, .. } | ProbeEvent::ConnectionLost { failure } => Some(failure),
         }
     }

@@ -1,5 +1,6 @@
-//! The per-backend probe task: one persistent TLS connection, a request per interval, and a
-//! read kept pending in between so that a dead or vanished master is reported at once.
+//! The per-backend probe task: the schedule (a liveness request every tick, readiness when
+//! due, quick retries after a loss or a failure) and the timing of a master's silence across
+//! its reconnects. The connection itself is [`super::conn`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,59 +8,57 @@ use std::time::Duration;
 
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{ServerName, UnixTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until, timeout_at};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
+use tokio::time::{Instant, sleep_until};
 
+use super::conn::{self, Conn, ExchangeError};
 use super::failure::{Malformed, Phase, ProbeFailure, classify, snippet};
-use super::http::{self, Response, ResponseParser};
+use super::http::{self, Response};
 use super::jitter::Rng;
-use super::socket::{MakeSocket, tune};
-use super::{ProbeEvent, ProbeSettings, SLOW_AFTER};
+use super::socket::MakeSocket;
+use super::{ProbeEvent, ProbeSettings, SILENT_AFTER, SLOW_AFTER};
+
+pub use super::conn::LOST_CONNECT_ATTEMPT;
 
 /// A clean close (FIN or TLS close_notify) this soon after a complete response is the server
 /// closing after the response, as HTTP/1.1 allows even unannounced: the next probe reconnects
 /// and nothing is reported. A close later than this on the idle connection is reported as
 /// [`ProbeEvent::ConnectionLost`]. A server closing right after its response sends the FIN
 /// right behind it, so it arrives within this; the price is that a master dying within 50 ms
-/// after a probe (2.5 % of a 2 s interval) is noticed by the next probe instead of at once.
+/// after an answer (5 % of a 1 s tick) is noticed by the next tick instead of at once.
 pub const CLOSE_AFTER_RESPONSE_GRACE: Duration = Duration::from_millis(50);
 
-/// After a lost connection ([`ProbeEvent::ConnectionLost`], or a probe whose connection died
-/// under it: [`ProbeFailure::connection_died`]) the reconnect (and its probe) comes after a
-/// random delay in `[LOST_RETRY_MIN, LOST_RETRY_MAX]` rather than a whole interval: the health
-/// logic holds the backend as *suspect* (no new connections, none terminated) until this
-/// reconnect says "ready again" or confirms the failure. The spread is a second because every
-/// node loses its probe connection to a restarting apiserver in the same instant: 5,000 nodes
-/// reconnecting within 50 ms would be 100,000 TLS handshakes a second on the apiserver that
-/// just came back; over a second it is 5,000. A suspect costs nothing meanwhile (the other
-/// masters take the new connections). At most one such quick retry per interval, so a server
-/// that accepts and then drops every connection is not hammered; otherwise the normal
-/// jittered interval applies.
+/// After a lost connection ([`ProbeEvent::ConnectionLost`]) the reconnect (and its readiness
+/// request) comes after a random delay in `[LOST_RETRY_MIN, LOST_RETRY_MAX]` rather than a
+/// whole interval: the health logic holds the backend as *suspect* (no new connections, none
+/// terminated) until this reconnect says "ready again" or confirms the failure. The spread is
+/// a second because every node loses its probe connection to a restarting apiserver in the
+/// same instant: 5,000 nodes reconnecting within 50 ms would be 100,000 TLS handshakes a
+/// second on the apiserver that just came back; over a second it is 5,000. The same spread
+/// paces the retries of a master that refuses connections (its process is restarting). At
+/// most one such quick retry per interval after a loss, so a server that accepts and then
+/// drops every connection is not hammered.
 pub const LOST_RETRY_MIN: Duration = Duration::from_millis(5);
 /// See [`LOST_RETRY_MIN`].
 pub const LOST_RETRY_MAX: Duration = Duration::from_millis(1000);
 
-/// How long the reconnect after a lost connection keeps trying while the master is silent
-/// (connect timeouts, no route), sending a fresh SYN every [`LOST_CONNECT_ATTEMPT`]. A lost
-/// keepalive is noticed 1 to 2 s after the master went quiet (see [`super::socket`]); the
-/// last SYN leaves 2 s after the loss, so a master paused (a VM snapshot, a bond failover,
-/// a lost keepalive ACK) for less than 3 s is found ready again and no socket of it is
-/// terminated. The price: a master that really vanished is confirmed down 2.25 s after the
-/// loss, 3.3 to 4.3 s after it went quiet. A refused connect (the process is dead) or any
-/// answer ends the wait at once.
-pub const LOST_RECONNECT_WINDOW: Duration = Duration::from_millis(2250);
-/// See [`LOST_RECONNECT_WINDOW`]: a SYN the kernel would retransmit only after 1 s (and give up
-/// on after `TCP_USER_TIMEOUT`, 1.5 s) is replaced by a fresh one this often.
-pub const LOST_CONNECT_ATTEMPT: Duration = Duration::from_millis(250);
+/// After a failure without any answer other than a refusal (silent, timed out, unreachable,
+/// reset) the next attempt comes this soon, not an interval later, so that a master that can
+/// serve again (its link back, SIGCONT) is found within a fraction of a second. It costs the
+/// master nothing while it stays silent (a SYN nobody answers), and when it comes back every
+/// node's attempt is spread over this range and its own phase.
+pub const DOWN_RETRY_MIN: Duration = Duration::from_millis(150);
+/// See [`DOWN_RETRY_MIN`].
+pub const DOWN_RETRY_MAX: Duration = Duration::from_millis(350);
+/// Quick retries of a failing master last this long; after that it is asked once per interval
+/// (the back-off for a master that stays down: a node's retries of it fall from 4 a second to 1).
+pub const DOWN_RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// A ready answer right after a failure is confirmed by the next probe after a random delay in
 /// `[CONFIRM_MIN, CONFIRM_MAX]`, not an interval later: `--rise` still needs that many passes
 /// in a row, but a master that can serve again is back in use about 0.2 s after its first
-/// pass instead of an interval (2 s) after it. It costs one kept-alive probe per node and
+/// pass instead of an interval after it. It costs one kept-alive probe per node and
 /// recovery; the nodes' first passes are already spread over their probe phases.
 pub const CONFIRM_MIN: Duration = Duration::from_millis(100);
 /// See [`CONFIRM_MIN`].
@@ -83,31 +82,77 @@ pub async fn run<T: Clone>(
     shutdown: impl Future,
 ) {
     let prober = Prober::new(addr, settings, make_socket);
+    let out = Out { events, tag };
     tokio::select! {
         _ = shutdown => {}
-        () = prober.run(events, tag) => {}
+        _ = prober.run(&out) => {}
     }
 }
 
-struct Conn {
-    tls: TlsStream<TcpStream>,
-    /// When the last complete response arrived.
-    last_response: Instant,
-    /// Bytes that came after the last response, if any (reported at the next idle wait).
-    leftover: Option<String>,
+/// Where events go; `Err(Gone)` once nobody listens, which ends the task.
+struct Out<T> {
+    events: mpsc::Sender<(T, ProbeEvent)>,
+    tag: T,
 }
 
-/// A failed request/response exchange. `retry`: the server closed or reset a kept-alive
-/// connection before answering, which a new connection may not see (the server's idle
-/// timeout racing our request).
-struct ExchangeError {
-    failure: ProbeFailure,
-    retry: bool,
+struct Gone;
+
+impl<T: Clone> Out<T> {
+    async fn send(&self, event: ProbeEvent) -> Result<(), Gone> {
+        self.events.send((self.tag.clone(), event)).await.map_err(|_| Gone)
+    }
 }
 
-impl From<ProbeFailure> for ExchangeError {
-    fn from(failure: ProbeFailure) -> Self {
-        ExchangeError { failure, retry: false }
+/// How a liveness request went.
+enum Liveness {
+    /// Answered: the connection is kept (unless the answer closed it).
+    Answered,
+    /// The connection died or closed under it: a loss, as on the idle connection.
+    Died(ProbeFailure),
+    /// Nothing came back for [`SILENT_AFTER`].
+    Silent(ProbeFailure),
+}
+
+/// What a tick ended with, for the schedule of the next one.
+enum Outcome {
+    /// Nothing new (a liveness answer).
+    Quiet,
+    /// The connection was lost: reconnect soon, with the spread.
+    Lost,
+    /// A readiness result or a confirmed silence.
+    Result { ready: bool, retry: Retry },
+}
+
+/// When a failing master is asked again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// An interval later: it answered (not ready, a TLS error, garbage), so asking sooner
+    /// would cost it a request or a handshake per node for nothing new; or the failure was
+    /// this node's own.
+    Regular,
+    /// After [`DOWN_RETRY_MIN`]..[`DOWN_RETRY_MAX`]: nothing answered, which costs it nothing.
+    Quick,
+    /// After [`LOST_RETRY_MIN`]..[`LOST_RETRY_MAX`]: refused, its process is (re)starting.
+    Spread,
+    /// The connection died (on the idle connection, or under a request: reset, or abandoned
+    /// by TCP): reconnect after the [`LOST_RETRY_MIN`] spread, once per interval, and time
+    /// the silence from that reconnect.
+    Lost,
+}
+
+impl Retry {
+    fn after(event: &ProbeEvent) -> Retry {
+        match event.failure() {
+            Some(f) if f.connection_died() => Retry::Lost,
+            Some(ProbeFailure::Refused) => Retry::Spread,
+            Some(
+                ProbeFailure::Silent { .. }
+                | ProbeFailure::Unreachable(_)
+                | ProbeFailure::Timeout { phase: Phase::Connect | Phase::Handshake }
+                | ProbeFailure::Abandoned { phase: Phase::Connect | Phase::Handshake },
+            ) => Retry::Quick,
+            _ => Retry::Regular,
+        }
     }
 }
 
@@ -117,10 +162,18 @@ struct Prober {
     interval: Duration,
     make_socket: MakeSocket,
     server_name: ServerName<'static>,
-    request_bytes: Vec<u8>,
+    readiness_request: Vec<u8>,
+    liveness_request: Vec<u8>,
+    /// The server keeps its connection across `OPTIONS *`; one that closes it after the answer
+    /// is asked readiness alone (a handshake per tick would cost more than it tells).
+    pings: bool,
     rng: Rng,
     conn: Option<Conn>,
-    /// The connection was lost: the next connect rides out [`LOST_RECONNECT_WINDOW`] of silence.
+    /// When the current silence began: the send of the first liveness request still
+    /// unanswered, or the start of the reconnect after a lost connection. `None` while the
+    /// master answers. Connects inside a silence have its end as their deadline.
+    silent_since: Option<Instant>,
+    /// The connection was lost: the next connect starts a silence (rides out [`SILENT_AFTER`]).
     reconnecting: bool,
     buf: Box<[u8]>,
 }
@@ -132,60 +185,156 @@ impl Prober {
             interval: settings.interval.max(MIN_INTERVAL),
             // The backend's IP, never a DNS name: that is what its certificate must carry.
             server_name: ServerName::IpAddress(addr.ip().into()),
-            request_bytes: http::request(&settings.path, addr),
+            readiness_request: http::request(&settings.path, addr),
+            liveness_request: http::options_request(addr),
+            pings: true,
             settings,
             make_socket,
             rng: Rng::seeded(addr),
             conn: None,
+            silent_since: None,
             reconnecting: false,
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
         }
     }
 
-    async fn run<T: Clone>(mut self, events: mpsc::Sender<(T, ProbeEvent)>, tag: T) {
+    fn slow_after(&self) -> Duration {
+        SLOW_AFTER.min(self.settings.timeout / 2)
+    }
+
+    async fn run<T: Clone>(mut self, out: &Out<T>) -> Result<(), Gone> {
         let mut next = Instant::now();
+        let mut ready_at = Instant::now();
         let mut last_quick_retry: Option<Instant> = None;
-        let mut failing = false;
+        let mut failing_since: Option<Instant> = None;
         loop {
             self.recheck_trust();
-            let (event, lost) = match self.idle_until(next).await {
-                Some(failure) => (ProbeEvent::ConnectionLost { failure }, true),
-                None => {
-                    let slow_after = SLOW_AFTER.min(self.settings.timeout / 2);
-                    let probe = self.probe();
-                    tokio::pin!(probe);
-                    let event = tokio::select! {
-                        e = &mut probe => e,
-                        () = tokio::time::sleep(slow_after) => {
-                            if events.send((tag.clone(), ProbeEvent::Slow { waited: slow_after })).await.is_err() {
-                                return;
-                            }
-                            probe.await
-                        }
-                    };
-                    let died = event.failure().is_some_and(ProbeFailure::connection_died);
-                    (event, died)
+            let outcome = match self.idle_until(next).await {
+                Some(failure) => {
+                    out.send(ProbeEvent::ConnectionLost { failure }).await?;
+                    Outcome::Lost
                 }
+                // Readiness is due half a tick early, so that "as often as the interval" means
+                // every tick whatever the jitter.
+                None => self.tick(out, Instant::now() + self.interval / 2 >= ready_at).await?,
             };
-            let (recovered, failed) =
-                (failing && matches!(event, ProbeEvent::Ready { .. }), event.failure().is_some());
-            failing = failed;
-            if events.send((tag.clone(), event)).await.is_err() {
-                return;
-            }
             let now = Instant::now();
             let regular = self.rng.jitter(self.interval);
-            let quick = lost && last_quick_retry.is_none_or(|at| now.duration_since(at) >= self.interval);
-            next = now
-                + if quick {
+            let (ready, retry) = match outcome {
+                Outcome::Quiet => {
+                    next = now + regular;
+                    continue;
+                }
+                Outcome::Lost => (false, Retry::Lost),
+                Outcome::Result { ready, retry } => {
+                    ready_at = now + self.settings.readiness_interval;
+                    (ready, retry)
+                }
+            };
+            let recovered = ready && failing_since.is_some();
+            if ready {
+                failing_since = None;
+            } else {
+                failing_since.get_or_insert(now);
+            }
+            let soon = failing_since.is_some_and(|since| now.duration_since(since) < DOWN_RETRY_FOR);
+            let quick_retry_allowed = last_quick_retry.is_none_or(|at| now.duration_since(at) >= self.interval);
+            let wait = match retry {
+                _ if recovered => {
+                    ready_at = now;
+                    self.rng.between(CONFIRM_MIN, CONFIRM_MAX)
+                }
+                Retry::Lost if quick_retry_allowed => {
                     last_quick_retry = Some(now);
                     self.reconnecting = true;
-                    self.rng.between(LOST_RETRY_MIN, LOST_RETRY_MAX).min(regular)
-                } else if recovered {
-                    self.rng.between(CONFIRM_MIN, CONFIRM_MAX).min(regular)
+                    self.rng.between(LOST_RETRY_MIN, LOST_RETRY_MAX)
+                }
+                Retry::Spread if soon => self.rng.between(LOST_RETRY_MIN, LOST_RETRY_MAX),
+                Retry::Quick if soon => self.rng.between(DOWN_RETRY_MIN, DOWN_RETRY_MAX),
+                _ => regular,
+            }
+            .min(regular);
+            next = now + wait;
+        }
+    }
+
+    /// One tick: a liveness request on the kept-alive connection, then the readiness request
+    /// if it is due, or at once on a new connection if there is none (or it died).
+    async fn tick<T: Clone>(&mut self, out: &Out<T>, ready_due: bool) -> Result<Outcome, Gone> {
+        if self.conn.is_some() && self.pings {
+            match self.liveness(out).await? {
+                Liveness::Answered if !ready_due && self.conn.is_some() => return Ok(Outcome::Quiet),
+                Liveness::Answered => {}
+                Liveness::Died(failure @ ProbeFailure::Abandoned { .. }) => {
+                    // TCP gave up on the request: the silence goes on, and the reconnect
+                    // (at once, within its end) decides.
+                    log::debug!("probe {}: liveness request abandoned ({failure}); reconnecting", self.addr);
+                }
+                Liveness::Died(failure) => {
+                    out.send(ProbeEvent::ConnectionLost { failure }).await?;
+                    return Ok(Outcome::Lost);
+                }
+                Liveness::Silent(failure) => {
+                    let event = ProbeEvent::Failed { failure, latency: SILENT_AFTER };
+                    let retry = Retry::after(&event);
+                    out.send(event).await?;
+                    return Ok(Outcome::Result { ready: false, retry });
+                }
+            }
+        }
+        let event = self.readiness(out).await?;
+        let outcome = Outcome::Result { ready: event.failure().is_none(), retry: Retry::after(&event) };
+        out.send(event).await?;
+        Ok(outcome)
+    }
+
+    /// `OPTIONS *` on the kept-alive connection, timed against the silence: [`SLOW_AFTER`]
+    /// unanswered is reported slow, [`SILENT_AFTER`] since the silence began is silent.
+    async fn liveness<T: Clone>(&mut self, out: &Out<T>) -> Result<Liveness, Gone> {
+        let Some(mut conn) = self.conn.take() else { return Ok(Liveness::Answered) };
+        let sent = Instant::now();
+        let since = *self.silent_since.get_or_insert(sent);
+        let slow_at = sent + self.slow_after();
+        let max = self.settings.max_response_bytes;
+        let mut slowed = false;
+        let result = {
+            let exchange =
+                conn::send_and_read(&mut conn, &self.liveness_request, &mut self.buf, max, since + SILENT_AFTER);
+            tokio::pin!(exchange);
+            loop {
+                tokio::select! {
+                    r = &mut exchange => break r,
+                    () = sleep_until(slow_at), if !slowed => {
+                        slowed = true;
+                        out.send(ProbeEvent::Slow { waited: sent.elapsed() }).await?;
+                    }
+                }
+            }
+        };
+        match result {
+            Ok((response, leftover)) => {
+                self.silent_since = None;
+                if slowed {
+                    out.send(ProbeEvent::Alive { latency: sent.elapsed() }).await?;
+                }
+                if response.close {
+                    self.pings = false;
+                    log::warn!(
+                        "probe {}: the server closes the connection after OPTIONS *; liveness is asked with readiness only from now on",
+                        self.addr
+                    );
                 } else {
-                    regular
-                };
+                    conn.last_response = Instant::now();
+                    conn.leftover = leftover;
+                    self.conn = Some(conn);
+                }
+                Ok(Liveness::Answered)
+            }
+            Err(ExchangeError { failure: ProbeFailure::Timeout { .. }, .. }) => {
+                self.silent_since = None;
+                Ok(Liveness::Silent(ProbeFailure::Silent { waited: since.elapsed() }))
+            }
+            Err(e) => Ok(Liveness::Died(e.failure)),
         }
     }
 
@@ -241,10 +390,27 @@ impl Prober {
         Some(failure)
     }
 
-    /// One probe: on the kept-alive connection if there is one, else on a new one. The
-    /// latency covers connect and handshake when the probe had to make a connection.
-    async fn probe(&mut self) -> ProbeEvent {
+    /// The readiness request: on the kept-alive connection if there is one, else on a new one,
+    /// reported slow after [`SLOW_AFTER`]. The latency covers connect and handshake when it
+    /// had to make a connection.
+    async fn readiness<T: Clone>(&mut self, out: &Out<T>) -> Result<ProbeEvent, Gone> {
         let start = Instant::now();
+        let slow_after = self.slow_after();
+        let event = {
+            let probe = self.ask_ready(start);
+            tokio::pin!(probe);
+            tokio::select! {
+                e = &mut probe => e,
+                () = tokio::time::sleep(slow_after) => {
+                    out.send(ProbeEvent::Slow { waited: slow_after }).await?;
+                    probe.await
+                }
+            }
+        };
+        Ok(event)
+    }
+
+    async fn ask_ready(&mut self, start: Instant) -> ProbeEvent {
         let reused = self.conn.is_some();
         let mut result = self.exchange().await;
         if reused && matches!(result, Err(ExchangeError { retry: true, .. })) {
@@ -262,18 +428,17 @@ impl Prober {
         }
     }
 
-    /// Request and response, connecting first if needed. The connection is kept only after a
-    /// complete response that does not close it.
+    /// Readiness request and response, connecting first if needed. The connection is kept
+    /// only after a complete response that does not close it.
     async fn exchange(&mut self) -> Result<Response, ExchangeError> {
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
-            None => {
-                let tls = self.connect(Instant::now() + self.settings.timeout).await?;
-                Conn { tls, last_response: Instant::now(), leftover: None }
-            }
+            None => Conn { tls: self.connect().await?, last_response: Instant::now(), leftover: None },
         };
         let deadline = Instant::now() + self.settings.timeout;
-        let (response, leftover) = self.send_and_read(&mut conn, deadline).await?;
+        let max = self.settings.max_response_bytes;
+        let (response, leftover) =
+            conn::send_and_read(&mut conn, &self.readiness_request, &mut self.buf, max, deadline).await?;
         if !response.close {
             conn.last_response = Instant::now();
             conn.leftover = leftover;
@@ -282,99 +447,31 @@ impl Prober {
         Ok(response)
     }
 
-    async fn connect(&mut self, deadline: Instant) -> Result<TlsStream<TcpStream>, ProbeFailure> {
-        let (tcp, deadline) = if std::mem::take(&mut self.reconnecting) {
-            // The handshake gets its whole timeout, however long the master stayed silent.
-            let tcp = self.reconnect_tcp().await?;
-            (tcp, Instant::now() + self.settings.timeout)
-        } else {
-            (self.connect_tcp(deadline).await?, deadline)
+    /// Connect and handshake. Inside a silence (a liveness request unanswered, or the
+    /// reconnect after a loss) the deadline is the silence's end, and running into it is
+    /// [`ProbeFailure::Silent`]; otherwise the probe timeout applies. A handshake that
+    /// completes ends the silence: the process serves.
+    async fn connect(&mut self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ProbeFailure> {
+        if std::mem::take(&mut self.reconnecting) {
+            self.silent_since.get_or_insert_with(Instant::now);
+        }
+        let deadline = match self.silent_since {
+            Some(since) => since + SILENT_AFTER,
+            None => Instant::now() + self.settings.timeout,
         };
-        // The config of the moment: a reloaded CA or client certificate applies from here on.
-        let connector = TlsConnector::from(self.settings.tls.for_connect().client.clone());
-        match timeout_at(deadline, connector.connect(self.server_name.clone(), tcp)).await {
-            Err(_elapsed) => Err(ProbeFailure::Timeout { phase: Phase::Handshake }),
-            Ok(Err(e)) => Err(classify(&e, Phase::Handshake)),
-            Ok(Ok(tls)) => Ok(tls),
-        }
-    }
-
-    async fn connect_tcp(&self, deadline: Instant) -> Result<TcpStream, ProbeFailure> {
-        let socket = (self.make_socket)(self.addr).map_err(|e| classify(&e, Phase::Connect))?;
-        tune(&socket).map_err(|e| classify(&e, Phase::Connect))?;
-        let socket = TcpSocket::from_std_stream(socket.into());
-        match timeout_at(deadline, socket.connect(self.addr)).await {
-            Err(_elapsed) => Err(ProbeFailure::Timeout { phase: Phase::Connect }),
-            Ok(Err(e)) => Err(classify(&e, Phase::Connect)),
-            Ok(Ok(tcp)) => Ok(tcp),
-        }
-    }
-
-    /// The connect after a lost connection: a fresh attempt every [`LOST_CONNECT_ATTEMPT`]
-    /// while the master stays silent or unreachable, for [`LOST_RECONNECT_WINDOW`]. Anything
-    /// else (connected, refused, a local error) ends it at once.
-    async fn reconnect_tcp(&self) -> Result<TcpStream, ProbeFailure> {
-        let window = Instant::now() + LOST_RECONNECT_WINDOW;
-        loop {
-            let next = Instant::now() + LOST_CONNECT_ATTEMPT;
-            if next >= window {
-                return self.connect_tcp(window).await;
+        let result =
+            conn::connect(self.addr, &self.make_socket, &mut self.settings.tls, &self.server_name, deadline).await;
+        let Some(since) = self.silent_since else { return result };
+        match result {
+            // Silence to the end: nothing acknowledged, no route, no handshake.
+            Err(ProbeFailure::Timeout { .. } | ProbeFailure::Unreachable(_) | ProbeFailure::Abandoned { .. }) => {
+                self.silent_since = None;
+                Err(ProbeFailure::Silent { waited: since.elapsed() })
             }
-            match self.connect_tcp(next).await {
-                Err(
-                    ProbeFailure::Timeout { phase: Phase::Connect }
-                    | ProbeFailure::Abandoned { phase: Phase::Connect }
-                    | ProbeFailure::Unreachable(_),
-                ) => {
-                    log::debug!("probe {}: no answer to the reconnect yet; trying again", self.addr);
-                    sleep_until(next).await;
-                }
-                result => return result,
-            }
-        }
-    }
-
-    /// Sends the request and reads one response, all before `deadline`. Returns the response
-    /// and a snippet of any bytes that followed it.
-    async fn send_and_read(
-        &mut self,
-        conn: &mut Conn,
-        deadline: Instant,
-    ) -> Result<(Response, Option<String>), ExchangeError> {
-        let nothing_received = |failure: ProbeFailure| {
-            let retry = matches!(failure, ProbeFailure::Closed | ProbeFailure::Reset);
-            ExchangeError { failure, retry }
-        };
-        let write = async {
-            conn.tls.write_all(&self.request_bytes).await?;
-            conn.tls.flush().await
-        };
-        match timeout_at(deadline, write).await {
-            Err(_elapsed) => return Err(ProbeFailure::Timeout { phase: Phase::Request }.into()),
-            Ok(Err(e)) => return Err(nothing_received(classify(&e, Phase::Request))),
-            Ok(Ok(())) => {}
-        }
-        let mut parser = ResponseParser::new(self.settings.max_response_bytes);
-        loop {
-            let n = match timeout_at(deadline, conn.tls.read(&mut self.buf)).await {
-                Err(_elapsed) => return Err(ProbeFailure::Timeout { phase: Phase::Response }.into()),
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => match classify(&e, Phase::Response) {
-                    // TCP ended without TLS close_notify: an end of stream all the same.
-                    ProbeFailure::Closed => 0,
-                    failure if parser.received_any() => return Err(failure.into()),
-                    failure => return Err(nothing_received(failure)),
-                },
-            };
-            if n == 0 {
-                return match parser.eof() {
-                    Ok(()) => Ok((parser.response(), None)),
-                    Err(failure) if parser.received_any() => Err(failure.into()),
-                    Err(failure) => Err(nothing_received(failure)),
-                };
-            }
-            if parser.feed(&self.buf[..n])? {
-                return Ok((parser.response(), parser.leftover()));
+            // Refused, reset, a TLS error: an answer of sorts, the silence is over.
+            result => {
+                self.silent_since = None;
+                result
             }
         }
     }

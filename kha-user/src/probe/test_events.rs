@@ -27,3 +27,16 @@ pub fn not_ready() -> ProbeEvent {
         latency: Duration::from_millis(3),
     }
 }
+
+/// No answer for the whole silence: a stopped or cut-off master.
+pub fn silent() -> ProbeEvent {
+    ProbeEvent::Failed { failure: ProbeFailure::Silent { waited: super::SILENT_AFTER }, latency: super::SILENT_AFTER }
+}
+
+pub fn slow() -> ProbeEvent {
+    ProbeEvent::Slow { waited: super::SLOW_AFTER }
+}
+
+pub fn alive() -> ProbeEvent {
+    ProbeEvent::Alive { latency: Duration::from_millis(1500) }
+}

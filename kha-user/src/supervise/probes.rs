@@ -25,6 +25,7 @@ pub struct ProbeTemplate {
     /// Which files each frontend's probes use, resolved again at every config reload.
     pub tls: TlsDefaults,
     pub interval: Duration,
+    pub readiness_interval: Duration,
     pub timeout: Duration,
 }
 
@@ -174,6 +175,7 @@ impl ProbeSet {
         let mut s = ProbeSettings::new(handle);
         s.path = t.1.clone();
         s.interval = template.interval;
+        s.readiness_interval = template.readiness_interval;
         s.timeout = template.timeout;
         let stopped = async move {
             let _ = stop_rx.await;
@@ -220,6 +222,7 @@ mod tests {
         let template = ProbeTemplate {
             tls: TlsDefaults::default(),
             interval: Duration::from_secs(60),
+            readiness_interval: Duration::from_secs(60),
             timeout: Duration::from_secs(1),
         };
         let (tx, _rx) = mpsc::channel(16);

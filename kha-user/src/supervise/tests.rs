@@ -507,6 +507,24 @@ async fn a_probe_that_goes_unanswered_stops_new_connections_and_terminates_nothi
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pause_keeps_every_socket_and_a_confirmed_silence_moves_them() {
+    use crate::probe::test_events::{alive, silent};
+    let mut sup = supervisor(config(&[F], &[m(1), m(2), m(3)]));
+    all_up(&mut sup);
+    // SIGSTOP for a second and a half: unanswered, then answered after all.
+    feed(&mut sup, m(1), &[slow()]);
+    assert_eq!(live(&sup, F), [m(2), m(3)], "no new connections while it says nothing");
+    feed(&mut sup, m(1), &[alive()]);
+    assert_eq!((state(&sup, m(1)), live(&sup, F)), (State::Up, vec![m(1), m(2), m(3)]));
+    run_deadlines_for(&mut sup, DRAIN * 2).await;
+    assert_eq!(terminated(&sup), []);
+    // Hung for good: the silence confirms it, and its sockets go at once, not after `fall`.
+    feed(&mut sup, m(1), &[slow(), silent()]);
+    assert_eq!(state(&sup, m(1)), State::Down);
+    assert_eq!(terminated(&sup), [(addr(F), m(1))]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_reconnect_confirms_the_loss() {
     let mut sup = supervisor(config(&[F], &[m(1), m(2), m(3)]));
     all_up(&mut sup);

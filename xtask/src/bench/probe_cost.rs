@@ -41,13 +41,16 @@ pub struct Phase {
 #[derive(Debug, Clone, Serialize)]
 pub struct Prober {
     pub label: &'static str,
-    /// Probes per node and apiserver per second.
+    /// `/readyz` probes per node and apiserver per second.
     pub per_node_per_s: f64,
+    /// `OPTIONS *` liveness requests per node and apiserver per second, kept alive.
+    pub liveness_per_node_per_s: f64,
     /// Each probe on a new TCP + TLS connection.
     pub handshake_each: bool,
-    /// Seconds from a master's failure to its removal, as the prober's settings give it
-    /// (hung master: `fall` timeouts after an interval).
+    /// Seconds from a master's hang to no new connection to it, and to its sockets moved, at
+    /// most, as the prober's settings give them.
     pub detect_hung_s: f64,
+    pub move_hung_s: f64,
 }
 
 /// The figures per apiserver for one prober and fleet size.
@@ -60,35 +63,52 @@ pub struct Load {
     pub cores: f64,
 }
 
-pub fn load(p: &Prober, nodes: u64, cpu_kept_alive_s: f64, cpu_handshake_s: f64) -> Load {
-    let requests_per_s = nodes as f64 * p.per_node_per_s;
-    let handshakes_per_s = if p.handshake_each { requests_per_s } else { 0.0 };
+/// Per apiserver: the `/readyz` probes' cost at `cpu_kept_alive_s` or `cpu_handshake_s` each,
+/// plus the liveness requests' at `cpu_options_s`.
+pub fn load(p: &Prober, nodes: u64, cpu_kept_alive_s: f64, cpu_handshake_s: f64, cpu_options_s: f64) -> Load {
+    let readiness_per_s = nodes as f64 * p.per_node_per_s;
+    let liveness_per_s = nodes as f64 * p.liveness_per_node_per_s;
+    let handshakes_per_s = if p.handshake_each { readiness_per_s } else { 0.0 };
     let per = if p.handshake_each { cpu_handshake_s } else { cpu_kept_alive_s };
-    Load { nodes, requests_per_s, handshakes_per_s, cores: requests_per_s * per }
+    Load {
+        nodes,
+        requests_per_s: readiness_per_s + liveness_per_s,
+        handshakes_per_s,
+        cores: readiness_per_s * per + liveness_per_s * cpu_options_s,
+    }
 }
 
-/// kha's defaults (2 s interval, 3 s timeout, fall 2), kha with a 10 s interval, and kubespray's
-/// haproxy (`inter 15s fall 2`, `timeout check 30s`). The hung-master figure is what the
-/// settings allow at most: an interval, then `fall` probes that time out.
+/// kha's defaults (`OPTIONS *` and `/readyz` every 1 s, jittered ±10 %), kha with
+/// `--fleet-size` above 1,000 (`OPTIONS *` every 2 s, `/readyz` every 15 s), and kubespray's
+/// haproxy (`inter 15s fall 2`, `timeout check 30s`). The hung-master figures are what the
+/// settings allow at most: kha, the longest tick plus 0.4 s unanswered (out of the live set)
+/// or 2 s (confirmed silent, sockets moved); haproxy, an interval then `fall` checks that time
+/// out, its sockets never moved.
 pub fn probers() -> Vec<Prober> {
     vec![
         Prober {
-            label: "kha, defaults (2 s, kept alive)",
-            per_node_per_s: 0.5,
+            label: "kha, defaults (1 s, kept alive)",
+            per_node_per_s: 1.0,
+            liveness_per_node_per_s: 1.0,
             handshake_each: false,
-            detect_hung_s: 2.0 + 2.0 * 3.0,
+            detect_hung_s: 1.1 + 0.4,
+            move_hung_s: 1.1 + 2.0,
         },
         Prober {
-            label: "kha, --probe-interval-ms 10000",
-            per_node_per_s: 0.1,
+            label: "kha, --fleet-size above 1,000 (2 s / 15 s, kept alive)",
+            per_node_per_s: 1.0 / 15.0,
+            liveness_per_node_per_s: 0.5,
             handshake_each: false,
-            detect_hung_s: 10.0 + 2.0 * 3.0,
+            detect_hung_s: 2.2 + 0.4,
+            move_hung_s: 2.2 + 2.0,
         },
         Prober {
             label: "haproxy, kubespray (15 s, new TLS each)",
             per_node_per_s: 1.0 / 15.0,
+            liveness_per_node_per_s: 0.0,
             handshake_each: true,
             detect_hung_s: 15.0 + 2.0 * 30.0,
+            move_hung_s: f64::INFINITY,
         },
     ]
 }
@@ -171,7 +191,7 @@ pub fn run(args: &BenchArgs) -> Result<PathBuf> {
     let probers = probers();
     let model = probers
         .iter()
-        .map(|p| (p.label.to_string(), FLEETS.iter().map(|n| load(p, *n, k, h)).collect()))
+        .map(|p| (p.label.to_string(), FLEETS.iter().map(|n| load(p, *n, k, h, o)).collect()))
         .collect();
     let report = Report {
         machine: machine::describe(),
@@ -273,13 +293,14 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         m,
-        "Per apiserver, every node probing every apiserver (steady state, no restart):\n\n| prober | hung master out after | nodes | probes/s | TLS handshakes/s | CPU (cores) |\n|---|---|---|---|---|---|"
+        "Per apiserver, every node probing every apiserver (steady state, no restart):\n\n| prober | hung master out after | its sockets moved after | nodes | requests/s | TLS handshakes/s | CPU (cores) |\n|---|---|---|---|---|---|---|"
     );
     for (p, (label, loads)) in r.probers.iter().zip(&r.model) {
+        let moved = if p.move_hung_s.is_finite() { format!("{:.1} s", p.move_hung_s) } else { "never".into() };
         for l in loads {
             let _ = writeln!(
                 m,
-                "| {label} | {:.0} s | {} | {:.0} | {:.0} | {:.3} |",
+                "| {label} | {:.1} s | {moved} | {} | {:.0} | {:.0} | {:.3} |",
                 p.detect_hung_s, l.nodes, l.requests_per_s, l.handshakes_per_s, l.cores
             );
         }
@@ -293,12 +314,16 @@ mod tests {
 
     #[test]
     fn the_model_multiplies_rates_by_the_measured_costs() {
-        let [kha, _, haproxy] = probers().try_into().unwrap();
-        let l = load(&kha, 5000, 50e-6, 2e-3);
-        assert_eq!((l.requests_per_s, l.handshakes_per_s), (2500.0, 0.0));
-        assert!((l.cores - 0.125).abs() < 1e-9, "{l:?}");
-        let l = load(&haproxy, 5000, 50e-6, 2e-3);
+        let [kha, fleet, haproxy] = probers().try_into().unwrap();
+        let l = load(&kha, 5000, 50e-6, 2e-3, 10e-6);
+        assert_eq!((l.requests_per_s, l.handshakes_per_s), (10000.0, 0.0));
+        assert!((l.cores - 0.3).abs() < 1e-9, "{l:?}");
+        let l = load(&haproxy, 5000, 50e-6, 2e-3, 10e-6);
         assert!((l.requests_per_s - 333.333).abs() < 0.01 && l.handshakes_per_s == l.requests_per_s);
         assert!((l.cores - 0.6667).abs() < 1e-3, "{l:?}");
+        // With the costs measured on the real apiserver the fleet setting stays under haproxy.
+        let (k, h, o) = (402e-6, 1046e-6, 83e-6);
+        assert!(load(&fleet, 5000, k, h, o).cores <= load(&haproxy, 5000, k, h, o).cores);
+        assert!(fleet.move_hung_s * 10.0 <= haproxy.detect_hung_s);
     }
 }

@@ -1,21 +1,19 @@
 //! kha's settings in the soak and the detection windows derived from them.
 //!
-//! The soak runs kha with probes faster than its defaults (1 s interval and timeout, 3 s
-//! drain) so that every event kind fits in a minute and a half; the windows are computed from
-//! these numbers and the fixed constants of kha's lost-connection path (docs/health.md), plus
+//! The soak runs kha with its default 1 s probe interval but a shorter timeout (1 s) and drain
+//! (3 s), so that every event kind fits in a minute and a half; the windows are computed from
+//! these numbers and the fixed constants of kha's detection (docs/health.md), plus
 //! [`MARGIN_MS`] for the sampling (200 ms), `kha status` latency and a loaded 2-core machine.
 
 use serde::Serialize;
 
 /// Added to every window: sampling period, `kha status` latency, scheduling on a busy machine.
 pub const MARGIN_MS: u64 = 1500;
-/// Probe interval jitter (±20 %): the longest gap between two probes is 1.2 intervals.
-const JITTER: f64 = 1.2;
-/// TCP keepalive on the probe connection (idle 1 s, interval 1 s, 2 probes): measured 1.1 to
-/// 2.0 s until an idle connection to a silent master is lost (docs/health.md).
-const KEEPALIVE_MS: u64 = 2000;
-/// `TCP_USER_TIMEOUT` of the probe connection: data unacknowledged this long loses it.
-const USER_TIMEOUT_MS: u64 = 1500;
+/// Probe interval jitter (±10 %): the longest gap between two ticks is 1.1 intervals.
+const JITTER: f64 = 1.1;
+/// kha's `SLOW_AFTER`: a request unanswered this long (or half the probe timeout, if less)
+/// makes an up master suspect, out of the live set (docs/health.md).
+const SLOW_MS: u64 = 400;
 /// A SIGHUP is read, the config parsed and the maps written well within this.
 const RELOAD_MS: u64 = 1000;
 
@@ -35,13 +33,12 @@ pub struct Windows {
     /// Killed: the probe connection is reset at once (suspect, out of the live set), and the
     /// kernel marks the master suspect on the first refused connect.
     pub kill_ms: u64,
-    /// Hung (SIGSTOP, the kernel still ACKs): `fall` probes must time out, each started up
-    /// to 1.2 intervals after the one before.
+    /// Hung (SIGSTOP, the kernel still ACKs): the next liveness request, up to 1.1 intervals
+    /// later, goes unanswered for the slow time.
     pub hang_ms: u64,
-    /// Blackholed: whichever comes last of the keepalive loss, a probe's data unacknowledged
-    /// for `TCP_USER_TIMEOUT`, and `fall` timed-out probes (an upper bound on the first).
+    /// Blackholed: the same, nothing answers the next liveness request.
     pub blackhole_ms: u64,
-    /// `/readyz` 500: `fall` failed probes (each answered at once) make it draining.
+    /// `/readyz` 500: the first not-ready answer, on the next tick, makes it suspect.
     pub not_ready_ms: u64,
     /// Removed from the config: the SIGHUP applied.
     pub removed_ms: u64,
@@ -71,13 +68,12 @@ impl Settings {
 
     pub fn windows(&self) -> Windows {
         let gap = (self.probe_interval_ms as f64 * JITTER) as u64;
-        let fall = u64::from(self.fall);
-        let probes_time_out = fall * (gap + self.probe_timeout_ms);
+        let slow = SLOW_MS.min(self.probe_timeout_ms / 2);
         Windows {
             kill_ms: MARGIN_MS,
-            hang_ms: probes_time_out + MARGIN_MS,
-            blackhole_ms: KEEPALIVE_MS.max(gap + USER_TIMEOUT_MS).max(probes_time_out) + MARGIN_MS,
-            not_ready_ms: fall * gap + MARGIN_MS,
+            hang_ms: gap + slow + MARGIN_MS,
+            blackhole_ms: gap + slow + MARGIN_MS,
+            not_ready_ms: gap + MARGIN_MS,
             removed_ms: RELOAD_MS + MARGIN_MS,
             drain_ms: self.drain_s * 1000,
             margin_ms: MARGIN_MS,
@@ -92,10 +88,10 @@ mod tests {
     #[test]
     fn windows_follow_the_settings() {
         let w = Settings::soak().windows();
-        // fall 2 × (1.2 s + 1 s) + 1.5 s.
-        assert_eq!(w.hang_ms, 5900);
-        assert_eq!(w.blackhole_ms, 5900);
-        assert_eq!(w.not_ready_ms, 3900);
+        // 1.1 s + 0.4 s + 1.5 s.
+        assert_eq!(w.hang_ms, 3000);
+        assert_eq!(w.blackhole_ms, 3000);
+        assert_eq!(w.not_ready_ms, 2600);
         assert_eq!(w.kill_ms, 1500);
         let slow = Settings { probe_interval_ms: 2000, probe_timeout_ms: 3000, ..Settings::soak() }.windows();
         assert!(slow.hang_ms > w.hang_ms && slow.not_ready_ms > w.not_ready_ms);

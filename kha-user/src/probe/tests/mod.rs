@@ -47,6 +47,7 @@ impl Fixture {
     fn settings(&self) -> ProbeSettings {
         ProbeSettings {
             interval: Duration::from_millis(20),
+            readiness_interval: Duration::from_millis(20),
             timeout: Duration::from_secs(2),
             ..ProbeSettings::new(self.client_tls())
         }
@@ -628,4 +629,93 @@ fn tls_config_client_certificate_errors() {
     assert!(err.to_string().contains("client.crt"), "{err}");
 
     tls_config(Some(&fx.ca_file), Some(&cert), Some(&key), false).unwrap();
+}
+
+/// A probe whose interval is `tick` and whose readiness comes only once a minute: everything
+/// between readiness results is the liveness request's doing.
+fn liveness_only(fx: &Fixture, tick: Duration) -> ProbeSettings {
+    ProbeSettings { interval: tick, readiness_interval: Duration::from_secs(60), ..fx.settings() }
+}
+
+/// A master whose process stops (SIGSTOP: its kernel still takes the bytes) is slow after
+/// `SLOW_AFTER` and confirmed silent `SILENT_AFTER` after the liveness request it left
+/// unanswered, although readiness is not due for a minute.
+#[tokio::test]
+async fn a_stopped_master_is_slow_then_confirmed_silent() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let tick = Duration::from_millis(200);
+    let mut probe = Probe::spawn(server.addr, liveness_only(&fx, tick));
+    assert!(is_ready(&probe.next().await));
+    server.freeze(true);
+    let frozen = Instant::now();
+    let slow = probe.next_any().await;
+    assert!(matches!(slow, ProbeEvent::Slow { .. }), "{slow:?}");
+    let slow_at = frozen.elapsed();
+    assert!(slow_at >= SLOW_AFTER && slow_at < SLOW_AFTER + tick * 2, "{slow_at:?}");
+    let failure = probe.next_failure().await;
+    let silent_at = frozen.elapsed();
+    assert!(matches!(failure, ProbeFailure::Silent { .. }), "{failure:?}");
+    assert!(failure.to_string().starts_with("no answer for 2.0 s"), "{failure}");
+    assert!(silent_at >= SILENT_AFTER && silent_at < SILENT_AFTER + tick * 2, "{silent_at:?}");
+    probe.stop().await;
+}
+
+/// A pause shorter than `SILENT_AFTER` is slow, then alive again: no failure at all, and the
+/// kept-alive connection is still the one in use.
+#[tokio::test]
+async fn a_pause_shorter_than_the_silence_is_ridden_out() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let mut probe = Probe::spawn(server.addr, liveness_only(&fx, Duration::from_millis(200)));
+    assert!(is_ready(&probe.next().await));
+    server.freeze(true);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    server.freeze(false);
+    assert!(matches!(probe.next_any().await, ProbeEvent::Slow { .. }));
+    let alive = probe.next_any().await;
+    assert!(matches!(alive, ProbeEvent::Alive { latency } if latency >= Duration::from_secs(1)), "{alive:?}");
+    let later = tokio::time::timeout(Duration::from_secs(1), probe.next_any()).await;
+    assert!(later.is_err(), "nothing more while it answers: {later:?}");
+    assert_eq!(server.accepts(), 1);
+    probe.stop().await;
+}
+
+/// A `/readyz` that takes longer than the silence (a slow etcd) is slow, not silent: the
+/// liveness answer before it said the process serves, and readiness has its own timeout.
+#[tokio::test]
+async fn a_slow_readiness_answer_is_not_a_silence() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::SlowReady).await;
+    let settings = ProbeSettings { timeout: Duration::from_secs(4), ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert!(matches!(probe.next_any().await, ProbeEvent::Slow { .. }));
+    let event = probe.next_any().await;
+    assert!(
+        matches!(event, ProbeEvent::Ready { latency } if latency >= server::SLOW_READY),
+        "{event:?}"
+    );
+    probe.stop().await;
+}
+
+/// After a confirmed silence the master is asked again within `DOWN_RETRY_MAX`, not an
+/// interval later (here a minute for readiness): back in use a fraction of a second after it
+/// can answer again.
+#[tokio::test]
+async fn a_silent_master_is_asked_again_soon_and_found_ready() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::Ok).await;
+    let mut probe = Probe::spawn(server.addr, liveness_only(&fx, Duration::from_millis(300)));
+    assert!(is_ready(&probe.next().await));
+    server.freeze(true);
+    assert!(matches!(probe.next_failure().await, ProbeFailure::Silent { .. }));
+    server.freeze(false);
+    let thawed = Instant::now();
+    // The attempt in flight at the thaw may be answered at once, or the next one, a quick
+    // retry later.
+    let event = probe.next().await;
+    assert!(is_ready(&event), "{event:?}");
+    let back = thawed.elapsed();
+    assert!(back < DOWN_RETRY_MAX + Duration::from_millis(300), "{back:?}");
+    probe.stop().await;
 }

@@ -137,7 +137,12 @@ pub enum Reply {
     Unauthorized,
     /// 403, as kube-apiserver answers when RBAC denies the user `/readyz`.
     Forbidden,
+    /// 200 after [`SLOW_READY`]: a `/readyz` waiting on a slow etcd (liveness is answered at once).
+    SlowReady,
 }
+
+/// How long [`Reply::SlowReady`] takes: longer than the silence that confirms a master gone.
+pub const SLOW_READY: Duration = Duration::from_millis(2500);
 
 /// How [`Server::kill`] ends things.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +164,8 @@ pub struct Server {
     kill: watch::Sender<Kill>,
     /// `false`: connections are left in the listen queue.
     accepting: watch::Sender<bool>,
+    /// `true`: no answer is written (the process is stopped; its kernel still takes the bytes).
+    frozen: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
 }
 
@@ -184,6 +191,8 @@ impl Server {
         let accepted_at = Arc::new(Mutex::new(Vec::new()));
         let (kill, mut kill_rx) = watch::channel(Kill::Alive);
         let (accepting, mut accepting_rx) = watch::channel(true);
+        let (frozen, _) = watch::channel(false);
+        let frozen2 = frozen.clone();
         let acceptor = TlsAcceptor::from(config);
         let (accepts2, requests2, kill2, at2) =
             (accepts.clone(), requests.clone(), kill.clone(), accepted_at.clone());
@@ -205,10 +214,11 @@ impl Server {
                 at2.lock().unwrap().push(Instant::now());
                 let mut kill = kill2.subscribe();
                 kill.borrow_and_update();
-                tokio::spawn(serve(tcp, acceptor.clone(), reply, nth, requests2.clone(), kill));
+                let frozen = frozen2.subscribe();
+                tokio::spawn(serve(tcp, acceptor.clone(), reply, nth, requests2.clone(), kill, frozen));
             }
         });
-        Server { addr, accepts, requests, accepted_at, kill, accepting, accept_task }
+        Server { addr, accepts, requests, accepted_at, kill, accepting, frozen, accept_task }
     }
 
     /// When each connection so far was accepted.
@@ -234,6 +244,14 @@ impl Server {
         self.requests.load(Ordering::SeqCst)
     }
 
+    /// SIGSTOP (`true`) and SIGCONT (`false`): nothing is accepted or answered meanwhile, the
+    /// kernel still completes connections into the listen queue and takes the bytes; at the
+    /// thaw every pending request is answered.
+    pub fn freeze(&self, on: bool) {
+        self.frozen.send_replace(on);
+        self.accepting.send_replace(!on);
+    }
+
     pub fn kill(&self, how: Kill) {
         self.kill.send_replace(how);
     }
@@ -254,6 +272,7 @@ async fn serve(
     nth_connection: usize,
     requests: Arc<AtomicUsize>,
     mut kill: watch::Receiver<Kill>,
+    frozen: watch::Receiver<bool>,
 ) {
     let Ok(mut tls) = acceptor.accept(tcp).await else { return };
     let reply = match reply {
@@ -261,7 +280,7 @@ async fn serve(
         r => r,
     };
     tokio::select! {
-        () = answer_requests(&mut tls, reply, &requests) => {}
+        () = answer_requests(&mut tls, reply, &requests, frozen) => {}
         changed = kill.changed() => {
             if changed.is_ok() && *kill.borrow() == Kill::ResetConnections {
                 socket2::SockRef::from(tls.get_ref().0).set_linger(Some(Duration::ZERO)).unwrap();
@@ -271,8 +290,14 @@ async fn serve(
     // Dropping the stream closes the socket without a TLS close_notify.
 }
 
-async fn answer_requests(tls: &mut TlsStream<TcpStream>, reply: Reply, requests: &AtomicUsize) {
-    for nth in 0.. {
+async fn answer_requests(
+    tls: &mut TlsStream<TcpStream>,
+    reply: Reply,
+    requests: &AtomicUsize,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut nth = 0;
+    loop {
         let mut head = Vec::new();
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
             let mut buf = [0; 1024];
@@ -281,10 +306,26 @@ async fn answer_requests(tls: &mut TlsStream<TcpStream>, reply: Reply, requests:
                 Ok(n) => head.extend_from_slice(&buf[..n]),
             }
         }
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        if head.starts_with(b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1:") {
+            // The liveness request, answered as Go's server does, whatever the scripted reply
+            // to readiness; a silent server answers nothing.
+            if reply == Reply::Silent {
+                std::future::pending::<()>().await;
+            }
+            let options = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+            if tls.write_all(options).await.is_err() || tls.flush().await.is_err() {
+                return;
+            }
+            continue;
+        }
         assert!(head.starts_with(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1:"), "{}", head.escape_ascii());
         if reply == Reply::OnePerConnection && nth > 0 {
             return;
         }
+        nth += 1;
         requests.fetch_add(1, Ordering::SeqCst);
         let ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
         let written = match reply {
@@ -327,6 +368,10 @@ async fn answer_requests(tls: &mut TlsStream<TcpStream>, reply: Reply, requests:
                 return;
             }
             Reply::Unauthorized => tls.write_all(UNAUTHORIZED.as_bytes()).await,
+            Reply::SlowReady => {
+                tokio::time::sleep(SLOW_READY).await;
+                tls.write_all(ok).await
+            }
             Reply::Forbidden => tls.write_all(FORBIDDEN.as_bytes()).await,
             Reply::OkThenStrayBytes => {
                 let _ = tls.write_all(ok).await;

@@ -46,6 +46,10 @@ pub(super) fn kha_settings(kha: &Path) -> Result<BTreeMap<String, String>> {
             help_default(&help, flag).map_or("?".into(), |v| format!("{v}{unit}")),
         );
     }
+    if help.contains("--readiness-interval-ms") {
+        let v = help_default(&help, "--readiness-interval-ms").map_or("the probe interval".into(), |v| format!("{v} ms"));
+        s.insert("kha readiness interval".into(), v);
+    }
     Ok(s)
 }
 

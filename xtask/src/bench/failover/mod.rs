@@ -37,6 +37,7 @@
 //! Ctrl-C checks.
 
 mod client;
+mod goals;
 mod kha_defaults;
 mod outcome;
 mod plan;

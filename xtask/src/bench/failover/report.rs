@@ -260,6 +260,7 @@ impl FailoverReport {
             self.watch_table(&mut m);
             self.rolling_table(&mut m);
         }
+        m.push_str(&super::goals::table(self));
         if p.is_long() {
             m.push_str(&super::ratio::table(self));
         }
