@@ -13,7 +13,7 @@ use std::{
 };
 
 use kha_lab::{
-    bed::{Bed, ChildCgroup, ToolRun},
+    bed::{Bed, ChildCgroup, HOOK_COUNT, ToolRun},
     netns::{self, KillOnDrop},
     topology::IDENT_PORT,
 };
@@ -131,7 +131,7 @@ fn start_kha(bed: &Bed, cgroup: &Path) -> KillOnDrop {
     let log_text =
         || std::fs::read_to_string(bed.lab.workdir().join("coexist-agent.log")).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while bed.prog_ids().len() < harness_hooks() {
+    while bed.prog_ids().len() < HOOK_COUNT {
         if let Some(status) = agent.try_wait().unwrap() {
             panic!("kha exited ({status}):\n{}", log_text());
         }
@@ -139,10 +139,6 @@ fn start_kha(bed: &Bed, cgroup: &Path) -> KillOnDrop {
         thread::sleep(Duration::from_millis(20));
     }
     agent
-}
-
-fn harness_hooks() -> usize {
-    kha_lab::bed::HOOK_COUNT
 }
 
 /// Runs kha on `cgroup`, expecting it to refuse within 20 s; its stderr.
@@ -366,7 +362,7 @@ fn start_kha_again(bed: &Bed, cgroup: &Path) -> KillOnDrop {
     harness::wait_for("the restarted kha's programs", Duration::from_secs(20), || {
         assert!(agent.try_wait().unwrap().is_none(), "the restarted kha exited");
         let now = bed.prog_ids();
-        now.len() == harness_hooks() && now.iter().all(|id| !before.contains(id))
+        now.len() == HOOK_COUNT && now.iter().all(|id| !before.contains(id))
     });
     agent
 }
