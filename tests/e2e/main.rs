@@ -2,6 +2,7 @@
 //! namespaces for a node and three masters, a child cgroup, a pin dir) and attaches only
 //! there. Run through `cargo xtask test`, one test at a time.
 
+mod coexist;
 mod conns;
 mod datapath;
 mod discovery;
@@ -10,6 +11,7 @@ mod harness;
 mod health;
 mod lifecycle;
 mod migration;
+mod other_prog;
 mod privileges;
 mod rebalance;
 mod refusals;

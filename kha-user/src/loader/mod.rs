@@ -9,6 +9,7 @@
 //! `maps-next/` (see `migrate`).
 
 mod checks;
+mod coexist;
 mod destroy_check;
 mod migrate;
 mod reset;
@@ -30,6 +31,7 @@ pub use checks::{
     PinLock, cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie,
     socket_in_netns,
 };
+pub use coexist::Blocker;
 pub use destroy_check::{DestroySupport, check_sock_destroy, sock_destroy_support};
 pub use migrate::{Recovered, wanted};
 pub use reset::{Leftover, Outcome as ResetOutcome, ResetError, Resetter};
@@ -134,6 +136,11 @@ pub enum LoaderError {
     ForeignLink { path: PathBuf, found: u64, wanted: u64, cgroup: PathBuf, pin_dir: PathBuf },
     #[error("{path} is not a cgroup link for {hook}; remove it or use another --pin-dir")]
     NotOurLink { path: PathBuf, hook: &'static str },
+    #[error(
+        "cannot attach to {cgroup}: other programs on its hooks are in the way: {}. See them with `bpftool cgroup tree {root}`. Re-attach each with BPF_F_ALLOW_MULTI (as a bpf_link, or `bpftool cgroup attach CGROUP HOOK id ID multi`) or detach it (`bpftool cgroup detach CGROUP HOOK id ID`), then start kha again. Nothing of kha was attached",
+        blocker_list(.blockers)
+    )]
+    Blocked { cgroup: PathBuf, root: PathBuf, blockers: Vec<Blocker> },
     #[error("{hook}: {what}")]
     Link {
         hook: &'static str,
@@ -141,6 +148,10 @@ pub enum LoaderError {
         #[source]
         source: io::Error,
     },
+}
+
+fn blocker_list(blockers: &[Blocker]) -> String {
+    blockers.iter().map(Blocker::to_string).collect::<Vec<_>>().join("; ")
 }
 
 pub(crate) fn setup_err<'a>(
@@ -335,6 +346,28 @@ impl Loaded {
         cgroup_id: u64,
     ) -> Result<Vec<Attached>, LoaderError> {
         let existing = existing_links(pins, cgroup, cgroup_id)?;
+        // No link pinned: nothing of kha serves from this pin dir yet, so a failure below
+        // removes the maps `load` pinned too, leaving no trace.
+        let fresh = existing.iter().all(Option::is_none);
+        let result = self.attach_links(pins, cgroup, existing);
+        if result.is_err()
+            && fresh
+            && let Err(e) = detach(pins)
+        {
+            log::warn!("removing the pins after the failed attach: {e}");
+        }
+        result
+    }
+
+    fn attach_links(
+        &mut self,
+        pins: &PinDir,
+        cgroup: &Path,
+        existing: Vec<Option<Existing>>,
+    ) -> Result<Vec<Attached>, LoaderError> {
+        let to_create: Vec<Hook> =
+            HOOKS.iter().zip(&existing).filter(|(_, e)| e.is_none()).map(|(h, _)| *h).collect();
+        blocked(cgroup, &to_create)?;
         if let Some(plan) = self.plan.take() {
             // As late as possible: what the old programs write after this copy and before
             // the swap is what `commit` must carry over, and less of it is better.
@@ -378,10 +411,18 @@ impl Loaded {
                     }
                     None => {
                         let link = sys::link_create(new.as_fd(), cg.as_fd(), hook.attach_type).map_err(
-                            |source| LoaderError::Link {
-                                hook: hook.link,
-                                what: "cannot attach to the cgroup",
-                                source,
+                            |source| {
+                                // Attached by someone else since the check: name it all the same.
+                                let refused =
+                                    matches!(source.raw_os_error(), Some(libc::EPERM | libc::EEXIST));
+                                match blocked(cgroup, &[hook]) {
+                                    Err(e) if refused => e,
+                                    _ => LoaderError::Link {
+                                        hook: hook.link,
+                                        what: "cannot attach to the cgroup",
+                                        source,
+                                    },
+                                }
                             },
                         )?;
                         created.push((hook, link));
@@ -408,6 +449,22 @@ impl Loaded {
             return Err(e);
         }
         Ok(done)
+    }
+}
+
+/// Refuses, with what is in the way, when other programs on `cgroup` or its ancestors keep
+/// kha's links for `hooks` off, or would be switched off by them (see `coexist`). A query the
+/// kernel refuses is logged and passed: the attach itself then says what is wrong.
+fn blocked(cgroup: &Path, hooks: &[Hook]) -> Result<(), LoaderError> {
+    match coexist::blockers(cgroup, hooks) {
+        Ok(blockers) if blockers.is_empty() => Ok(()),
+        Ok(blockers) => {
+            Err(LoaderError::Blocked { cgroup: cgroup.to_owned(), root: coexist::root_of(cgroup), blockers })
+        }
+        Err(e) => {
+            log::warn!("cannot list the other programs on {}: {e}", cgroup.display());
+            Ok(())
+        }
     }
 }
 

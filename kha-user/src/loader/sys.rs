@@ -1,7 +1,7 @@
 //! The few bpf(2) link commands aya 0.16 does not expose for links reopened from bpffs:
 //! taking a pinned link, asking which cgroup and program it holds, swapping its program
-//! atomically, and detaching it; and for map migrations, what a map or program is and an
-//! atomic swap of two pin directories.
+//! atomically, and detaching it; what else is attached to a cgroup (`coexist`); and for map
+//! migrations, what a map or program is and an atomic swap of two pin directories.
 
 use std::{
     ffi::CString,
@@ -17,6 +17,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_PROG_QUERY: libc::c_long = 16;
 /// Update only if the link still runs `old_prog_fd`: two agents never undo each other.
 const BPF_F_REPLACE: u32 = 1 << 2;
 pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
@@ -100,6 +101,22 @@ pub fn link_update(
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut a = Attr::new().u32_at(0, link.as_raw_fd() as u32);
     bpf(BPF_LINK_DETACH, &mut a).map(drop)
+}
+
+/// What is attached directly to `cgroup` for `attach_type` (not inherited): the cgroup's
+/// attach flags for that hook (BPF_F_ALLOW_OVERRIDE 1, BPF_F_ALLOW_MULTI 2; links count as
+/// multi) and the programs' ids, at most 64.
+pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<(u32, Vec<u32>)> {
+    let mut ids = [0u32; 64];
+    let mut a = Attr::new()
+        .u32_at(0, cgroup.as_raw_fd() as u32)
+        .u32_at(4, attach_type)
+        .u64_at(16, ids.as_mut_ptr() as u64)
+        .u32_at(24, ids.len() as u32);
+    bpf(BPF_PROG_QUERY, &mut a)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(a.0[o..o + 4].try_into().expect("4 bytes"));
+    let count = (u32_at(24) as usize).min(ids.len());
+    Ok((u32_at(12), ids[..count].to_vec()))
 }
 
 /// The parts of `struct bpf_link_info` kha checks.
