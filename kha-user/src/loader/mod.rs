@@ -11,6 +11,7 @@
 mod checks;
 mod destroy_check;
 mod migrate;
+mod netns;
 mod reset;
 mod sockdiag;
 mod sys;
