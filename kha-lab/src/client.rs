@@ -455,13 +455,15 @@ mod tests {
     #[test]
     fn the_master_is_read_from_a_serving_certificate_of_the_lab() {
         use crate::pki::{CertAuthority, MasterIdentity};
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
         let ca = CertAuthority::new("test CA").unwrap();
         let cert = ca.issue_server(&MasterIdentity::new("m2", ["192.0.2.12".parse().unwrap()])).unwrap();
-        let der = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes()).next().unwrap().unwrap();
+        let der = CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap();
         assert_eq!(master_of_cert(&der).as_deref(), Some("m2"));
         // Not one of the lab's serving certificates: no master.
         let client = ca.issue_client("kha-admin", &[]).unwrap();
-        let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes()).next().unwrap().unwrap();
+        let der = CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).unwrap();
         assert_eq!(master_of_cert(&der), None);
         assert_eq!(master_of_cert(b"not DER"), None);
     }

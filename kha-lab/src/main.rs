@@ -214,7 +214,7 @@ async fn run_master(args: MasterArgs) -> anyhow::Result<()> {
         announcement.push_str(&format!("ident {addr}\n"));
     }
     if let Some(path) = &args.ready_file {
-        write_atomically(path, &announcement).with_context(|| format!("writing {}", path.display()))?;
+        mode::replace_file(path, &announcement).with_context(|| format!("writing {}", path.display()))?;
     }
     let mut stdout = std::io::stdout().lock();
     stdout
@@ -251,13 +251,6 @@ fn reload(master: &master::RunningMaster, control: Option<&Path>) {
         Ok(_) => {}
         Err(e) => warn!("{}: keeping mode {}: {:#}", master.name(), master.mode(), anyhow::Error::new(e)),
     }
-}
-
-fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, contents)?;
-    std::fs::rename(&tmp, path)
 }
 
 fn print_line(json: bool, value: impl serde::Serialize + std::fmt::Display) {

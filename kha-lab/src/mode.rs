@@ -2,8 +2,8 @@
 //! file that carries them across processes.
 //!
 //! Protocol: the controller writes the mode name (`normal`, `readyz-500`,
-//! `hang`) into the control file, replacing it atomically (write a temporary
-//! file, rename). `kha-lab master` re-reads the file on SIGHUP and also polls
+//! `hang`) into the control file, replacing it atomically ([`replace_file`]:
+//! write a temporary file, rename). `kha-lab master` re-reads the file on SIGHUP and also polls
 //! it every [`POLL_INTERVAL`], so a lost signal only delays the change. Once a
 //! mode is in effect the master writes its name to `<control-file>.applied`,
 //! which lets a controller wait for the switch instead of sleeping. A missing
@@ -12,7 +12,8 @@
 
 use std::fmt;
 use std::fs;
-use std::io;
+use std::io::{self, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -100,19 +101,24 @@ pub fn read_control(path: &Path) -> Result<FailureMode, ControlError> {
     }
 }
 
-/// Replaces `path` atomically with `contents`, so a concurrent reader never
-/// sees a half-written mode.
-fn replace_file(path: &Path, contents: &str) -> Result<(), ControlError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let write_err = |source| ControlError::Write { path: path.to_owned(), source };
-    fs::write(&tmp, contents).map_err(write_err)?;
-    fs::rename(&tmp, path).map_err(write_err)
+/// Replaces `path` atomically with `contents` (a temporary file beside it, renamed over it),
+/// so a concurrent reader never sees half of it: the control and applied files here, and
+/// `kha-lab master --ready-file`. Made as `fs::write` makes a file (0666 less the umask),
+/// not with tempfile's 0600, so a reader of another user still can.
+pub fn replace_file(path: &Path, contents: &str) -> io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().permissions(fs::Permissions::from_mode(0o666)).tempfile_in(dir)?;
+    tmp.write_all(contents.as_bytes())?;
+    tmp.persist(path)?;
+    Ok(())
+}
+
+fn replace_control(path: &Path, contents: &str) -> Result<(), ControlError> {
+    replace_file(path, contents).map_err(|source| ControlError::Write { path: path.to_owned(), source })
 }
 
 pub fn write_control(path: &Path, mode: FailureMode) -> Result<(), ControlError> {
-    replace_file(path, &format!("{mode}\n"))
+    replace_control(path, &format!("{mode}\n"))
 }
 
 pub fn applied_path(control: &Path) -> PathBuf {
@@ -123,7 +129,7 @@ pub fn applied_path(control: &Path) -> PathBuf {
 
 /// Records that `mode` is in effect (see the module doc).
 pub fn write_applied(control: &Path, mode: FailureMode) -> Result<(), ControlError> {
-    replace_file(&applied_path(control), &format!("{mode}\n"))
+    replace_control(&applied_path(control), &format!("{mode}\n"))
 }
 
 /// The mode a master last reported as applied, if any.
@@ -157,6 +163,15 @@ mod tests {
         assert_eq!(read_applied(&control), Some(FailureMode::Hang));
         fs::write(&control, "bogus").unwrap();
         assert!(matches!(read_control(&control), Err(ControlError::Parse { .. })));
+        // Replaced whole, with the mode `fs::write` gives a new file, and nothing left beside.
+        let plain = dir.join("plain");
+        fs::write(&plain, "x").unwrap();
+        replace_file(&control, "normal\n").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&control), mode(&plain));
+        let mut names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["m1.control", "m1.control.applied", "plain"]);
         let _ = fs::remove_dir_all(&dir);
     }
 }

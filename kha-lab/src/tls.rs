@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -26,7 +27,7 @@ pub enum TlsConfigError {
     Pem {
         what: &'static str,
         #[source]
-        source: io::Error,
+        source: pem::Error,
     },
     #[error("no {what} found in PEM input")]
     Missing { what: &'static str },
@@ -53,7 +54,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsConfigError> {
 }
 
 pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &*pem)
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|source| TlsConfigError::Pem { what: "certificate", source })?;
     if certs.is_empty() {
@@ -63,9 +64,10 @@ pub fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsConfig
 }
 
 fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
-    rustls_pemfile::private_key(&mut &*pem)
-        .map_err(|source| TlsConfigError::Pem { what: "private key", source })?
-        .ok_or(TlsConfigError::Missing { what: "private key" })
+    PrivateKeyDer::from_pem_slice(pem).map_err(|source| match source {
+        pem::Error::NoItemsFound => TlsConfigError::Missing { what: "private key" },
+        source => TlsConfigError::Pem { what: "private key", source },
+    })
 }
 
 fn roots(ca_pem: &[u8]) -> Result<Arc<RootCertStore>, TlsConfigError> {

@@ -17,6 +17,8 @@ use std::{
     time::Duration,
 };
 
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
@@ -31,7 +33,7 @@ pub enum FakeError {
     #[error("no {what} in the PEM given")]
     Pem { what: &'static str },
     #[error("reading PEM")]
-    PemIo(#[source] std::io::Error),
+    PemIo(#[source] pem::Error),
     #[error("TLS server config")]
     Tls(#[source] rustls::Error),
     #[error("client certificate verifier")]
@@ -209,15 +211,17 @@ impl Drop for FakeApiserver {
 
 fn server_config(tls: &FakeTls<'_>) -> Result<rustls::ServerConfig, FakeError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = rustls_pemfile::certs(&mut &tls.cert_pem[..])
+    let certs = CertificateDer::pem_slice_iter(tls.cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(FakeError::PemIo)?;
     if certs.is_empty() {
         return Err(FakeError::Pem { what: "certificate" });
     }
-    let key = rustls_pemfile::private_key(&mut &tls.key_pem[..])
-        .map_err(FakeError::PemIo)?
-        .ok_or(FakeError::Pem { what: "private key" })?;
+    let key = match PrivateKeyDer::from_pem_slice(tls.key_pem) {
+        Ok(key) => key,
+        Err(pem::Error::NoItemsFound) => return Err(FakeError::Pem { what: "private key" }),
+        Err(e) => return Err(FakeError::PemIo(e)),
+    };
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(FakeError::Tls)?;
@@ -225,7 +229,7 @@ fn server_config(tls: &FakeTls<'_>) -> Result<rustls::ServerConfig, FakeError> {
         None => builder.with_no_client_auth(),
         Some(pem) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut &pem[..]) {
+            for c in CertificateDer::pem_slice_iter(pem) {
                 roots.add(c.map_err(FakeError::PemIo)?).map_err(FakeError::Tls)?;
             }
             let verifier =

@@ -5,6 +5,7 @@ use std::{
     collections::BTreeSet,
     fs,
     io::Write as _,
+    os::unix::fs::PermissionsExt as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
@@ -93,17 +94,17 @@ pub fn save(dir: &Path, set: &BTreeSet<SocketAddr>) -> Result<(), StateError> {
     let file = StateFile { version: VERSION, saved_at, backends: set.iter().copied().collect() };
     let mut text = serde_json::to_vec_pretty(&file).expect("a state file serializes");
     text.push(b'\n');
-    let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
     let written = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
+        // fs::write's mode (0666 less the umask), not tempfile's 0600.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{FILE_NAME}."))
+            .permissions(fs::Permissions::from_mode(0o666))
+            .tempfile_in(dir)?;
+        tmp.write_all(&text)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&path)?;
         fs::File::open(dir)?.sync_all()
     })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
     written.map_err(io)
 }
 

@@ -21,6 +21,8 @@ pub mod yaml;
 #[cfg(test)]
 mod tests;
 
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 pub use address::{ExternalUrl, Host};
@@ -121,13 +123,15 @@ pub fn config_command(args: &ConfigArgs) -> Result<String, KubesprayError> {
 /// Writes beside the target, then renames over it: an agent re-reading the file on SIGHUP
 /// never sees half of it.
 fn write_replacing(path: &Path, text: &str) -> Result<(), KubesprayError> {
-    let err = |source| KubesprayError::Write { path: path.to_owned(), source };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        err(source)
-    })
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let written = (|| -> std::io::Result<()> {
+        // fs::write's mode (0666 less the umask), not tempfile's 0600: the file is a config.
+        let mut tmp = tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o666))
+            .tempfile_in(dir)?;
+        tmp.write_all(text.as_bytes())?;
+        tmp.persist(path)?;
+        Ok(())
+    })();
+    written.map_err(|source| KubesprayError::Write { path: path.to_owned(), source })
 }

@@ -6,13 +6,13 @@ use std::{
     fs::File,
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsFd as _, AsRawFd, FromRawFd, OwnedFd},
         unix::{ffi::OsStrExt, fs::MetadataExt},
     },
     path::{Path, PathBuf},
 };
 
-use super::{LoaderError, setup_err};
+use super::{LoaderError, netns::in_netns, setup_err};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -133,19 +133,9 @@ pub fn netns_cookie(netns: Option<&Path>) -> Result<u64, LoaderError> {
             .map_err(setup_err(Path::new("/proc/self/ns/net"), "cannot read netns cookie"));
     };
     let ns = File::open(path).map_err(setup_err(path, "cannot open --netns"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this thread only, with a namespace fd we opened.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(setup_err(path, "not a network namespace (setns failed)")(
-                    io::Error::last_os_error(),
-                ));
-            }
-            socket_cookie().map_err(setup_err(path, "cannot read netns cookie"))
-        })
-        .join()
-        .unwrap_or_else(|_| Err(LoaderError::Unsupported("netns look-up thread panicked".into())))
-    })
+    in_netns(Some(ns.as_fd()), socket_cookie)
+        .map_err(setup_err(path, "not a network namespace (setns failed)"))?
+        .map_err(setup_err(path, "cannot read netns cookie"))
 }
 
 fn socket_cookie() -> io::Result<u64> {
@@ -175,21 +165,13 @@ pub(super) fn getsockopt_u64(fd: std::os::fd::RawFd, option: libc::c_int) -> io:
 /// thread (setns affects only the calling thread; the socket stays in the namespace it was
 /// made in). The probes use it so that they reach the masters the way the node's clients do.
 pub fn socket_in_netns(ns: &File, addr: std::net::SocketAddr) -> io::Result<socket2::Socket> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this thread only, with a namespace fd the caller opened.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("socket thread panicked")))
-    })
+    in_netns(Some(ns.as_fd()), || {
+        socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+    })?
 }
 
 /// Held while an agent owns a pin dir, so two agents never write the same maps.

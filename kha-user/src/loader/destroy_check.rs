@@ -12,6 +12,7 @@ use std::{
 
 use super::{
     LoaderError,
+    netns::in_netns_at,
     sockdiag::{self, NLM_F_ACK, NLM_F_REQUEST, SOCK_DESTROY, SOCKID_LEN},
 };
 
@@ -78,21 +79,7 @@ impl DestroySupport {
 /// listener made for the purpose, and tells what it answered.
 pub fn sock_destroy_support(netns: Option<&Path>) -> DestroySupport {
     let errno = |r: io::Result<()>| r.err().map_or(0, |e| e.raw_os_error().unwrap_or(libc::EIO));
-    let Some(path) = netns else { return DestroySupport::classify(errno(probe_here())) };
-    let result = std::fs::File::open(path).and_then(|ns| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on this short-lived thread only.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                probe_here()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("SOCK_DESTROY check thread panicked")))
-        })
-    });
-    DestroySupport::classify(errno(result))
+    DestroySupport::classify(errno(in_netns_at(netns, probe_here)))
 }
 
 fn probe_here() -> io::Result<()> {

@@ -12,6 +12,7 @@ mod checks;
 mod coexist;
 mod destroy_check;
 mod migrate;
+mod netns;
 mod reset;
 mod sockdiag;
 mod sys;

@@ -9,6 +9,8 @@ use std::{
     path::Path,
 };
 
+use super::netns::in_netns_at;
+
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 pub(super) const SOCK_DESTROY: u16 = 21;
@@ -34,24 +36,7 @@ pub fn destroy(netns: Option<&Path>, cookies: &BTreeSet<u64>) -> io::Result<usiz
     if cookies.is_empty() {
         return Ok(0);
     }
-    in_netns(netns, || destroy_here(cookies))
-}
-
-/// Runs `f` in the namespace `netns` (or the agent's own), on a short-lived thread.
-fn in_netns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    let Some(path) = netns else { return f() };
-    let ns = std::fs::File::open(path)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this short-lived thread only.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
-    })
+    in_netns_at(netns, || destroy_here(cookies))
 }
 
 /// Every TCP state but TIME_WAIT and CLOSE: sockets whose close sock_ops has not seen yet.
@@ -60,7 +45,7 @@ const OPEN_STATES: u32 = ALL_STATES & !(1 << 6) & !(1 << 7);
 /// The cookies of the TCP sockets in `netns` (or the agent's own) that are not closed yet
 /// (TIME_WAIT counts as closed: sock_ops saw TCP_CLOSE on the way there).
 pub fn open_cookies(netns: Option<&Path>) -> io::Result<BTreeSet<u64>> {
-    in_netns(netns, || {
+    in_netns_at(netns, || {
         let nl = open()?;
         let mut all = BTreeSet::new();
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {

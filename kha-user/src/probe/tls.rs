@@ -11,6 +11,7 @@ use std::sync::Arc;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -36,7 +37,7 @@ pub enum ProbeConfigError {
         what: &'static str,
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: pem::Error,
     },
     #[error("{what} {} contains no PEM certificate", path.display())]
     NoCertificate { what: &'static str, path: PathBuf },
@@ -162,7 +163,7 @@ fn certificates(
     what: &'static str,
     pem: &[u8],
 ) -> Result<Vec<CertificateDer<'static>>, ProbeConfigError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|source| ProbeConfigError::Pem { what, path: path.to_owned(), source })?;
     if certs.is_empty() {
@@ -182,9 +183,10 @@ fn roots(path: &Path, pem: &[u8]) -> Result<RootCertStore, ProbeConfigError> {
 }
 
 fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, ProbeConfigError> {
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|source| ProbeConfigError::Pem { what: "client key", path: path.to_owned(), source })?
-        .ok_or_else(|| ProbeConfigError::NoPrivateKey { path: path.to_owned() })
+    PrivateKeyDer::from_pem_slice(pem).map_err(|source| match source {
+        pem::Error::NoItemsFound => ProbeConfigError::NoPrivateKey { path: path.to_owned() },
+        source => ProbeConfigError::Pem { what: "client key", path: path.to_owned(), source },
+    })
 }
 
 /// `--insecure-skip-tls-verify`: any certificate, any name. Handshake signatures are still

@@ -24,7 +24,7 @@ use std::{
     fmt, io,
     io::Read as _,
     net::SocketAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -35,6 +35,8 @@ use aya::{
 };
 use kha_common::{ITER_OFFSETS_GLOBAL, ITER_PROGRAM, MAX_CONNS, TcpRecord};
 use records::{Sock, TCP_ESTABLISHED, canonical};
+
+use super::netns::in_netns;
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// RST rounds per socket: the first, and one with fresh numbers if data arrived in between.
@@ -169,20 +171,9 @@ impl Resetter {
             .try_into()
             .map_err(ResetError::Program)?;
         let Some(path) = netns else { return reset_here(prog, wanted) };
-        let ns = std::fs::File::open(path)
-            .map_err(|source| ResetError::Netns { path: path.to_owned(), source })?;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on this short-lived thread only.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    let source = io::Error::last_os_error();
-                    return Err(ResetError::Netns { path: path.to_owned(), source });
-                }
-                reset_here(prog, wanted)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(ResetError::Run(io::Error::other("reset thread panicked"))))
-        })
+        let netns_err = |source| ResetError::Netns { path: path.to_owned(), source };
+        let ns = std::fs::File::open(path).map_err(netns_err)?;
+        in_netns(Some(ns.as_fd()), || reset_here(prog, wanted)).map_err(netns_err)?
     }
 }
 
