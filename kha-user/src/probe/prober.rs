@@ -265,8 +265,9 @@ impl Prober {
             match self.liveness(out).await? {
                 Liveness::Answered if !ready_due && self.conn.is_some() => return Ok(Outcome::Quiet),
                 Liveness::Answered => {}
-                Liveness::Died(failure @ ProbeFailure::Abandoned { .. }) => {
-                    // TCP gave up on the request: the silence goes on, and the reconnect
+                Liveness::Died(failure @ (ProbeFailure::Abandoned { .. } | ProbeFailure::Unreachable(_))) => {
+                    // TCP gave up on the request, or the route to the master went away (a
+                    // link down, a bond failing over): the silence goes on, and the reconnect
                     // (at once, within its end) decides.
                     log::debug!("probe {}: liveness request abandoned ({failure}); reconnecting", self.addr);
                 }
