@@ -272,6 +272,8 @@ impl Prober {
                     log::debug!("probe {}: liveness request abandoned ({failure}); reconnecting", self.addr);
                 }
                 Liveness::Died(failure) => {
+                    // A FIN or RST is an answer: the reconnect times a silence of its own.
+                    self.silent_since = None;
                     out.send(ProbeEvent::ConnectionLost { failure }).await?;
                     return Ok(Outcome::Lost);
                 }
