@@ -19,6 +19,10 @@ pub struct Config {
     pub frontends: Vec<Frontend>,
     /// The cluster CA the probes verify the backends with; `--ca-file` overrides it.
     pub ca_file: Option<PathBuf>,
+    /// The cluster's node count, which sets the probe cadence (see
+    /// [`crate::probe::cadence_for_fleet`]) unless `--fleet-size` or an interval flag is given.
+    /// `kha config` writes the inventory's host count here.
+    pub fleet_size: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,12 +146,15 @@ pub enum ConfigError {
     HealthPath { field: String, value: String },
     #[error("{field}: client_cert and client_key go together; give both or neither")]
     ClientCertPair { field: String },
+    #[error("fleet_size = 0: give the cluster's node count (every node runs kha), or leave fleet_size out")]
+    FleetSizeZero,
 }
 
 /// The config file: an optional CA and a list of frontends, each with its own backends.
 ///
 /// ```toml
 /// ca_file = "/etc/kubernetes/ssl/ca.crt"
+/// fleet_size = 5000   # optional: the cluster's node count, sets the probe cadence
 ///
 /// [[frontend]]
 /// address = "127.0.0.1:6443"
@@ -157,6 +164,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     ca_file: Option<PathBuf>,
+    fleet_size: Option<u32>,
     #[serde(default)]
     frontend: Vec<FileFrontend>,
 }
@@ -206,7 +214,7 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        let config = Config { frontends, ca_file: None };
+        let config = Config { frontends, ca_file: None, fleet_size: None };
         config.validate(
             |i, _| format!("--frontend {}", config.frontends[i].address),
             |_, j| format!("--backend[{j}]"),
@@ -261,7 +269,10 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        let config = Config { frontends, ca_file: file.ca_file };
+        if file.fleet_size == Some(0) {
+            return Err(ConfigError::FleetSizeZero);
+        }
+        let config = Config { frontends, ca_file: file.ca_file, fleet_size: file.fleet_size };
         config.validate(|i, _| format!("frontend[{i}]"), |i, j| format!("frontend[{i}].backends[{j}]"))?;
         Ok(config)
     }
@@ -536,6 +547,15 @@ mod tests {
         assert!(!Config::from_flags(&[], &s(&["192.0.2.11:6443"]), &d()).unwrap().frontends[0].discover);
         let e = toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\ndiscover = \"yes\"\n").unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn fleet_size_is_optional_and_never_zero() {
+        let fe = "[[frontend]]\naddress = \"127.0.0.1:6443\"\nbackends = [\"192.0.2.11:6443\"]\n";
+        assert_eq!(toml(fe).unwrap().fleet_size, None);
+        assert_eq!(toml(&format!("fleet_size = 5000\n{fe}")).unwrap().fleet_size, Some(5000));
+        assert!(matches!(toml(&format!("fleet_size = 0\n{fe}")), Err(ConfigError::FleetSizeZero)));
+        assert!(matches!(toml(&format!("fleet_size = -1\n{fe}")), Err(ConfigError::Parse { .. })));
     }
 
     #[test]

@@ -220,7 +220,7 @@ impl BackendHealth {
         self.successes = 0;
         let down = if still_answers(failure) { State::Draining } else { State::Down };
         let lost = matches!(event, ProbeEvent::ConnectionLost { .. }) || failure.connection_died();
-        let silent = matches!(failure, ProbeFailure::Silent { .. });
+        let silent = failure.confirms_gone();
         let counting = matches!(self.suspect, Some(Suspicion::Slow | Suspicion::NotReady));
         let next = match self.state {
             State::Unknown | State::Unproven => down,
@@ -654,6 +654,7 @@ mod tests {
             .map(|f| Frontend { discover: true, ..f })
             .collect(),
             ca_file: None,
+            fleet_size: None,
         };
         let m = |i: u8| SocketAddr::from(([192, 0, 2, 10 + i], 6443));
         let proven = || run(&[ready()]).0;
@@ -712,7 +713,9 @@ mod tests {
     #[test]
     fn a_confirmed_silence_is_down_at_once_whatever_came_before() {
         use crate::probe::test_events::{silent, slow};
-        for before in [vec![ready()], vec![ready(), slow()], vec![ready(), lost()], vec![ready(), not_ready()]] {
+        for before in
+            [vec![ready()], vec![ready(), slow()], vec![ready(), lost()], vec![ready(), not_ready()]]
+        {
             let mut events = before.clone();
             events.push(silent());
             let (b, changes) = run(&events);

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 mod agent;
 mod serve;
 
@@ -153,8 +153,12 @@ struct HealthArgs {
     /// The cluster's node count (every node probes every apiserver): above 1000 the probes slow
     /// to a liveness request every 2 s and /readyz every 15 s, which costs each apiserver less
     /// CPU than kubespray's haproxy checks (docs/health.md).
-    #[arg(long, value_name = "NODES", conflicts_with_all = ["probe_interval_ms", "readiness_interval_ms"])]
+    /// A config file's `fleet_size` does the same unless an interval flag is given.
+    #[arg(long, value_name = "NODES", conflicts_with_all = ["probe_interval_ms", "readiness_interval_ms"], value_parser = clap::value_parser!(u32).range(1..))]
     fleet_size: Option<u32>,
+    /// Set after parsing: --probe-interval-ms or --readiness-interval-ms was on the command line.
+    #[arg(skip)]
+    intervals_given: bool,
     #[arg(long, default_value = "3000", value_name = "MS")]
     probe_timeout_ms: u64,
     /// Successful probes in a row that bring a backend back.
@@ -186,6 +190,31 @@ struct HealthArgs {
 const CA_CANDIDATES: [&str; 2] = ["/etc/kubernetes/ssl/ca.crt", "/etc/kubernetes/pki/ca.crt"];
 
 impl HealthArgs {
+    /// The probe cadence (liveness, readiness interval): `--fleet-size`, else the interval
+    /// flags if given, else the config file's `fleet_size`, else the interval defaults.
+    fn cadence(&self, file_fleet_size: Option<u32>) -> (Duration, Duration) {
+        let fleet_size = match (self.fleet_size, file_fleet_size) {
+            (Some(nodes), _) => Some(nodes),
+            (None, Some(nodes)) if self.intervals_given => {
+                log::warn!(
+                    "the config file's fleet_size = {nodes} is ignored: the probe intervals were given as flags"
+                );
+                None
+            }
+            (None, nodes) => nodes,
+        };
+        match fleet_size {
+            Some(nodes) => {
+                log::info!("probes: the cadence for a fleet of {nodes} nodes");
+                kha::probe::cadence_for_fleet(nodes)
+            }
+            None => (
+                Duration::from_millis(self.probe_interval_ms.max(100)),
+                Duration::from_millis(self.readiness_interval_ms.unwrap_or(self.probe_interval_ms).max(100)),
+            ),
+        }
+    }
+
     /// The probe settings, or `None` with --no-health-checks. The CA comes from --ca-file, else
     /// the config file, else kubespray's or kubeadm's path; kha never probes without one unless
     /// told to skip verification.
@@ -221,13 +250,7 @@ impl HealthArgs {
                 .load()
                 .with_context(|| format!("probe TLS of frontend {}", f.address))?;
         }
-        let (interval, readiness_interval) = match self.fleet_size {
-            Some(nodes) => kha::probe::cadence_for_fleet(nodes),
-            None => (
-                Duration::from_millis(self.probe_interval_ms.max(100)),
-                Duration::from_millis(self.readiness_interval_ms.unwrap_or(self.probe_interval_ms).max(100)),
-            ),
-        };
+        let (interval, readiness_interval) = self.cadence(config.fleet_size);
         log::info!(
             "probes: a liveness request every {:.1} s, readiness every {:.1} s",
             interval.as_secs_f64(),
@@ -247,7 +270,7 @@ fn main() {
     // once, with its cause (RUST_LOG=kube_client=debug shows kube-rs's own lines).
     let filter = "info,kube_client=off,kube_runtime=off";
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter)).init();
-    let cli = Cli::parse();
+    let cli = parse_cli(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Status { pin_dir, output } => show_status(&pin_dir, output),
@@ -263,6 +286,21 @@ fn main() {
         eprintln!("kha: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The command line, with [`HealthArgs::intervals_given`] filled in: a config file's
+/// `fleet_size` gives way to probe intervals given as flags, not to their defaults.
+fn parse_cli<I: Into<std::ffi::OsString> + Clone>(
+    args: impl IntoIterator<Item = I>,
+) -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Run(args), Some(("run", m))) = (&mut cli.command, matches.subcommand()) {
+        args.health.intervals_given = ["probe_interval_ms", "readiness_interval_ms"]
+            .iter()
+            .any(|id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine));
+    }
+    Ok(cli)
 }
 
 fn load_config(args: &RunArgs) -> Result<Config> {
@@ -427,7 +465,18 @@ fn run(args: RunArgs) -> Result<()> {
         if let Some(l) = health_listener {
             serve::start(l, "health endpoints", endpoints)?;
         }
-        agent::run(settings, config, maps, || load_config(&args)).await
+        let fleet_size = config.fleet_size;
+        let reload = || {
+            let new = load_config(&args)?;
+            if new.fleet_size != fleet_size {
+                log::warn!(
+                    "SIGHUP: fleet_size changed ({fleet_size:?} -> {:?}); the probe cadence it sets takes effect at the next start",
+                    new.fleet_size
+                );
+            }
+            Ok(new)
+        };
+        agent::run(settings, config, maps, reload).await
     })?;
     log::info!("stopping; the datapath stays attached and keeps balancing (`kha detach` removes it)");
     Ok(())
@@ -514,6 +563,30 @@ mod tests {
         let super::Command::Run(args) = cli.command else { panic!("not run") };
         let e = super::load_config(&args).unwrap_err().to_string();
         assert!(e.contains("--discover needs health checks") && e.contains("--ca-file"), "{e}");
+    }
+
+    fn health(args: &[&str]) -> super::HealthArgs {
+        let cli =
+            super::parse_cli(["kha", "run", "--backend", "192.0.2.11:6443"].iter().chain(args)).unwrap();
+        let super::Command::Run(run) = cli.command else { panic!("not run") };
+        run.health
+    }
+
+    #[test]
+    fn the_config_files_fleet_size_sets_the_cadence_unless_intervals_are_flags() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let large = kha::probe::cadence_for_fleet(5000);
+        assert_ne!(large, (s(1), s(1)));
+        assert_eq!(health(&[]).cadence(None), (s(1), s(1)));
+        assert_eq!(health(&[]).cadence(Some(5000)), large);
+        assert_eq!(health(&["--fleet-size", "5000"]).cadence(None), large);
+        assert_eq!(health(&["--fleet-size", "5000"]).cadence(Some(10)), large);
+        assert_eq!(health(&["--probe-interval-ms", "500"]).cadence(Some(5000)), (ms(500), ms(500)));
+        // Given explicitly, even at its default value.
+        assert_eq!(health(&["--probe-interval-ms", "1000"]).cadence(Some(5000)), (s(1), s(1)));
+        assert_eq!(health(&["--readiness-interval-ms", "3000"]).cadence(Some(5000)), (s(1), s(3)));
+        assert!(super::parse_cli(["kha", "run", "--fleet-size", "0"]).is_err());
     }
 
     /// While the agent loop blocks (here in a std channel wait, standing for a SOCK_DESTROY

@@ -95,6 +95,8 @@ fn blackholed_master_leaves_and_its_long_lived_connection_moves() {
     assert!(recovered["master"].is_string());
     let (state, serving, reason) = state_of(&bed, &addr).unwrap();
     assert_eq!((state.as_str(), serving), ("down", false), "{reason:?}");
+    // Told from a hung process by its kernel's silence: confirmed without the pause grace.
+    assert!(reason.as_deref().is_some_and(|r| r.contains("unacknowledged")), "{reason:?}");
     let st = bed.status().unwrap();
     let terminated = st["counters"].as_array().unwrap().iter().find(|c| c["name"] == "terminated").unwrap();
     assert!(terminated["value"].as_u64().unwrap() >= 1, "{st}");

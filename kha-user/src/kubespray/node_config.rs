@@ -101,6 +101,17 @@ fn frontends(
     tables
 }
 
+/// The cluster's node count for `fleet_size`: the hosts of `k8s_cluster` (or the older
+/// `k8s-cluster`), every node kubespray sets up, masters included (an upper bound on the nodes
+/// that probe).
+fn fleet_size(inventory: &Inventory) -> Option<(String, usize)> {
+    ["k8s_cluster", "k8s-cluster"]
+        .iter()
+        .filter_map(|name| inventory.group(name))
+        .find(|g| !g.hosts.is_empty())
+        .map(|g| (g.name, g.hosts.len()))
+}
+
 /// The config text; checked with [`Config::from_toml`] before it is returned.
 pub fn generate(vars: &Vars, inventory: &Inventory, etcd: bool) -> Result<String, KubesprayError> {
     let choice = select_mode(vars, None)?;
@@ -132,6 +143,22 @@ pub fn generate(vars: &Vars, inventory: &Inventory, etcd: bool) -> Result<String
         "\n# The cluster CA kubespray installs on every node; the probes verify the backends with it."
     );
     let _ = writeln!(out, "ca_file = {}", quoted(KUBESPRAY_CA_FILE));
+    match fleet_size(inventory) {
+        Some((group, nodes)) => {
+            let _ = writeln!(
+                out,
+                "\n# The hosts of {group}: every node probes every apiserver, so the count sets the probe\n\
+                 # cadence (above 1000, slower probes that cost the apiservers less; docs/health.md)."
+            );
+            let _ = writeln!(out, "fleet_size = {nodes}");
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "\n# No k8s_cluster group: set fleet_size = <node count> for a cluster of over 1000 nodes."
+            );
+        }
+    }
 
     let mut tables = frontends(
         &masters,

@@ -704,6 +704,18 @@ fn config_frontends_on_nsp_backends_on_sp() {
 }
 
 #[test]
+fn config_fleet_size_is_the_k8s_cluster_host_count() {
+    let text = config_of(&[], INVENTORY, &[], false).unwrap();
+    assert_eq!(parsed(&text).fleet_size, Some(4), "{text}");
+    let old = INVENTORY.replace("    k8s_cluster:\n", "    k8s-cluster:\n");
+    assert_eq!(parsed(&config_of(&[], &old, &[], false).unwrap()).fleet_size, Some(4));
+    let none = INVENTORY.replace("    k8s_cluster:\n", "    other:\n");
+    let text = config_of(&[], &none, &[], false).unwrap();
+    assert_eq!(parsed(&text).fleet_size, None);
+    assert!(text.contains("set fleet_size"), "{text}");
+}
+
+#[test]
 fn config_ipv6_masters_back_the_ipv6_frontend_only() {
     let inv = INVENTORY.replace("access_ip: 10.1.0.11", "access_ip: '2001:db8::11'");
     let text = config_of(&[], &inv, &[], false).unwrap();

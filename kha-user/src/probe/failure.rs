@@ -144,6 +144,11 @@ pub enum ProbeFailure {
     /// is hung, stopped or cut off; unlike a [`ProbeFailure::Timeout`] of a readiness request
     /// (a `/readyz` waiting on a slow etcd) this confirms it gone.
     Silent { waited: std::time::Duration },
+    /// A liveness request sent `waited` ago is still unacknowledged after `retransmits`
+    /// retransmissions: the master's kernel (which acknowledges whatever its process does)
+    /// receives nothing, so its link, its network or its machine is gone. Confirmed at once,
+    /// like [`ProbeFailure::Silent`], but sooner: a paused process cannot look like this.
+    Unacknowledged { waited: std::time::Duration, retransmits: u8 },
 }
 
 /// Errors that come from this node running short of something (descriptors, memory, buffers,
@@ -173,6 +178,12 @@ impl ProbeFailure {
             ProbeFailure::Status { code: 401, .. } => Some(401),
             _ => None,
         }
+    }
+
+    /// Nothing came back for long enough to call the master gone (silent, or its kernel
+    /// acknowledging nothing): down at once, its sockets terminated.
+    pub fn confirms_gone(&self) -> bool {
+        matches!(self, ProbeFailure::Silent { .. } | ProbeFailure::Unacknowledged { .. })
     }
 
     /// The connection died under the probe rather than the master being slow: the kernel
@@ -210,6 +221,11 @@ impl fmt::Display for ProbeFailure {
             ProbeFailure::Silent { waited } => {
                 write!(f, "no answer for {:.1} s: hung, stopped or cut off", waited.as_secs_f64())
             }
+            ProbeFailure::Unacknowledged { waited, retransmits } => write!(
+                f,
+                "request unacknowledged for {:.1} s after {retransmits} retransmissions: link, network or machine gone",
+                waited.as_secs_f64()
+            ),
         }
     }
 }

@@ -83,7 +83,8 @@ pub use files::{MAX_PEM_BYTES, TlsDefaults, TlsFiles, TlsPem};
 pub use jitter::JITTER;
 pub use prober::{
     CLOSE_AFTER_RESPONSE_GRACE, CONFIRM_MAX, CONFIRM_MIN, DOWN_RETRY_FOR, DOWN_RETRY_MAX, DOWN_RETRY_MIN,
-    LOST_CONNECT_ATTEMPT, LOST_RETRY_MAX, LOST_RETRY_MIN, MIN_INTERVAL, run,
+    HOLD_FOR, LOST_CONNECT_ATTEMPT, LOST_RETRY_MAX, LOST_RETRY_MIN, MIN_INTERVAL, UNACKED_CHECK,
+    UNACKED_RETRANSMITS, run,
 };
 pub use reload::{Reload, TLS_CHECK_INTERVAL, TlsHandle, TlsPublisher, TlsStore};
 pub use socket::{MakeSocket, default_socket};

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use rustls::client::danger::ServerCertVerifier;
@@ -16,7 +17,7 @@ use super::conn::{self, Conn, ExchangeError};
 use super::failure::{Malformed, Phase, ProbeFailure, classify, snippet};
 use super::http::{self, Response};
 use super::jitter::Rng;
-use super::socket::MakeSocket;
+use super::socket::{self, MakeSocket};
 use super::{ProbeEvent, ProbeSettings, SILENT_AFTER, SLOW_AFTER};
 
 pub use super::conn::LOST_CONNECT_ATTEMPT;
@@ -64,6 +65,29 @@ pub const CONFIRM_MIN: Duration = Duration::from_millis(100);
 /// See [`CONFIRM_MIN`].
 pub const CONFIRM_MAX: Duration = Duration::from_millis(300);
 
+/// A liveness request still unacknowledged by the master's kernel after this many
+/// retransmissions (the kernel's own RTO expiries: at least 0.2 s, then 0.4 s, so about 0.6 s
+/// after the send on a LAN) confirms the master gone without waiting for [`SILENT_AFTER`]: a
+/// paused or hung process cannot cause it (its kernel acknowledges), so the 2 s grace for a
+/// pause is not needed. One lost segment is recovered by the first retransmission; this needs
+/// the request and both retransmissions lost. The price: a whole-machine stall (a VM frozen
+/// for a snapshot or a migration) or a network outage longer than about 0.6 s after a request
+/// counts as gone; the sockets on it are terminated and move.
+pub const UNACKED_RETRANSMITS: u8 = 2;
+
+/// How often the kernel's view of a waiting liveness request is read (one `getsockopt`),
+/// from [`SLOW_AFTER`] on.
+pub const UNACKED_CHECK: Duration = Duration::from_millis(50);
+
+/// How long a silent master's connection is held with its one request pending, while its
+/// kernel keeps acknowledging (see `liveness`). A stopped process (SIGSTOP, a frozen cgroup)
+/// answers the pending request the moment it runs again; a master that serves new
+/// connections but never answers this one (a wedged connection, the lab's `hang` mode) is
+/// found by the reconnects after the hold. Most hangs are shorter than this, and cost the
+/// thawed apiserver no queued handshake; after it the master is asked on new connections as
+/// any failing master is.
+pub const HOLD_FOR: Duration = Duration::from_secs(10);
+
 /// Shortest interval honoured, so a zero interval cannot spin.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -107,10 +131,14 @@ impl<T: Clone> Out<T> {
 enum Liveness {
     /// Answered: the connection is kept (unless the answer closed it).
     Answered,
+    /// Answered after its silence had been reported: ask readiness at once.
+    Revived,
     /// The connection died or closed under it: a loss, as on the idle connection.
     Died(ProbeFailure),
-    /// Nothing came back for [`SILENT_AFTER`].
+    /// Confirmed gone, to be reported: its kernel acknowledged nothing.
     Silent(ProbeFailure),
+    /// Its silence was reported during the wait; then the held connection ended.
+    Reported(Retry),
 }
 
 /// What a tick ended with, for the schedule of the next one.
@@ -147,6 +175,7 @@ impl Retry {
             Some(ProbeFailure::Refused) => Retry::Spread,
             Some(
                 ProbeFailure::Silent { .. }
+                | ProbeFailure::Unacknowledged { .. }
                 | ProbeFailure::Unreachable(_)
                 | ProbeFailure::Timeout { phase: Phase::Connect | Phase::Handshake }
                 | ProbeFailure::Abandoned { phase: Phase::Connect | Phase::Handshake },
@@ -175,6 +204,9 @@ struct Prober {
     silent_since: Option<Instant>,
     /// The connection was lost: the next connect starts a silence (rides out [`SILENT_AFTER`]).
     reconnecting: bool,
+    /// A held connection answered after its silence was reported: the readiness result that
+    /// follows is a recovery.
+    revived: bool,
     buf: Box<[u8]>,
 }
 
@@ -194,6 +226,7 @@ impl Prober {
             conn: None,
             silent_since: None,
             reconnecting: false,
+            revived: false,
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
         }
     }
@@ -231,14 +264,15 @@ impl Prober {
                     (ready, retry)
                 }
             };
-            let recovered = ready && failing_since.is_some();
+            let recovered = ready && (failing_since.is_some() || std::mem::take(&mut self.revived));
             if ready {
                 failing_since = None;
             } else {
                 failing_since.get_or_insert(now);
             }
             let soon = failing_since.is_some_and(|since| now.duration_since(since) < DOWN_RETRY_FOR);
-            let quick_retry_allowed = last_quick_retry.is_none_or(|at| now.duration_since(at) >= self.interval);
+            let quick_retry_allowed =
+                last_quick_retry.is_none_or(|at| now.duration_since(at) >= self.interval);
             let wait = match retry {
                 _ if recovered => {
                     ready_at = now;
@@ -265,6 +299,8 @@ impl Prober {
             match self.liveness(out).await? {
                 Liveness::Answered if !ready_due && self.conn.is_some() => return Ok(Outcome::Quiet),
                 Liveness::Answered => {}
+                Liveness::Revived => self.revived = true,
+                Liveness::Reported(retry) => return Ok(Outcome::Result { ready: false, retry }),
                 Liveness::Died(failure @ (ProbeFailure::Abandoned { .. } | ProbeFailure::Unreachable(_))) => {
                     // TCP gave up on the request, or the route to the master went away (a
                     // link down, a bond failing over): the silence goes on, and the reconnect
@@ -278,7 +314,11 @@ impl Prober {
                     return Ok(Outcome::Lost);
                 }
                 Liveness::Silent(failure) => {
-                    let event = ProbeEvent::Failed { failure, latency: SILENT_AFTER };
+                    let latency = match failure {
+                        ProbeFailure::Unacknowledged { waited, .. } => waited,
+                        _ => SILENT_AFTER,
+                    };
+                    let event = ProbeEvent::Failed { failure, latency };
                     let retry = Retry::after(&event);
                     out.send(event).await?;
                     return Ok(Outcome::Result { ready: false, retry });
@@ -292,24 +332,46 @@ impl Prober {
     }
 
     /// `OPTIONS *` on the kept-alive connection, timed against the silence: [`SLOW_AFTER`]
-    /// unanswered is reported slow, [`SILENT_AFTER`] since the silence began is silent.
+    /// unanswered is reported slow, [`SILENT_AFTER`] since the silence began is reported
+    /// silent, and a request the master's kernel has not acknowledged after
+    /// [`UNACKED_RETRANSMITS`] retransmissions is reported unacknowledged, at once.
+    ///
+    /// A silent master whose kernel still acknowledges (a hung or stopped process) keeps this
+    /// connection and its one pending request for up to [`HOLD_FOR`]: no reconnects while it
+    /// hangs, so when it thaws each node's probe costs it one `OPTIONS *` answer instead of a
+    /// TLS handshake per reconnect queued in its accept backlog meanwhile.
     async fn liveness<T: Clone>(&mut self, out: &Out<T>) -> Result<Liveness, Gone> {
         let Some(mut conn) = self.conn.take() else { return Ok(Liveness::Answered) };
         let sent = Instant::now();
         let since = *self.silent_since.get_or_insert(sent);
         let slow_at = sent + self.slow_after();
+        let silent_at = since + SILENT_AFTER;
         let max = self.settings.max_response_bytes;
         let mut slowed = false;
+        let mut silenced = false;
+        let mut check = tokio::time::interval_at(slow_at, UNACKED_CHECK);
         let result = {
+            let tcp = conn.tls.get_ref().0.as_fd().try_clone_to_owned();
             let exchange =
-                conn::send_and_read(&mut conn, &self.liveness_request, &mut self.buf, max, since + SILENT_AFTER);
+                conn::send_and_read(&mut conn, &self.liveness_request, &mut self.buf, max, sent + HOLD_FOR);
             tokio::pin!(exchange);
             loop {
                 tokio::select! {
-                    r = &mut exchange => break r,
+                    r = &mut exchange => break r.map_err(|e| e.failure),
                     () = sleep_until(slow_at), if !slowed => {
                         slowed = true;
                         out.send(ProbeEvent::Slow { waited: sent.elapsed() }).await?;
+                    }
+                    () = sleep_until(silent_at), if !silenced => {
+                        silenced = true;
+                        let failure = ProbeFailure::Silent { waited: since.elapsed() };
+                        out.send(ProbeEvent::Failed { failure, latency: SILENT_AFTER }).await?;
+                    }
+                    _ = check.tick(), if !silenced => {
+                        let retransmits = tcp.as_ref().ok().and_then(|fd| socket::unacknowledged(fd).ok().flatten());
+                        if let Some(retransmits) = retransmits.filter(|&r| r >= UNACKED_RETRANSMITS) {
+                            break Err(ProbeFailure::Unacknowledged { waited: sent.elapsed(), retransmits });
+                        }
                     }
                 }
             }
@@ -317,7 +379,7 @@ impl Prober {
         match result {
             Ok((response, leftover)) => {
                 self.silent_since = None;
-                if slowed {
+                if slowed && !silenced {
                     out.send(ProbeEvent::Alive { latency: sent.elapsed() }).await?;
                 }
                 if response.close {
@@ -331,13 +393,23 @@ impl Prober {
                     conn.leftover = leftover;
                     self.conn = Some(conn);
                 }
-                Ok(Liveness::Answered)
+                Ok(if silenced { Liveness::Revived } else { Liveness::Answered })
             }
-            Err(ExchangeError { failure: ProbeFailure::Timeout { .. }, .. }) => {
+            // Reported already: what follows is a reconnect, a regular one after a hold that ran
+            // out (a master hung that long is asked once per interval from then on).
+            Err(failure) if silenced => {
                 self.silent_since = None;
-                Ok(Liveness::Silent(ProbeFailure::Silent { waited: since.elapsed() }))
+                let retry = match failure {
+                    ProbeFailure::Timeout { .. } => Retry::Regular,
+                    failure => Retry::after(&ProbeEvent::Failed { failure, latency: Duration::ZERO }),
+                };
+                Ok(Liveness::Reported(retry))
             }
-            Err(e) => Ok(Liveness::Died(e.failure)),
+            Err(failure @ ProbeFailure::Unacknowledged { .. }) => {
+                self.silent_since = None;
+                Ok(Liveness::Silent(failure))
+            }
+            Err(failure) => Ok(Liveness::Died(failure)),
         }
     }
 
@@ -454,7 +526,9 @@ impl Prober {
     /// reconnect after a loss) the deadline is the silence's end, and running into it is
     /// [`ProbeFailure::Silent`]; otherwise the probe timeout applies. A handshake that
     /// completes ends the silence: the process serves.
-    async fn connect(&mut self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ProbeFailure> {
+    async fn connect(
+        &mut self,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ProbeFailure> {
         if std::mem::take(&mut self.reconnecting) {
             self.silent_since.get_or_insert_with(Instant::now);
         }
@@ -463,11 +537,14 @@ impl Prober {
             None => Instant::now() + self.settings.timeout,
         };
         let result =
-            conn::connect(self.addr, &self.make_socket, &mut self.settings.tls, &self.server_name, deadline).await;
+            conn::connect(self.addr, &self.make_socket, &mut self.settings.tls, &self.server_name, deadline)
+                .await;
         let Some(since) = self.silent_since else { return result };
         match result {
             // Silence to the end: nothing acknowledged, no route, no handshake.
-            Err(ProbeFailure::Timeout { .. } | ProbeFailure::Unreachable(_) | ProbeFailure::Abandoned { .. }) => {
+            Err(
+                ProbeFailure::Timeout { .. } | ProbeFailure::Unreachable(_) | ProbeFailure::Abandoned { .. },
+            ) => {
                 self.silent_since = None;
                 Err(ProbeFailure::Silent { waited: since.elapsed() })
             }

@@ -44,6 +44,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,9 +87,53 @@ pub(crate) fn tune(socket: &Socket) -> io::Result<()> {
     socket.set_nonblocking(true)
 }
 
+/// Retransmissions of the oldest unacknowledged segment on `socket`, or `None` while nothing
+/// sent is waiting for an acknowledgement (`TCP_INFO`'s `tcpi_unacked` and `tcpi_retransmits`,
+/// the count of RTO expiries the kernel has not recovered from). Read while a liveness request
+/// waits: it tells a master whose kernel still acknowledges (a paused or hung process, 0) from
+/// one that receives nothing at all (link, network or machine gone).
+pub(crate) fn unacknowledged(socket: &impl AsFd) -> io::Result<Option<u8>> {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the fd is borrowed for the call; `info` and `len` describe a buffer of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.tcpi_unacked > 0).then_some(info.tcpi_retransmits))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_with_everything_acknowledged_has_nothing_unacknowledged() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut &client, b"ping").unwrap();
+        let mut got = [0u8; 4];
+        std::io::Read::read_exact(&mut server, &mut got).unwrap();
+        // The acknowledgement may be delayed a little; it comes (bounded wait, then the check).
+        for _ in 0..200 {
+            if unacknowledged(&client).unwrap().is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(unacknowledged(&client).unwrap(), None);
+        let unconnected = default_socket()("127.0.0.1:1".parse().unwrap()).unwrap();
+        assert_eq!(unacknowledged(&unconnected).unwrap(), None);
+    }
 
     #[test]
     fn tuned_socket_has_the_documented_options() {

@@ -96,7 +96,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         let rebalance = Rebalance::new(settings.rebalance, Instant::now());
         let mut s = Self {
             settings,
-            config: Config { frontends: Vec::new(), ca_file: None },
+            config: Config { frontends: Vec::new(), ca_file: None, fleet_size: None },
             table,
             terminator,
             health: BTreeMap::new(),
