@@ -24,12 +24,12 @@ const PROCEED: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn kha_connect4(ctx: SockAddrContext) -> i32 {
-    connect::try_connect4(&ctx).unwrap_or(PROCEED)
+    connect::try_connect4::<connect::Untraced>(&ctx).unwrap_or(PROCEED)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn kha_connect6(ctx: SockAddrContext) -> i32 {
-    connect::try_connect6(&ctx).unwrap_or(PROCEED)
+    connect::try_connect6::<connect::Untraced>(&ctx).unwrap_or(PROCEED)
 }
 
 #[cgroup_sock_addr(getpeername4)]

@@ -177,6 +177,17 @@ pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
     })
 }
 
+/// A program's id (`bpf_prog_info.id`).
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = [0u8; 256];
+    let mut a = Attr::new()
+        .u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    Ok(u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes")))
+}
+
 /// The ids of the maps a program uses (`bpf_prog_info.map_ids`).
 pub fn prog_map_ids(prog: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     let mut ids = [0u32; 64];
