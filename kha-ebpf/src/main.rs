@@ -10,6 +10,7 @@
 mod connect;
 mod iter;
 mod maps;
+mod object;
 mod peername;
 mod release;
 mod sockops;
@@ -63,13 +64,3 @@ pub fn kha_iter_tcp(ctx: *mut iter::IterTcpCtx) -> i32 {
     let _ = iter::try_iter_tcp(ctx);
     0
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

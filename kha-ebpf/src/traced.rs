@@ -12,6 +12,7 @@ mod connect;
 // Every pinned map is declared, as in kha's object; the connect programs use some of them.
 #[allow(dead_code)]
 mod maps;
+mod object;
 
 use aya_ebpf::{
     btf_maps::RingBuf,
@@ -59,13 +60,3 @@ pub fn kha_trace4(ctx: SockAddrContext) -> i32 {
 pub fn kha_trace6(ctx: SockAddrContext) -> i32 {
     connect::try_connect6::<Traced>(&ctx).unwrap_or(PROCEED)
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,7 +1,7 @@
 //! The kernel half of `kha trace`: loads the `kha-trace` object (the traced twins of the
 //! connect programs) against the pinned maps, swaps its programs in under the pinned connect
 //! links with `BPF_LINK_UPDATE`, hands over the records of its ring buffer, and swaps kha's
-//! own programs back when the trace ends (`stop`, or on drop). Pure handling of the records is
+//! own programs back when the trace ends: when it is dropped. Pure handling of the records is
 //! in `crate::trace`.
 
 use std::{
@@ -74,7 +74,7 @@ struct Swap {
     prog_ids: (u32, u32),
 }
 
-/// A running trace: the traced programs are attached until `stop` or drop.
+/// A running trace: the traced programs are attached until it is dropped.
 pub struct Tracing {
     swaps: Vec<Swap>,
     ring: RingBuf<MapData>,
@@ -150,9 +150,6 @@ impl Tracing {
         }
         out
     }
-
-    /// Swaps kha's own programs back (as drop does); the traced ones go with `self`.
-    pub fn stop(self) {}
 }
 
 /// Puts the untraced program back, but only if the traced one still runs there
