@@ -6,7 +6,10 @@ use crate::addr::AddrBe;
 
 /// The trace object's ring buffer. Not pinned: it lives as long as the agent's trace does.
 pub const MAP_TRACE: &str = "KHA_TRACE";
-/// Ring buffer bytes: 256 KiB holds about 2,000 records between two reads of the agent.
+/// Per-CPU count of the records the ring had no room for.
+pub const MAP_TRACE_LOST: &str = "KHA_TRACE_LOST";
+/// Ring buffer bytes: 256 KiB holds about 2,900 records (88 bytes + an 8-byte header) between
+/// two reads of the agent.
 pub const TRACE_RING_BYTES: usize = 256 * 1024;
 /// The traced programs' names in the `kha-trace` object (visible in `bpftool prog show`).
 pub const TRACE_PROG4: &str = "kha_trace4";

@@ -15,7 +15,7 @@ mod maps;
 mod object;
 
 use aya_ebpf::{
-    btf_maps::RingBuf,
+    btf_maps::{PerCpuArray, RingBuf},
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
@@ -29,6 +29,10 @@ const AF_INET: u32 = 2;
 /// Not pinned: the agent's handle is the only one, and it goes with the trace.
 #[btf_map]
 static KHA_TRACE: RingBuf<TraceEvent, TRACE_RING_BYTES> = RingBuf::new();
+
+/// Records the ring had no room for (no reader keeping up); the trace's last line says how many.
+#[btf_map]
+static KHA_TRACE_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 pub struct Traced;
 
@@ -45,9 +49,13 @@ impl connect::Trace for Traced {
         e.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         e.pid_tgid = bpf_get_current_pid_tgid();
         e.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        // A full ring (no reader keeping up) drops the record; the agent counts the gap by
-        // nothing but the missing lines: best effort, never a verdict changed.
-        let _ = KHA_TRACE.output(&e, 0);
+        // Best effort: a full ring loses the record, counted; the verdict is the same.
+        if KHA_TRACE.output(&e, 0).is_err()
+            && let Some(lost) = KHA_TRACE_LOST.get_ptr_mut(0)
+        {
+            // Per-CPU slot: no other writer can race this increment.
+            unsafe { *lost += 1 };
+        }
     }
 }
 

@@ -214,11 +214,14 @@ pub enum Record {
         programs: Vec<(String, u32, u32)>,
     },
     Decision(Decision),
-    /// Last: the untraced programs are back.
+    /// Last: the untraced programs are back. `dropped` by the rate bound, `lost` by the
+    /// kernel (its ring buffer full).
     End {
         reason: EndReason,
         lines: u64,
         dropped: u64,
+        #[serde(default)]
+        lost: u64,
     },
 }
 
@@ -231,8 +234,8 @@ impl Record {
                 format!("tracing for {} ms ({})", duration_ms, p.join(", "))
             }
             Record::Decision(d) => d.text(),
-            Record::End { reason, lines, dropped } => format!(
-                "trace ended ({reason:?}): {lines} lines, {dropped} dropped by the rate bound of {MAX_LINES_PER_SEC}/s; untraced programs back"
+            Record::End { reason, lines, dropped, lost } => format!(
+                "trace ended ({reason:?}): {lines} lines, {dropped} dropped by the rate bound of {MAX_LINES_PER_SEC}/s, {lost} lost in the kernel (ring full); untraced programs back"
             ),
         }
     }

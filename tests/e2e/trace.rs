@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::{
     endpoints::free_port,
-    harness::{self, args, connect, start, wait_for},
+    harness::{self, ExtraNetns, args, connect, start, wait_for},
 };
 
 /// Refused: a frontend without backends.
@@ -129,6 +129,12 @@ fn a_trace_shows_each_decision_and_leaves_the_untraced_programs_behind() {
     assert_eq!(run.summary["errors"]["connect:EHOSTUNREACH"], 1, "{:?}", run.summary);
     // A master's own address is no frontend: passed through untouched.
     assert_eq!(connect(&bed, true, &m1, 1).by_master("m1"), 1);
+    // A pod's namespace in kha's cgroup: left alone (nothing listens there; the try is enough).
+    let pod = ExtraNetns::create(&bed, "pod");
+    let mut c = Command::new(&bed.lab_bin);
+    c.args(["connect", "--addr", &frontend, "--count", "1", "--timeout-ms", "3000", "--json"]);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    kha_lab::netns::spawn_in(&pod.0, Some(&bed.cgroup.path), c).unwrap().wait().unwrap();
 
     let ours = |v: &Value| v["type"] == "decision" && v["comm"] == "kha-lab";
     let rewritten = trace.until(|v| ours(v) && v["outcome"] == "rewritten");
@@ -153,6 +159,12 @@ fn a_trace_shows_each_decision_and_leaves_the_untraced_programs_behind() {
         "{alone}"
     );
     assert!(alone["policy"].is_null(), "{alone}");
+    let foreign = trace.until(ours);
+    assert_eq!(
+        (&foreign["outcome"], &foreign["frontend"]),
+        (&"foreign-netns".into(), &frontend.as_str().into())
+    );
+    assert_eq!(foreign["cgroup_id"], cgroup_id, "{foreign}");
 
     // The client goes: the agent swaps its own programs back.
     drop(trace);
@@ -164,6 +176,7 @@ fn a_trace_shows_each_decision_and_leaves_the_untraced_programs_behind() {
     assert_eq!(short.next()["type"], "start");
     let end = short.until(|v| v["type"] == "end");
     assert_eq!(end["reason"], "duration", "{end}");
+    assert_eq!((end["lost"].as_u64(), end["dropped"].as_u64()), (Some(0), Some(0)), "{end}");
     assert_eq!(connect_progs(&bed), untraced);
 }
 

@@ -12,10 +12,10 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{MapData, RingBuf},
+    maps::{MapData, PerCpuArray, RingBuf},
     programs::{CgroupSockAddr, ProgramError},
 };
-use kha_common::{MAP_TRACE, TRACE_PROG4, TRACE_PROG6, TraceEvent};
+use kha_common::{MAP_TRACE, MAP_TRACE_LOST, TRACE_PROG4, TRACE_PROG6, TraceEvent};
 
 use super::{HOOKS, PinDir, sys};
 
@@ -78,8 +78,8 @@ struct Swap {
 pub struct Tracing {
     swaps: Vec<Swap>,
     ring: RingBuf<MapData>,
-    /// Holds the traced programs' and the ring's fds.
-    _ebpf: Ebpf,
+    /// Holds the traced programs and the lost-record count.
+    ebpf: Ebpf,
 }
 
 impl Tracing {
@@ -131,12 +131,19 @@ impl Tracing {
                 return Err(TraceError::Swap { hook: s.hook, source });
             }
         }
-        Ok(Self { swaps, ring, _ebpf: ebpf })
+        Ok(Self { swaps, ring, ebpf })
     }
 
     /// (untraced, traced) program ids per connect hook, for the log.
     pub fn prog_ids(&self) -> Vec<(&'static str, u32, u32)> {
         self.swaps.iter().map(|s| (s.hook, s.prog_ids.0, s.prog_ids.1)).collect()
+    }
+
+    /// Records the kernel could not put in the ring (full), over all CPUs; 0 if unreadable.
+    pub fn lost(&self) -> u64 {
+        let Some(map) = self.ebpf.map(MAP_TRACE_LOST) else { return 0 };
+        let Ok(lost) = PerCpuArray::<_, u64>::try_from(map) else { return 0 };
+        lost.get(&0, 0).map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Takes up to `max` records out of the ring buffer without waiting.

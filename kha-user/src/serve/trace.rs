@@ -68,6 +68,10 @@ impl TraceSlot {
         true
     }
 
+    fn lost(&self) -> u64 {
+        self.lock().tracing.as_ref().map_or(0, Tracing::lost)
+    }
+
     fn drain(&self) -> Option<Vec<kha_common::TraceEvent>> {
         self.lock().tracing.as_mut().map(|t| t.drain(READ_MAX))
     }
@@ -146,9 +150,12 @@ pub async fn stream(
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
         .await?;
     let (reason, lines, dropped) = run(&mut stream, &req, &slot, start).await;
+    let lost = slot.lost();
     drop(busy); // swaps back before the last line says so
-    log::info!("trace: ended ({reason:?}), {lines} lines, {dropped} dropped; untraced programs back");
-    let end = Record::End { reason, lines, dropped };
+    log::info!(
+        "trace: ended ({reason:?}), {lines} lines, {dropped} dropped, {lost} lost; untraced programs back"
+    );
+    let end = Record::End { reason, lines, dropped, lost };
     let _ = write_line(&mut stream, &end).await;
     let _ = stream.shutdown().await;
     Ok(())
