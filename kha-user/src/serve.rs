@@ -1,8 +1,8 @@
 //! The agent's HTTP endpoints: `/metrics` on `--metrics-addr`, `/healthz` and `/readyz` on
 //! `--health-addr` (both localhost by default), and on both the streaming `/trace` for
 //! `kha trace` (`trace`). Deliberately tiny: GET only, one request per connection, bounded in
-//! size, time and number (`accept`); a trace in time by its own bound. Answers are built on a blocking
-//! thread: they read the pinned maps, and the runtime's threads are the probes'.
+//! size, time and number (`accept`; a trace by its own bounds). Answers are built on a
+//! blocking thread: they read the pinned maps, and the runtime's threads are the probes'.
 
 mod accept;
 mod trace;

@@ -1,6 +1,8 @@
 //! `GET /trace?duration=10s&frontend=IP:PORT`: runs one datapath trace and streams its
 //! records, one JSON object a line (`kha::trace::Record`), until the duration is over, the
-//! client goes or the agent stops. One trace at a time: a second request gets 409. Every way
+//! client goes or the agent stops. One trace at a time: a second request gets 409. Only to
+//! clients on loopback, even where a listener is bound wider (a health port open to a load
+//! balancer): the lines name the node's processes, and a trace costs every connect. Every way
 //! out swaps kha's own programs back (`loader::Tracing` on drop; `TraceSlot::shutdown` on the
 //! agent's way out, before the runtime goes).
 
@@ -120,6 +122,10 @@ pub async fn stream(
     slot: TraceSlot,
     pins: PinDir,
 ) -> std::io::Result<()> {
+    if !stream.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
+        let body = "/trace answers clients on this node's loopback only: run `kha trace` on the node\n";
+        return refuse(stream, 403, "Forbidden", body.into()).await;
+    }
     let req = match Request::parse(query) {
         Ok(r) => r,
         Err(e) => return refuse(stream, 400, "Bad Request", format!("{e}\n")).await,
