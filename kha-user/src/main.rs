@@ -363,6 +363,13 @@ fn run(args: RunArgs) -> Result<()> {
     pins.create()?;
     let _lock = loader::lock_pin_dir(&pins.root)?;
 
+    let traced = loader::traced_left_attached(&pins);
+    if !traced.is_empty() {
+        log::warn!(
+            "{}: a trace's programs are still attached (an agent was killed during `kha trace`); kha's own programs replace them now",
+            traced.join(", ")
+        );
+    }
     let mut loaded = loader::load(&pins, args.max_conns, args.netns.as_deref())?;
     loaded.preflight(&pins, &cgroup, cgroup_id)?;
     // In a migration these are the new maps, not yet used by any program: the backend table

@@ -202,5 +202,7 @@ fn an_agent_stopped_during_a_trace_swaps_the_untraced_programs_back() {
     start_agent(&mut bed);
     let now = connect_progs(&bed);
     assert!(now.iter().all(|id| !traced.contains(id)), "{now:?} {traced:?}");
+    let log = bed.agent_log_text();
+    assert!(log.contains("connect4, connect6: a trace's programs are still attached"), "{log}");
     drop(trace);
 }

@@ -178,11 +178,14 @@ pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
     })
 }
 
-/// A program's id (`bpf_prog_info.id`).
-pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+/// A program's id and name (`bpf_prog_info.id`, `.name`: at most 15 bytes).
+pub fn prog_id_name(prog: BorrowedFd<'_>) -> io::Result<(u32, String)> {
     let mut info = [0u8; 256];
     info_by_fd(prog, &mut info)?;
-    Ok(u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes")))
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let id = u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes"));
+    Ok((id, String::from_utf8_lossy(&name[..end]).into_owned()))
 }
 
 /// The ids of the maps a program uses (`bpf_prog_info.map_ids`).

@@ -120,7 +120,7 @@ impl Tracing {
             let info = sys::link_info(link.as_fd()).map_err(attached)?;
             let untraced = sys::prog_fd_by_id(info.prog_id).map_err(attached)?;
             let traced = traced.map_err(|source| TraceError::Swap { hook: hook.link, source })?;
-            let traced_id = sys::prog_id(traced.as_fd()).unwrap_or(0);
+            let traced_id = sys::prog_id_name(traced.as_fd()).map_or(0, |(id, _)| id);
             swaps.push(Swap { hook: hook.link, link, untraced, traced, prog_ids: (info.prog_id, traced_id) });
         }
         for (i, s) in swaps.iter().enumerate() {
@@ -157,6 +157,18 @@ impl Tracing {
         }
         out
     }
+}
+
+/// The connect hooks whose pinned link runs a traced program: left by an agent that could not
+/// swap back (killed during a trace). The next `attach` replaces them like any other program.
+pub fn left_attached(pins: &PinDir) -> Vec<&'static str> {
+    let traced = |hook: &super::Hook| {
+        let link = sys::obj_get(&pins.link(hook)).ok()?;
+        let prog = sys::prog_fd_by_id(sys::link_info(link.as_fd()).ok()?.prog_id).ok()?;
+        let (_, name) = sys::prog_id_name(prog.as_fd()).ok()?;
+        [TRACE_PROG4, TRACE_PROG6].contains(&name.as_str()).then_some(hook.link)
+    };
+    HOOKS.iter().filter_map(traced).collect()
 }
 
 /// Puts the untraced program back, but only if the traced one still runs there
