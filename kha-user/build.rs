@@ -27,7 +27,9 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Custom("1.98"),
     )?;
-    strip_dwarf(&PathBuf::from(std::env::var("OUT_DIR")?).join("kha"))
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    strip_dwarf(&out.join("kha"))?;
+    strip_dwarf(&out.join("kha-trace"))
 }
 
 /// The object keeps BTF (map field names, the verifier's line info) and loses the DWARF that

@@ -20,8 +20,10 @@ pub mod iter;
 pub mod layout;
 pub mod maps;
 pub mod select;
+pub mod trace;
 
 pub use addr::*;
 pub use iter::*;
 pub use layout::*;
 pub use maps::*;
+pub use trace::*;

@@ -8,7 +8,9 @@ use aya_ebpf::{
 };
 use kha_common::{
     AddrBe, Backend, CONN_UNSENT, Conn, STAT_ALL_SUSPECT, STAT_FOREIGN_NETNS, STAT_INCONSISTENT,
-    STAT_NO_BACKEND, STAT_REWRITTEN, STAT_SUSPECT_SKIPPED, ServiceKey, addr_from_words, is_v4_mapped,
+    STAT_NO_BACKEND, STAT_REWRITTEN, STAT_SUSPECT_SKIPPED, ServiceKey, TRACE_ALL_SUSPECT,
+    TRACE_CHOSEN_SUSPECT, TRACE_FOREIGN_NETNS, TRACE_INCONSISTENT, TRACE_NO_BACKEND, TRACE_NOT_A_FRONTEND,
+    TRACE_REWRITTEN, TRACE_SKIPPED_SUSPECT, TraceEvent, addr_from_words, is_v4_mapped,
     select::{Candidate, Dice, SlotView, choose, nonzero},
     v4_mapped, v4_of_mapped, words_from_addr,
 };
@@ -29,16 +31,46 @@ pub enum Skip {
     ForeignNetns,
 }
 
+/// Where each decision is reported: nowhere in kha's own programs (`Untraced`, which compiles
+/// to nothing, so they are the same instructions as without tracing), to a ring buffer in the
+/// traced twins of the `kha-trace` object (`traced.rs`). `event` is only called when traced;
+/// reporting never changes a verdict.
+pub trait Trace {
+    fn decided(ctx: &SockAddrContext, event: impl FnOnce() -> TraceEvent);
+}
+
+// Unused in the kha-trace object, which builds the same module.
+#[allow(dead_code)]
+pub struct Untraced;
+
+impl Trace for Untraced {
+    #[inline(always)]
+    fn decided(_: &SockAddrContext, _: impl FnOnce() -> TraceEvent) {}
+}
+
+/// A trace record of what is known at a decision; the trace fills in the task.
+#[inline(always)]
+fn event(key: &ServiceKey, outcome: u8, policy: u8, count: u16) -> TraceEvent {
+    TraceEvent {
+        dst_addr_be: key.addr_be,
+        dst_port_be: key.port_be,
+        outcome,
+        policy,
+        count,
+        ..TraceEvent::ZERO
+    }
+}
+
 /// A connect kha handles: rewritten to a backend, or refused on purpose.
 enum Verdict {
     To(u32, Backend),
     Refuse(u32),
 }
 
-pub fn try_connect4(ctx: &SockAddrContext) -> Result<i32, Skip> {
+pub fn try_connect4<T: Trace>(ctx: &SockAddrContext) -> Result<i32, Skip> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let key = frontend_key(sa, v4_mapped(sa.user_ip4))?;
-    let (id, backend) = match choose_backend(ctx, &key)? {
+    let (id, backend) = match choose_backend::<T>(ctx, &key)? {
         // An IPv4 socket cannot reach an IPv6 backend; the agent never writes such a set.
         Verdict::To(id, b) if is_v4_mapped(&b.addr_be) => (id, b),
         Verdict::To(..) => return Ok(refuse(STAT_INCONSISTENT)),
@@ -50,12 +82,12 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<i32, Skip> {
     Ok(PROCEED)
 }
 
-pub fn try_connect6(ctx: &SockAddrContext) -> Result<i32, Skip> {
+pub fn try_connect6<T: Trace>(ctx: &SockAddrContext) -> Result<i32, Skip> {
     let sa = unsafe { &mut *ctx.sock_addr };
     // Four 4-byte loads: the verifier refuses wider reads of user_ip6.
     let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
     let key = frontend_key(sa, addr_from_words(words))?;
-    let (id, backend) = match choose_backend(ctx, &key)? {
+    let (id, backend) = match choose_backend::<T>(ctx, &key)? {
         Verdict::To(id, b) => (id, b),
         Verdict::Refuse(stat) => return Ok(refuse(stat)),
     };
@@ -82,8 +114,11 @@ fn frontend_key(sa: &bpf_sock_addr, addr_be: AddrBe) -> Result<ServiceKey, Skip>
 /// The frontend lookup comes first: almost no connect is to a frontend, so the netns check
 /// and everything else only run for the few that are.
 #[inline(always)]
-fn choose_backend(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Skip> {
-    let frontend = KHA_SVC.get_ptr_mut(key).ok_or(Skip::NotAFrontend)?;
+fn choose_backend<T: Trace>(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Skip> {
+    let frontend = KHA_SVC
+        .get_ptr_mut(key)
+        .ok_or(Skip::NotAFrontend)
+        .inspect_err(|_| T::decided(ctx, || event(key, TRACE_NOT_A_FRONTEND, 0, 0)))?;
     let netns_ok = match KHA_CONFIG.get(0) {
         Some(cfg) => {
             cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
@@ -93,6 +128,7 @@ fn choose_backend(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Sk
     if !netns_ok {
         // Not ours to touch: a pod's namespace reaching its own 127.0.0.1:6443.
         count(STAT_FOREIGN_NETNS);
+        T::decided(ctx, || event(key, TRACE_FOREIGN_NETNS, 0, 0));
         return Err(Skip::ForeignNetns);
     }
     let (count_, base, policy, rr) = unsafe {
@@ -103,10 +139,12 @@ fn choose_backend(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Sk
         (f.count, f.base, f.policy, rr)
     };
     if count_ == 0 {
+        T::decided(ctx, || event(key, TRACE_NO_BACKEND, policy, 0));
         return Ok(Verdict::Refuse(STAT_NO_BACKEND));
     }
     let dice = unsafe { Dice { a: bpf_get_prandom_u32(), b: bpf_get_prandom_u32(), rr } };
     let Some(pick) = choose(policy, count_, dice, &Slots { key, base }) else {
+        T::decided(ctx, || event(key, TRACE_INCONSISTENT, policy, count_));
         return Ok(Verdict::Refuse(STAT_INCONSISTENT));
     };
     if pick.skipped_suspect {
@@ -117,8 +155,27 @@ fn choose_backend(ctx: &SockAddrContext, key: &ServiceKey) -> Result<Verdict, Sk
     }
     let id = pick.candidate.backend_id;
     match unsafe { KHA_BACKENDS.get(&id) } {
-        Some(backend) => Ok(Verdict::To(id, *backend)),
-        None => Ok(Verdict::Refuse(STAT_INCONSISTENT)),
+        Some(backend) => {
+            // The trace tells an IPv6 backend for an IPv4 socket (refused by try_connect4).
+            T::decided(ctx, move || {
+                let suspect = if pick.candidate.suspect != 0 { TRACE_CHOSEN_SUSPECT } else { 0 };
+                TraceEvent {
+                    backend_addr_be: backend.addr_be,
+                    backend_port_be: backend.port_be,
+                    backend_id: id,
+                    active: pick.candidate.active,
+                    flags: suspect
+                        | if pick.skipped_suspect { TRACE_SKIPPED_SUSPECT } else { 0 }
+                        | if pick.all_suspect { TRACE_ALL_SUSPECT } else { 0 },
+                    ..event(key, TRACE_REWRITTEN, policy, count_)
+                }
+            });
+            Ok(Verdict::To(id, *backend))
+        }
+        None => {
+            T::decided(ctx, || event(key, TRACE_INCONSISTENT, policy, count_));
+            Ok(Verdict::Refuse(STAT_INCONSISTENT))
+        }
     }
 }
 

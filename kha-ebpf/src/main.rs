@@ -10,6 +10,7 @@
 mod connect;
 mod iter;
 mod maps;
+mod object;
 mod peername;
 mod release;
 mod sockops;
@@ -24,12 +25,12 @@ const PROCEED: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn kha_connect4(ctx: SockAddrContext) -> i32 {
-    connect::try_connect4(&ctx).unwrap_or(PROCEED)
+    connect::try_connect4::<connect::Untraced>(&ctx).unwrap_or(PROCEED)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn kha_connect6(ctx: SockAddrContext) -> i32 {
-    connect::try_connect6(&ctx).unwrap_or(PROCEED)
+    connect::try_connect6::<connect::Untraced>(&ctx).unwrap_or(PROCEED)
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -63,13 +64,3 @@ pub fn kha_iter_tcp(ctx: *mut iter::IterTcpCtx) -> i32 {
     let _ = iter::try_iter_tcp(ctx);
     0
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,6 +1,7 @@
 //! `kha`: run the agent, show the datapath's state, or remove it.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -9,6 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 mod agent;
 mod serve;
+mod trace_cli;
 
 use kha::{
     config::{Config, FrontendDefaults},
@@ -43,6 +45,21 @@ enum Command {
     Detach {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+    /// Show each connect decision of the datapath live, from the running agent (bounded in
+    /// time and rate; the trace turns itself off).
+    Trace {
+        /// Only connects to this destination IP:PORT, repeatable [default: every connect].
+        #[arg(long)]
+        frontend: Vec<SocketAddr>,
+        /// How long: 10s, 500ms, 2m (at most 5m).
+        #[arg(long, default_value = "10s", value_parser = parse_trace_duration)]
+        duration: Duration,
+        /// The agent's --metrics-addr.
+        #[arg(long, default_value = "127.0.0.1:9745")]
+        agent: SocketAddr,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Show the apiserver endpoints kubespray's variables give masters, non-masters and external clients.
     Endpoints(kha::kubespray::EndpointsArgs),
@@ -275,6 +292,11 @@ fn main() {
         Command::Run(args) => run(*args),
         Command::Status { pin_dir, output } => show_status(&pin_dir, output),
         Command::Detach { pin_dir } => detach(&pin_dir),
+        Command::Trace { frontend, duration, agent, output } => trace_cli::run(trace_cli::Args {
+            agent,
+            request: kha::trace::Request { duration, frontends: frontend },
+            json: matches!(output, Output::Json),
+        }),
         Command::Endpoints(args) => {
             kha::kubespray::endpoints_command(&args).map(|t| print!("{t}")).map_err(Into::into)
         }
@@ -301,6 +323,10 @@ fn parse_cli<I: Into<std::ffi::OsString> + Clone>(
             .any(|id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine));
     }
     Ok(cli)
+}
+
+fn parse_trace_duration(s: &str) -> Result<Duration, kha::trace::RequestError> {
+    kha::trace::parse_duration(s)
 }
 
 fn load_config(args: &RunArgs) -> Result<Config> {
@@ -375,6 +401,13 @@ fn run(args: RunArgs) -> Result<()> {
     pins.create()?;
     let _lock = loader::lock_pin_dir(&pins.root)?;
 
+    let traced = loader::traced_left_attached(&pins);
+    if !traced.is_empty() {
+        log::warn!(
+            "{}: a trace's programs are still attached (an agent was killed during `kha trace`); kha's own programs replace them now",
+            traced.join(", ")
+        );
+    }
     let mut loaded = loader::load(&pins, args.max_conns, args.netns.as_deref())?;
     loaded.preflight(&pins, &cgroup, cgroup_id)?;
     // In a migration these are the new maps, not yet used by any program: the backend table
@@ -423,7 +456,9 @@ fn run(args: RunArgs) -> Result<()> {
         stall_after: Duration::from_secs(3 * args.resync_interval.max(1) + 5),
         sock_destroy: sock_destroy.supported(),
         slots: serve::Slots::new(serve::MAX_CONNECTIONS),
+        trace: serve::TraceSlot::default(),
     };
+    let trace = endpoints.trace.clone();
     let rt = runtime()?;
     let discovery = feed.map(|feed| {
         let _runtime = rt.enter();
@@ -458,7 +493,7 @@ fn run(args: RunArgs) -> Result<()> {
         pins: pins.clone(),
         discovery,
     };
-    rt.block_on(async {
+    let result = rt.block_on(async {
         if let Some(l) = metrics_listener {
             serve::start(l, "metrics", endpoints.clone())?;
         }
@@ -477,7 +512,11 @@ fn run(args: RunArgs) -> Result<()> {
             Ok(new)
         };
         agent::run(settings, config, maps, reload).await
-    })?;
+    });
+    // Before anything else on the way out, also after an error: never leave the traced
+    // programs attached.
+    trace.shutdown();
+    result?;
     log::info!("stopping; the datapath stays attached and keeps balancing (`kha detach` removes it)");
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! The agent's HTTP endpoints: `/metrics` on `--metrics-addr`, `/healthz` and `/readyz` on
-//! `--health-addr` (both localhost by default). Deliberately tiny: GET only, one request per
-//! connection, bounded in size, time and number (`accept`). Answers are built on a blocking
-//! thread: they read the pinned maps, and the runtime's threads are the probes'.
+//! `--health-addr` (both localhost by default), and on both the streaming `/trace` for
+//! `kha trace` (`trace`). Deliberately tiny: GET only, one request per connection, bounded in
+//! size, time and number (`accept`; a trace by its own bounds). Answers are built on a
+//! blocking thread: they read the pinned maps, and the runtime's threads are the probes'.
 
 mod accept;
+mod trace;
 
 use std::{
     net::SocketAddr,
@@ -26,6 +28,7 @@ use tokio::{
 };
 
 pub use accept::{MAX_CONNECTIONS, Slots};
+pub use trace::TraceSlot;
 
 /// What the agent loop publishes for the endpoints.
 #[derive(Default)]
@@ -45,7 +48,12 @@ pub struct Endpoints {
     pub sock_destroy: bool,
     /// Shared by both listeners: one budget of descriptors.
     pub slots: Slots,
+    /// The one `/trace` that may run.
+    pub trace: TraceSlot,
 }
+
+/// How long a request may take to arrive and, except `/trace`, to be answered.
+const REQUEST_TIME: Duration = Duration::from_secs(5);
 
 /// Binds before anything is attached, so a taken port fails the start with a clear error
 /// and leaves nothing behind.
@@ -64,30 +72,47 @@ pub fn start(listener: std::net::TcpListener, what: &'static str, ep: Endpoints)
     tokio::spawn(accept::accept_loop(listener, slots, what, move |stream, slot| {
         let ep = ep.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), handle(stream, slot, ep)).await;
+            let _ = handle(stream, slot, ep).await;
         });
     }));
     Ok(())
 }
 
 async fn handle(mut stream: TcpStream, mut slot: accept::Slot, ep: Endpoints) -> std::io::Result<()> {
+    let Ok(head) = tokio::time::timeout(REQUEST_TIME, read_head(&mut stream, &mut slot)).await else {
+        return Ok(());
+    };
+    let Some(head) = head? else { return Ok(()) };
+    slot.answering();
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
+    if method == "GET" && (path == "/trace" || path.starts_with("/trace?")) {
+        let query = path.split_once('?').map_or("", |(_, q)| q);
+        return trace::stream(stream, query, ep.trace.clone(), ep.pins.clone()).await;
+    }
+    let _ = tokio::time::timeout(REQUEST_TIME, answer(stream, method, path, ep)).await;
+    Ok(())
+}
+
+/// The request head; `None` when a newer connection needed the slot first.
+async fn read_head(stream: &mut TcpStream, slot: &mut accept::Slot) -> std::io::Result<Option<String>> {
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
     while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
         let read = tokio::select! {
             read = stream.read(&mut buf[n..]) => read?,
             // A newer connection needed the slot: this one had its chance.
-            _ = &mut slot.evicted => return Ok(()),
+            _ = &mut slot.evicted => return Ok(None),
         };
         if read == 0 {
             break;
         }
         n += read;
     }
-    slot.answering();
-    let head = String::from_utf8_lossy(&buf[..n]);
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
+    Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned()))
+}
+
+async fn answer(mut stream: TcpStream, method: &str, path: String, ep: Endpoints) -> std::io::Result<()> {
     let (code, content_type, body) = if method != "GET" {
         (405, "text/plain", "GET only\n".to_string())
     } else {
@@ -125,7 +150,7 @@ fn route(path: &str, ep: &Endpoints) -> (u16, &'static str, String) {
         ),
         "/healthz" | "/livez" => status(observe::healthz(&agent, &kernel(ep))),
         "/readyz" => status(observe::readyz(&agent)),
-        _ => (404, "text/plain", "not found: /metrics, /healthz, /readyz\n".into()),
+        _ => (404, "text/plain", "not found: /metrics, /healthz, /readyz, /trace\n".into()),
     }
 }
 

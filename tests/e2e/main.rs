@@ -16,3 +16,4 @@ mod privileges;
 mod rebalance;
 mod refusals;
 mod terminate;
+mod trace;

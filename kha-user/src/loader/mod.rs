@@ -16,6 +16,7 @@ mod netns;
 mod reset;
 mod sockdiag;
 mod sys;
+mod trace;
 
 use std::{
     fs::File,
@@ -38,6 +39,7 @@ pub use migrate::{Recovered, wanted};
 pub use reset::{Leftover, Outcome as ResetOutcome, ResetError, Resetter};
 pub use sockdiag::destroy as destroy_sockets;
 pub use sys::LinkInfo;
+pub use trace::{TraceError, Tracing, left_attached as traced_left_attached};
 
 /// The eBPF object built from kha-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kha"));

@@ -119,6 +119,15 @@ pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<(u32, 
     Ok((u32_at(12), ids[..count].to_vec()))
 }
 
+/// Fills `info` with the kernel's `bpf_{prog,map,link}_info` of `fd`.
+fn info_by_fd(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
+    let mut a = Attr::new()
+        .u32_at(0, fd.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).map(drop)
+}
+
 /// The parts of `struct bpf_link_info` kha checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -132,11 +141,7 @@ pub struct LinkInfo {
 
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     let mut info = [0u8; 256];
-    let mut a = Attr::new()
-        .u32_at(0, link.as_raw_fd() as u32)
-        .u32_at(4, info.len() as u32)
-        .u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    info_by_fd(link, &mut info)?;
     let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
     Ok(LinkInfo {
         link_type: u32_at(0),
@@ -161,11 +166,7 @@ pub struct MapInfo {
 
 pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
     let mut info = [0u8; 128];
-    let mut a = Attr::new()
-        .u32_at(0, map.as_raw_fd() as u32)
-        .u32_at(4, info.len() as u32)
-        .u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    info_by_fd(map, &mut info)?;
     let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
     Ok(MapInfo {
         map_type: u32_at(0),
@@ -177,6 +178,16 @@ pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
     })
 }
 
+/// A program's id and name (`bpf_prog_info.id`, `.name`: at most 15 bytes).
+pub fn prog_id_name(prog: BorrowedFd<'_>) -> io::Result<(u32, String)> {
+    let mut info = [0u8; 256];
+    info_by_fd(prog, &mut info)?;
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let id = u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes"));
+    Ok((id, String::from_utf8_lossy(&name[..end]).into_owned()))
+}
+
 /// The ids of the maps a program uses (`bpf_prog_info.map_ids`).
 pub fn prog_map_ids(prog: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     let mut ids = [0u32; 64];
@@ -184,11 +195,7 @@ pub fn prog_map_ids(prog: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     // nr_map_ids at 52, map_ids at 56: ask for up to 64 ids.
     info[52..56].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
     info[56..64].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
-    let mut a = Attr::new()
-        .u32_at(0, prog.as_raw_fd() as u32)
-        .u32_at(4, info.len() as u32)
-        .u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    info_by_fd(prog, &mut info)?;
     let n = u32::from_ne_bytes(info[52..56].try_into().expect("4 bytes")) as usize;
     Ok(ids[..n.min(ids.len())].to_vec())
 }

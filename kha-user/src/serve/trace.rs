@@ -1,0 +1,223 @@
+//! `GET /trace?duration=10s&frontend=IP:PORT`: runs one datapath trace and streams its
+//! records, one JSON object a line (`kha::trace::Record`), until the duration is over, the
+//! client goes or the agent stops. One trace at a time: a second request gets 409. Only to
+//! clients on loopback, even where a listener is bound wider (a health port open to a load
+//! balancer): the lines name the node's processes, and a trace costs every connect. Every way
+//! out swaps kha's own programs back (`loader::Tracing` on drop; `TraceSlot::shutdown` on the
+//! agent's way out, before the runtime goes).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use kha::{
+    loader::{PinDir, Tracing},
+    trace::{EndReason, MAX_LINES_PER_SEC, RateBound, Record, Request},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::Notify,
+};
+
+/// How often the ring buffer is read: at most this late, a line.
+const READ_EVERY: Duration = Duration::from_millis(50);
+/// Records taken from the ring at one read; more than the rate bound lets out in a second.
+const READ_MAX: usize = 4096;
+/// A client that reads nothing for this long is gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The one trace the agent runs at a time.
+#[derive(Clone, Default)]
+pub struct TraceSlot {
+    state: Arc<Mutex<State>>,
+    stopping: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct State {
+    busy: bool,
+    stopping: bool,
+    tracing: Option<Tracing>,
+}
+
+impl TraceSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The slot, unless a trace runs or the agent is stopping.
+    fn take(&self) -> Option<Busy> {
+        let mut s = self.lock();
+        if s.busy || s.stopping {
+            return None;
+        }
+        s.busy = true;
+        Some(Busy(self.clone()))
+    }
+
+    /// Keeps the running trace where `shutdown` finds it; `false` (and the trace ended,
+    /// swapped back) if the agent began stopping meanwhile.
+    fn hold(&self, tracing: Tracing) -> bool {
+        let mut s = self.lock();
+        if s.stopping {
+            drop(s);
+            drop(tracing);
+            return false;
+        }
+        s.tracing = Some(tracing);
+        true
+    }
+
+    fn lost(&self) -> u64 {
+        self.lock().tracing.as_ref().map_or(0, Tracing::lost)
+    }
+
+    fn drain(&self) -> Option<Vec<kha_common::TraceEvent>> {
+        self.lock().tracing.as_mut().map(|t| t.drain(READ_MAX))
+    }
+
+    /// The agent is on its way out: the running trace (if any) ends now, none starts after.
+    pub fn shutdown(&self) {
+        let tracing = {
+            let mut s = self.lock();
+            s.stopping = true;
+            s.tracing.take()
+        };
+        if tracing.is_some() {
+            log::info!("trace: ended by the agent stopping; untraced programs swapped back");
+        }
+        drop(tracing);
+        self.stopping.notify_waiters();
+    }
+}
+
+/// Marks the slot free again when the stream ends, however it ends.
+struct Busy(TraceSlot);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let tracing = {
+            let mut s = self.0.lock();
+            s.busy = false;
+            s.tracing.take()
+        };
+        drop(tracing);
+    }
+}
+
+async fn refuse(mut stream: TcpStream, code: u16, reason: &str, body: String) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(format!("{head}{body}").as_bytes()).await?;
+    stream.shutdown().await
+}
+
+pub async fn stream(
+    mut stream: TcpStream,
+    query: &str,
+    slot: TraceSlot,
+    pins: PinDir,
+) -> std::io::Result<()> {
+    if !stream.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
+        let body = "/trace answers clients on this node's loopback only: run `kha trace` on the node\n";
+        return refuse(stream, 403, "Forbidden", body.into()).await;
+    }
+    let req = match Request::parse(query) {
+        Ok(r) => r,
+        Err(e) => return refuse(stream, 400, "Bad Request", format!("{e}\n")).await,
+    };
+    let Some(busy) = slot.take() else {
+        if slot.lock().stopping {
+            return refuse(stream, 503, "Service Unavailable", "the agent is stopping\n".into()).await;
+        }
+        let body = "a trace is already running; one at a time: wait for it to end\n".into();
+        return refuse(stream, 409, "Conflict", body).await;
+    };
+    // Loading runs the verifier (milliseconds): off the runtime's thread.
+    let tracing = match tokio::task::spawn_blocking(move || Tracing::start(&pins)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let body = format!("cannot start the trace: {}\n", kha::errors::chain(&e));
+            return refuse(stream, 500, "Internal Server Error", body).await;
+        }
+        Err(_) => return refuse(stream, 500, "Internal Server Error", "internal error\n".into()).await,
+    };
+    let programs: Vec<_> = tracing.prog_ids().into_iter().map(|(h, u, t)| (h.to_owned(), u, t)).collect();
+    log::info!("trace: started for {:?} ({programs:?}: untraced -> traced program ids)", req.duration);
+    if !slot.hold(tracing) {
+        return Ok(());
+    }
+    let start = Record::Start { duration_ms: req.duration.as_millis() as u64, programs };
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
+        .await?;
+    let (reason, lines, dropped) = run(&mut stream, &req, &slot, start).await;
+    let lost = slot.lost();
+    drop(busy); // swaps back before the last line says so
+    log::info!(
+        "trace: ended ({reason:?}), {lines} lines, {dropped} dropped, {lost} lost; untraced programs back"
+    );
+    let end = Record::End { reason, lines, dropped, lost };
+    let _ = write_line(&mut stream, &end).await;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+async fn write_line(stream: &mut TcpStream, r: &Record) -> Result<(), ()> {
+    let mut line = serde_json::to_vec(r).map_err(drop)?;
+    line.push(b'\n');
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&line)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Streams until the trace ends; returns why, the lines sent and those dropped.
+async fn run(
+    stream: &mut TcpStream,
+    req: &Request,
+    slot: &TraceSlot,
+    start: Record,
+) -> (EndReason, u64, u64) {
+    let began = Instant::now();
+    let deadline = tokio::time::Instant::now() + req.duration;
+    let mut rate = RateBound::new(MAX_LINES_PER_SEC, began);
+    let mut lines = 0;
+    if write_line(stream, &start).await.is_err() {
+        return (EndReason::ClientGone, 0, 0);
+    }
+    let mut tick = tokio::time::interval(READ_EVERY);
+    let stopping = slot.stopping.notified();
+    tokio::pin!(stopping);
+    let mut probe = [0u8; 64];
+    loop {
+        let mut last = false;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(deadline) => last = true,
+            () = &mut stopping => return (EndReason::AgentStopping, lines, rate.dropped),
+            // The client sends nothing after its request: a read ends only when it goes.
+            _ = stream.read(&mut probe) => return (EndReason::ClientGone, lines, rate.dropped),
+        }
+        let Some(events) = slot.drain() else {
+            return (EndReason::AgentStopping, lines, rate.dropped);
+        };
+        for e in events.iter().filter(|e| req.wants(e)) {
+            if !rate.admit(Instant::now()) {
+                continue;
+            }
+            let d = Record::Decision(kha::trace::Decision::from_event(e));
+            if write_line(stream, &d).await.is_err() {
+                return (EndReason::ClientGone, lines, rate.dropped);
+            }
+            lines += 1;
+        }
+        if last {
+            return (EndReason::Duration, lines, rate.dropped);
+        }
+    }
+}
