@@ -14,6 +14,7 @@ extern crate std;
 pub mod addr;
 #[cfg(feature = "user")]
 pub mod cgroup;
+pub mod client;
 #[cfg(feature = "user")]
 pub mod errno;
 pub mod iter;
@@ -22,6 +23,7 @@ pub mod maps;
 pub mod select;
 
 pub use addr::*;
+pub use client::*;
 pub use iter::*;
 pub use layout::*;
 pub use maps::*;
