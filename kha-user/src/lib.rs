@@ -18,3 +18,4 @@ pub mod probe;
 pub mod status;
 pub mod supervise;
 pub mod sync;
+pub mod top;

@@ -48,6 +48,8 @@ enum Command {
     Endpoints(kha::kubespray::EndpointsArgs),
     /// Write the kha config for a non-master node from a kubespray inventory.
     Config(kha::kubespray::ConfigArgs),
+    /// Show the clients of the apiserver on this node (cgroup, pod, process), busiest first.
+    Top(kha::top::live::TopArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -255,6 +257,7 @@ fn main() {
         Command::Endpoints(args) => {
             kha::kubespray::endpoints_command(&args).map(|t| print!("{t}")).map_err(Into::into)
         }
+        Command::Top(args) => kha::top::live::run(&args).map_err(Into::into),
         Command::Config(args) => {
             kha::kubespray::config_command(&args).map(|t| print!("{t}")).map_err(Into::into)
         }
@@ -385,6 +388,7 @@ fn run(args: RunArgs) -> Result<()> {
         stall_after: Duration::from_secs(3 * args.resync_interval.max(1) + 5),
         sock_destroy: sock_destroy.supported(),
         slots: serve::Slots::new(serve::MAX_CONNECTIONS),
+        clients: Default::default(),
     };
     let rt = runtime()?;
     let discovery = feed.map(|feed| {
