@@ -10,7 +10,7 @@ use crate::{
     conns::dump,
     harness::{self, LiveClient, wait_for},
     migration::{active_against_conns, record, start_tls},
-    top::{child_cgroup, client, top},
+    top::{child_cgroup, client, spawn, top},
 };
 
 #[test]
@@ -49,13 +49,13 @@ fn an_upgrade_from_conn_layout_1_keeps_the_open_connections_and_attributes_new_o
 
     // New connects are attributed; the carried connections are in no client's count.
     let cg = child_cgroup(&bed, "after-upgrade");
-    let moved = bed.lab.spawn_in_node(Some(&cg.path), {
-        let mut c = std::process::Command::new(&bed.lab_bin);
-        c.args(["connect", "--addr", "127.0.0.1:6443", "--count", "5", "--json"]);
-        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-        c
-    });
-    let out = moved.expect("spawn").wait_with_output().expect("connect tool");
+    let moved = spawn(
+        &bed,
+        &cg.path,
+        &bed.lab_bin,
+        &["connect", "--addr", "127.0.0.1:6443", "--count", "5", "--json"],
+    );
+    let out = moved.wait_with_output().expect("connect tool");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v = top(&bed, &[]);
     let c = client(&v, "after-upgrade");

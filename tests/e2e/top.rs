@@ -3,20 +3,16 @@
 //! count exactly those, and `kha top -o json` must name their cgroups and processes.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
-use kha_lab::{
-    bed::{Bed, ChildCgroup},
-    netns::KillOnDrop,
-};
+use kha_lab::bed::{Bed, ChildCgroup};
 use serde_json::Value;
 
 use crate::{
-    harness::{self, args, backends, start, wait_for},
+    harness::{self, LiveClient, args, backends, start, wait_for},
     health::{all_up, probe_args},
 };
 
@@ -34,7 +30,7 @@ fn renamed_lab(bed: &Bed, name: &str) -> PathBuf {
     link
 }
 
-fn spawn(bed: &Bed, cgroup: &Path, bin: &Path, list: &[&str]) -> std::process::Child {
+pub(crate) fn spawn(bed: &Bed, cgroup: &Path, bin: &Path, list: &[&str]) -> std::process::Child {
     let mut c = Command::new(bin);
     c.args(list).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     bed.lab.spawn_in_node(Some(cgroup), c).expect("spawn in the node")
@@ -72,7 +68,6 @@ fn top_reports_known_clients_by_cgroup_process_connects_and_open_connections() {
     start(&mut bed, &a);
     all_up(&bed);
     let (cg_a, cg_b) = (child_cgroup(&bed, "top-a"), child_cgroup(&bed, "top-b"));
-    let ca = bed.pki.ca_cert.display().to_string();
 
     // a: 7 connects, each closed.
     let conn_a = renamed_lab(&bed, "top-conn-a");
@@ -84,32 +79,12 @@ fn top_reports_known_clients_by_cgroup_process_connects_and_open_connections() {
 
     // b: two keep-alive clients, one connection each, held open while they run.
     let live_b = renamed_lab(&bed, "top-live-b");
-    let keep_alive = [
-        "client",
-        "--url",
-        "https://localhost:6443/version",
-        "--connect-addr",
-        "127.0.0.1:6443",
-        "--ca",
-        &ca,
-        "--count",
-        "600",
-        "--interval-ms",
-        "100",
-        "--keep-alive",
-        "--timeout-ms",
-        "30000",
-        "--json",
-    ];
-    let mut held: Vec<KillOnDrop> = vec![];
-    for _ in 0..2 {
-        let mut child = spawn(&bed, &cg_b.path, &live_b, &keep_alive);
+    let held: Vec<LiveClient> =
+        (0..2).map(|_| LiveClient::start_in(&bed, &cg_b.path, &live_b, 600)).collect();
+    for c in &held {
         // Its first answer: the connection is up (and stays: keep-alive).
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).expect("a record");
-        let r: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+        let r = c.next();
         assert!(r["error"].is_null(), "{r}");
-        held.push(KillOnDrop(child));
     }
 
     // The closes reach sock_ops when the sockets leave for TIME_WAIT.
