@@ -54,6 +54,10 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 pub enum TopError {
     #[error("nothing under {0}: kha is not attached with this --pin-dir")]
     NotAttached(PathBuf),
+    #[error(
+        "no {0}: the attached kha predates per-client counters. Fix: restart the agent with this build (it migrates the maps)"
+    )]
+    NoClientMap(PathBuf),
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("no cgroup v2 hierarchy is mounted to look cgroup ids up in; pass --cgroup-root")]
@@ -69,6 +73,10 @@ pub fn run(args: &TopArgs) -> Result<(), TopError> {
     let pins = PinDir::new(&args.pin_dir);
     if !pins.root.exists() {
         return Err(TopError::NotAttached(pins.root));
+    }
+    let clients_map = pins.maps().join(kha_common::MAP_CLIENTS);
+    if !clients_map.exists() {
+        return Err(TopError::NoClientMap(clients_map));
     }
     let mount = match &args.cgroup_root {
         Some(p) => p.clone(),

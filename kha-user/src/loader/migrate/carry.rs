@@ -215,6 +215,13 @@ pub(super) fn copy_conns(
     Ok(written)
 }
 
+/// Whether `old_conns` can read the conn map at `path` (this build's layout or version 1).
+pub(super) fn conns_readable(path: &Path) -> Result<bool, LoaderError> {
+    let i = info(path)?;
+    let sizes = [size_of::<Conn>() as u32, size_of::<ConnV1>() as u32];
+    Ok(i.key_size == 8 && sizes.contains(&i.value_size))
+}
+
 /// A conn map's entries as read, each a `(cookie, Conn)` or the error reading it.
 type ConnEntries = Vec<Result<(u64, Conn), MapError>>;
 

@@ -253,8 +253,8 @@ pub(super) fn recover(pins: &PinDir, served: Served<'_>) -> Result<Option<Recove
     let staged_is_older = is_older(&map_ids(&staging), &map_ids(&maps));
     let outcome = if staged_is_older {
         let (old, new) = (staging.join(MAP_CONNS), maps.join(MAP_CONNS));
-        // `copy_conns` reads either layout of the old map.
-        let both = old.exists() && new.exists();
+        // `copy_conns` reads this build's layout of the old map and those it translates.
+        let both = old.exists() && new.exists() && carry::conns_readable(&old)?;
         let mut none = BTreeMap::new();
         let served = Served { mend_counts: false, ..served };
         Recovered::Finished { conns: if both { copy_conns(&old, &new, &mut none, Some(served))? } else { 0 } }
