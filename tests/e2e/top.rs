@@ -12,6 +12,7 @@ use kha_lab::bed::{Bed, ChildCgroup};
 use serde_json::Value;
 
 use crate::{
+    endpoints::{free_port, http_get},
     harness::{self, LiveClient, args, backends, start, wait_for},
     health::{all_up, probe_args},
 };
@@ -63,7 +64,8 @@ fn route_sum(c: &Value, field: &str) -> u64 {
 #[test]
 fn top_reports_known_clients_by_cgroup_process_connects_and_open_connections() {
     let Some(mut bed) = harness::bed(3) else { return };
-    let mut a = probe_args(&[]);
+    let metrics = free_port();
+    let mut a = probe_args(&["--metrics-addr", &format!("127.0.0.1:{metrics}")]);
     a.extend(backends(&bed, |m| m.https_v4()));
     start(&mut bed, &a);
     all_up(&bed);
@@ -121,6 +123,18 @@ fn top_reports_known_clients_by_cgroup_process_connects_and_open_connections() {
         let path =
             bed.cgroup.path.parent().unwrap().join(c["cgroup"].as_str().unwrap().trim_start_matches('/'));
         assert_eq!(std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap()), id, "{c:#}");
+    }
+
+    // The metrics name them too (the top 10 by rate, here both).
+    let (code, text) = http_get(metrics, "/metrics").expect("metrics answer");
+    assert_eq!(code, 200, "{text}");
+    let parent = bed.cgroup.path.file_name().unwrap().to_str().unwrap().to_owned();
+    for line in [
+        format!("kha_client_connections_open{{client=\"/{parent}/top-b\",process=\"top-live-b\"}} 2"),
+        format!("kha_client_connections_open{{client=\"/{parent}/top-a\",process=\"top-conn-a\"}} 0"),
+        "kha_clients_tracked 2".to_string(),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in:\n{text}");
     }
 
     // Top 1: the busier by open connections is shown, the other summed.
