@@ -9,10 +9,11 @@
 //! `CONN_UNSENT` or `PROBE_SUSPECT` were) is not a new version.
 
 use crate::{
-    BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn, DatapathConfig,
-    MAP_BACKEND_HEALTH, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNS, MAP_PROBES, MAP_SERVICES,
-    MAP_STATS, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ProbeKey, ProbeStatus,
-    SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue,
+    BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CLIENTS_CAPACITY, CONNS_CAPACITY, ClientKey,
+    ClientStats, Conn, ConnV1, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_CLIENTS, MAP_CONFIG, MAP_CONNS, MAP_PROBES, MAP_SERVICES, MAP_STATS, MAX_BACKENDS,
+    MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN,
+    ServiceKey, ServiceValue,
 };
 
 /// The layout record: index i holds the `MapLayout` of one map (`LAYOUTS[i]` when written).
@@ -127,7 +128,7 @@ const fn unpreallocated(s: MapSpec) -> MapSpec {
 }
 
 /// Every map but `KHA_LAYOUT` itself, which is written anew with every migration.
-pub const LAYOUTS: [MapSpec; 8] = [
+pub const LAYOUTS: [MapSpec; 9] = [
     unpreallocated(spec::<ProbeKey, ProbeStatus>(
         MAP_PROBES,
         1,
@@ -147,8 +148,20 @@ pub const LAYOUTS: [MapSpec; 8] = [
     spec::<u32, u64>(MAP_STATS, 1, BPF_MAP_TYPE_PERCPU_ARRAY, STATS_LEN, Carry::Kept),
     spec::<u32, BackendStats>(MAP_BACKEND_STATS, 1, BPF_MAP_TYPE_ARRAY, BACKEND_ARRAY_LEN, Carry::Kept),
     spec::<u32, BackendHealth>(MAP_BACKEND_HEALTH, 1, BPF_MAP_TYPE_ARRAY, BACKEND_ARRAY_LEN, Carry::Rebuilt),
-    spec::<u64, Conn>(MAP_CONNS, 1, BPF_MAP_TYPE_LRU_HASH, CONNS_CAPACITY, Carry::Kept),
+    // 2: `Conn::client_cgroup_id`; version 1 entries are translated (`TRANSLATED`).
+    spec::<u64, Conn>(MAP_CONNS, 2, BPF_MAP_TYPE_LRU_HASH, CONNS_CAPACITY, Carry::Kept),
+    // Attribution counters: a migration restarts them (`kha top` takes a drop for a restart).
+    spec::<ClientKey, ClientStats>(MAP_CLIENTS, 1, BPF_MAP_TYPE_LRU_HASH, CLIENTS_CAPACITY, Carry::Rebuilt),
 ];
+
+/// Older layouts of `Carry::Kept` maps whose entries this build translates when it migrates:
+/// (map, version, key size, value size). Any other version of a kept map is refused.
+pub const TRANSLATED: [(&str, u32, u32, u32); 1] = [(MAP_CONNS, 1, 8, core::mem::size_of::<ConnV1>() as u32)];
+
+/// Whether a pinned map of `version` with these key and value sizes is one `TRANSLATED` names.
+pub fn translated(name: &str, version: u32, key_size: u32, value_size: u32) -> bool {
+    TRANSLATED.iter().any(|t| t.0 == name && (t.1, t.2, t.3) == (version, key_size, value_size))
+}
 
 pub fn layout_spec(name: &str) -> Option<&'static MapSpec> {
     LAYOUTS.iter().find(|s| s.name == name)
@@ -167,7 +180,7 @@ mod tests {
     /// (name, version, key size, value size). A failure here means a map's layout changed:
     /// bump its version in `LAYOUTS` (and teach the agent to translate it, if its entries
     /// are `Carry::Kept`), then update this line.
-    const PINNED: [(&str, u32, u32, u32); 8] = [
+    const PINNED: [(&str, u32, u32, u32); 9] = [
         ("KHA_PROBES", 1, 36, 128),
         ("KHA_SVC", 1, 20, 16),
         ("KHA_BACKENDS", 1, 4, 20),
@@ -175,12 +188,13 @@ mod tests {
         ("KHA_STATS_V2", 1, 4, 8),
         ("KHA_BE_STATS", 1, 4, 48),
         ("KHA_BE_HEALTH", 1, 4, 8),
-        ("KHA_CONNS", 1, 8, 44),
+        ("KHA_CONNS", 2, 8, 56),
+        ("KHA_CLIENTS", 1, 32, 32),
     ];
 
     #[test]
     fn layouts_are_pinned() {
-        let have: [(&str, u32, u32, u32); 8] = LAYOUTS.map(|s| (s.name, s.version, s.key_size, s.value_size));
+        let have: [(&str, u32, u32, u32); 9] = LAYOUTS.map(|s| (s.name, s.version, s.key_size, s.value_size));
         assert_eq!(have, PINNED);
     }
 
@@ -197,6 +211,14 @@ mod tests {
     fn a_record_names_its_map() {
         let l = MapLayout::new(&LAYOUTS[7], 1024);
         assert_eq!(l.name(), "KHA_CONNS");
-        assert_eq!((l.version, l.max_entries, l.key_size), (1, 1024, 8));
+        assert_eq!((l.version, l.max_entries, l.key_size), (2, 1024, 8));
+    }
+
+    #[test]
+    fn version_1_conns_are_translated_and_nothing_else() {
+        assert!(translated(MAP_CONNS, 1, 8, 44));
+        assert!(!translated(MAP_CONNS, 1, 8, 56));
+        assert!(!translated(MAP_CONNS, 3, 8, 44));
+        assert!(!translated(MAP_STATS, 1, 4, 8));
     }
 }

@@ -14,6 +14,7 @@ extern crate std;
 pub mod addr;
 #[cfg(feature = "user")]
 pub mod cgroup;
+pub mod client;
 #[cfg(feature = "user")]
 pub mod errno;
 pub mod iter;
@@ -23,6 +24,7 @@ pub mod select;
 pub mod trace;
 
 pub use addr::*;
+pub use client::*;
 pub use iter::*;
 pub use layout::*;
 pub use maps::*;

@@ -38,7 +38,7 @@ pub const MAP_CONNS: &str = "KHA_CONNS";
 pub const MAP_PROBES: &str = "KHA_PROBES";
 
 /// All maps, in the order `kha detach` and `kha status` walk them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_PROBES,
     MAP_SERVICES,
     MAP_BACKENDS,
@@ -47,6 +47,7 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_BACKEND_STATS,
     MAP_BACKEND_HEALTH,
     MAP_CONNS,
+    crate::client::MAP_CLIENTS,
     crate::layout::MAP_LAYOUT,
 ];
 
@@ -248,8 +249,9 @@ pub struct BackendHealth {
 }
 const _: () = assert!(core::mem::size_of::<BackendHealth>() == 8);
 
-/// Value of `KHA_CONNS[cookie]`: what getpeername must report and what it replaced.
-#[repr(C, align(4))]
+/// Value of `KHA_CONNS[cookie]`: what getpeername must report and what it replaced, and whose
+/// it is. Layout version 2 (`client_cgroup_id` added); version 1 is `ConnV1`.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
     pub frontend_addr_be: AddrBe,
@@ -259,8 +261,41 @@ pub struct Conn {
     pub backend_id: u32,
     /// Where the connect is: `CONN_UNSENT`, `CONN_SYN_SENT` or `CONN_ESTABLISHED`.
     pub established: u32,
+    pub _pad: u32,
+    /// The connecting task's cgroup, as in its `KHA_CLIENTS` key: the close path (softirq,
+    /// where the current task is anyone's) finds the client's entry by it. 0: not known
+    /// (carried over from version 1), so no client entry is counted.
+    pub client_cgroup_id: u64,
 }
-const _: () = assert!(core::mem::size_of::<Conn>() == 44);
+const _: () = assert!(core::mem::size_of::<Conn>() == 56);
+
+/// `KHA_CONNS` values of layout version 1, as a migration reads them.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnV1 {
+    pub frontend_addr_be: AddrBe,
+    pub backend_addr_be: AddrBe,
+    pub frontend_port_be: u16,
+    pub backend_port_be: u16,
+    pub backend_id: u32,
+    pub established: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnV1>() == 44);
+
+impl From<ConnV1> for Conn {
+    fn from(c: ConnV1) -> Self {
+        Self {
+            frontend_addr_be: c.frontend_addr_be,
+            backend_addr_be: c.backend_addr_be,
+            frontend_port_be: c.frontend_port_be,
+            backend_port_be: c.backend_port_be,
+            backend_id: c.backend_id,
+            established: c.established,
+            _pad: 0,
+            client_cgroup_id: 0,
+        }
+    }
+}
 
 /// `Conn::established` from the SYN on: counted in `BackendStats::active` until the close.
 pub const CONN_SYN_SENT: u32 = 0;
@@ -329,6 +364,7 @@ mod pod {
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::BackendHealth {}
     unsafe impl aya::Pod for super::Conn {}
+    unsafe impl aya::Pod for super::ConnV1 {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::Backend {}

@@ -220,6 +220,7 @@ fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend_id: u32, backend: &
     if let Some(stats) = backend_stats(backend_id) {
         add(unsafe { &raw mut (*stats).chosen }, 1);
     }
+    let client_cgroup_id = crate::client::connected(key, backend_id);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Overwrites the entry of a socket that connects again after a failed connect. Not counted
     // in `active` until sock_ops sees the SYN: the connect may still fail before one.
@@ -230,6 +231,8 @@ fn remember(ctx: &SockAddrContext, key: &ServiceKey, backend_id: u32, backend: &
         backend_port_be: backend.port_be,
         backend_id,
         established: CONN_UNSENT,
+        _pad: 0,
+        client_cgroup_id,
     };
     let _ = KHA_CONNS.insert(&cookie, &conn, 0);
 }

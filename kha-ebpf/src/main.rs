@@ -7,6 +7,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod client;
 mod connect;
 mod iter;
 mod maps;

@@ -8,9 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kha_common::{
-    BACKEND_ARRAY_LEN, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendStats, CONNS_CAPACITY, Conn,
-    DatapathConfig, LAYOUT_SLOTS, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MapLayout,
-    ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue,
+    BACKEND_ARRAY_LEN, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendStats, CLIENTS_CAPACITY,
+    CONNS_CAPACITY, ClientKey, ClientStats, Conn, DatapathConfig, LAYOUT_SLOTS, MAX_BACKENDS,
+    MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MapLayout, ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN,
+    ServiceKey, ServiceValue,
 };
 
 /// Entries are allocated as the agent writes them (`BPF_F_NO_PREALLOC`, as kha-common's
@@ -37,6 +38,10 @@ pub static KHA_BE_HEALTH: Array<BackendHealth, BACKEND_ARRAY_LEN> = Array::new()
 
 #[btf_map(pin_by_name)]
 pub static KHA_CONNS: LruHashMap<u64, Conn, CONNS_CAPACITY> = LruHashMap::new();
+
+/// Connects and open sockets per client cgroup, frontend and backend (kha-common `client`).
+#[btf_map(pin_by_name)]
+pub static KHA_CLIENTS: LruHashMap<ClientKey, ClientStats, CLIENTS_CAPACITY> = LruHashMap::new();
 
 /// Written by the agent for `kha status`; declared here so it is created and pinned with the
 /// others. Not preallocated: most of its capacity is never used.

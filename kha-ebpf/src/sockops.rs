@@ -48,6 +48,7 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             unsafe { (*conn).established = CONN_SYN_SENT };
             add(unsafe { &raw mut (*stats).active }, 1);
+            crate::client::open_delta(conn, 1);
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG);
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
@@ -58,6 +59,10 @@ pub fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_RTO_CB => add(unsafe { &raw mut (*stats).rto }, 1),
         BPF_SOCK_OPS_STATE_CB if new_state == TCP_CLOSE => {
             let state = unsafe { (*conn).established };
+            if state != CONN_UNSENT {
+                // Before the remove: the entry is the client's key.
+                crate::client::open_delta(conn, u64::MAX); // -1
+            }
             let _ = KHA_CONNS.remove(&cookie);
             if state == CONN_UNSENT {
                 // The callbacks stay armed on a socket after a failed connect; this close is of

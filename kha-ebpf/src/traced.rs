@@ -8,6 +8,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod client;
 mod connect;
 // Every pinned map is declared, as in kha's object; the connect programs use some of them.
 #[allow(dead_code)]

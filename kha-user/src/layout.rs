@@ -2,7 +2,7 @@
 //! the pinned map as the kernel and `KHA_LAYOUT` describe it against the map this build
 //! wants (kha-common `layout`). Pure; the loader carries the plan out.
 
-use kha_common::{Carry, MAP_BACKENDS, MAP_SERVICES, MapLayout, MapSpec, UNRECORDED_VERSION};
+use kha_common::{Carry, MAP_BACKENDS, MAP_SERVICES, MapLayout, MapSpec, UNRECORDED_VERSION, translated};
 
 /// A pinned map as found: its shape from the kernel, its version from `KHA_LAYOUT` (`None`
 /// when no record names it: a kha from before the record pinned it).
@@ -86,6 +86,10 @@ pub fn decide(pinned: Option<&Pinned>, want: &Wanted) -> Result<Action, Refusal>
         return match (kept, p.version() == spec.version) {
             // Rebuilt and seeded maps lose nothing by starting empty, whatever was pinned.
             (false, _) => Ok(Action::Migrate { copy: false, why }),
+            // An older layout this build translates entry by entry.
+            (true, false) if translated(spec.name, p.version(), p.key_size, p.value_size) => {
+                Ok(Action::Migrate { copy: true, why })
+            }
             (true, false) => {
                 Err(Refusal::Version { map: spec.name, pinned: p.version(), wanted: spec.version })
             }
@@ -140,7 +144,7 @@ pub fn migrates(plan: &[(Wanted, Action)]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use kha_common::{LAYOUTS, MAP_CONNS, layout_spec};
+    use kha_common::{LAYOUTS, MAP_CONNS, MAP_PROBES, layout_spec};
 
     use super::*;
 
@@ -171,13 +175,29 @@ mod tests {
 
     #[test]
     fn maps_from_before_the_record_count_as_version_1() {
-        let w = want(MAP_CONNS);
+        let w = want(MAP_PROBES);
         assert_eq!(decide(Some(&pinned_as(&w, None)), &w), Ok(Action::Reuse));
-        let newer = Wanted { spec: MapSpec { version: 2, ..w.spec }, ..w };
+        let w = want(MAP_CONNS);
+        let newer = Wanted { spec: MapSpec { version: 3, ..w.spec }, ..w };
         assert_eq!(
             decide(Some(&pinned_as(&w, None)), &newer),
-            Err(Refusal::Version { map: MAP_CONNS, pinned: 1, wanted: 2 })
+            Err(Refusal::Version { map: MAP_CONNS, pinned: 1, wanted: 3 })
         );
+    }
+
+    /// `KHA_CONNS` of version 1 (no client cgroup) is translated, with or without a record.
+    #[test]
+    fn version_1_conns_are_carried_into_version_2() {
+        let w = want(MAP_CONNS);
+        assert_eq!(w.spec.version, 2);
+        let v1 = Pinned { value_size: 44, ..pinned_as(&w, None) };
+        let why = Why::Layout { from: 1, to: 2 };
+        assert_eq!(decide(Some(&v1), &w), Ok(Action::Migrate { copy: true, why }));
+        let recorded = Pinned { version: Some(1), ..v1 };
+        assert_eq!(decide(Some(&recorded), &w), Ok(Action::Migrate { copy: true, why }));
+        // Version 1 claimed, but not its shape: refused as any unknown version.
+        let odd = Pinned { value_size: 48, ..v1 };
+        assert!(matches!(decide(Some(&odd), &w), Err(Refusal::Version { pinned: 1, .. })));
     }
 
     #[test]
@@ -185,7 +205,7 @@ mod tests {
         let w = want(MAP_CONNS);
         let bigger = Wanted { max_entries: w.max_entries * 2, ..w };
         assert_eq!(
-            decide(Some(&pinned_as(&w, Some(1))), &bigger),
+            decide(Some(&pinned_as(&w, Some(2))), &bigger),
             Ok(Action::Migrate {
                 copy: true,
                 why: Why::Capacity { from: w.max_entries, to: 2 * w.max_entries }
@@ -245,9 +265,9 @@ mod tests {
     #[test]
     fn a_shape_that_contradicts_its_version_is_refused_for_kept_maps() {
         let w = want(MAP_CONNS);
-        let odd = Pinned { value_size: 40, ..pinned_as(&w, Some(1)) };
+        let odd = Pinned { value_size: 40, ..pinned_as(&w, Some(2)) };
         let err = decide(Some(&odd), &w).unwrap_err();
-        assert!(matches!(err, Refusal::Shape { found: (9, 8, 40), wanted: (9, 8, 44), .. }), "{err:?}");
+        assert!(matches!(err, Refusal::Shape { found: (9, 8, 40), wanted: (9, 8, 56), .. }), "{err:?}");
         assert!(err.to_string().contains("kha detach"), "{err}");
         let w = want(MAP_SERVICES);
         let odd = Pinned { key_size: 16, ..pinned_as(&w, Some(1)) };
@@ -297,7 +317,8 @@ mod tests {
         let p = plan(grown.iter().map(|(p, w)| (p.as_ref(), *w))).unwrap();
         assert!(migrates(&p));
         let mut broken = reuse;
-        broken.last_mut().unwrap().0.as_mut().unwrap().version = Some(7);
+        let conns = broken.iter_mut().find(|(_, w)| w.spec.name == MAP_CONNS).unwrap();
+        conns.0.as_mut().unwrap().version = Some(7);
         assert!(plan(broken.iter().map(|(p, w)| (p.as_ref(), *w))).is_err());
     }
 }

@@ -19,3 +19,4 @@ pub mod status;
 pub mod supervise;
 pub mod sync;
 pub mod trace;
+pub mod top;

@@ -65,6 +65,8 @@ enum Command {
     Endpoints(kha::kubespray::EndpointsArgs),
     /// Write the kha config for a non-master node from a kubespray inventory.
     Config(kha::kubespray::ConfigArgs),
+    /// Show the clients of the apiserver on this node (cgroup, pod, process), busiest first.
+    Top(kha::top::live::TopArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -300,6 +302,7 @@ fn main() {
         Command::Endpoints(args) => {
             kha::kubespray::endpoints_command(&args).map(|t| print!("{t}")).map_err(Into::into)
         }
+        Command::Top(args) => kha::top::live::run(&args).map_err(Into::into),
         Command::Config(args) => {
             kha::kubespray::config_command(&args).map(|t| print!("{t}")).map_err(Into::into)
         }
@@ -457,6 +460,7 @@ fn run(args: RunArgs) -> Result<()> {
         sock_destroy: sock_destroy.supported(),
         slots: serve::Slots::new(serve::MAX_CONNECTIONS),
         trace: serve::TraceSlot::default(),
+        clients: Default::default(),
     };
     let trace = endpoints.trace.clone();
     let rt = runtime()?;

@@ -1,6 +1,8 @@
 //! kha's pinned maps, opened from bpffs: the backend table (`BackendTable`), the datapath
 //! settings and the counters. One of the two modules that touch the kernel.
 
+pub mod clients;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,

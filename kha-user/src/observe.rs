@@ -173,6 +173,9 @@ pub struct Kernel {
     /// The start-up check found SOCK_DESTROY working: kha can move connections off a failed
     /// master.
     pub sock_destroy: bool,
+    /// The client cgroups, busiest first, and their paths (`crate::top`).
+    pub clients: Vec<crate::top::rate::Client>,
+    pub client_paths: BTreeMap<u64, Option<String>>,
 }
 
 const STATES: [State; 7] = [
@@ -294,6 +297,8 @@ pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> Str
         "Changed probe TLS files (CA, client certificate or key) put in use or refused",
         rec.probe_tls_reloads.clone(),
     );
+
+    crate::top::metrics::register(&mut r, kernel.clients.clone(), &kernel.client_paths);
 
     let mut out = String::new();
     // Writing to a String cannot fail.

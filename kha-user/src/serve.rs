@@ -21,6 +21,7 @@ use kha::{
     maps::KhaMaps,
     observe::{self, Kernel, Recorders},
     sync::BackendTable as _,
+    top::{cgroups::Resolver, sampler::Sampler},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -50,6 +51,14 @@ pub struct Endpoints {
     pub slots: Slots,
     /// The one `/trace` that may run.
     pub trace: TraceSlot,
+    /// The client rates' previous sample and the cgroup paths seen (`kha_client_*`).
+    pub clients: Arc<Mutex<ClientRates>>,
+}
+
+#[derive(Default)]
+pub struct ClientRates {
+    sampler: Sampler,
+    paths: Option<Resolver>,
 }
 
 /// How long a request may take to arrive and, except `/trace`, to be answered.
@@ -171,5 +180,16 @@ fn kernel(ep: &Endpoints) -> Kernel {
     k.terminated = stat("terminated");
     k.terminated_reset = stat("terminated_reset");
     k.terminated_destroy = stat("terminated_destroy");
+    // Maps pinned by a kha from before KHA_CLIENTS: no client series.
+    if let Ok(samples) = kha::maps::clients::samples(&ep.pins.maps()) {
+        let mut c = ep.clients.lock().unwrap_or_else(|p| p.into_inner());
+        k.clients = c.sampler.clients(samples, Instant::now());
+        if c.paths.is_none() {
+            c.paths = kha_common::cgroup::cgroup2_mount().ok().flatten().map(Resolver::new);
+        }
+        if let Some(r) = &mut c.paths {
+            k.client_paths = r.resolve(k.clients.iter().map(|c| c.cgroup_id));
+        }
+    }
     k
 }

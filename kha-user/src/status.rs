@@ -346,7 +346,7 @@ mod tests {
         assert!(text.contains("frontend [::1]:7443") && text.contains("EHOSTUNREACH"), "{text}");
         assert!(text.contains("rewritten 5"), "{text}");
         assert!(text.contains("sock_destroy: supported"), "{text}");
-        assert!(text.contains("maps: KHA_CONNS v1 (4096)"), "{text}");
+        assert!(text.contains("maps: KHA_CONNS v2 (4096)"), "{text}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["layout"][0]["max_entries"], 4096);
         assert_eq!(json["frontends"][0]["backends"][1]["address"], "192.0.2.12:6443");

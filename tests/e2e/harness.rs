@@ -197,29 +197,40 @@ impl LiveClient {
 
     /// The same, connecting to `connect_addr` (a frontend).
     pub fn start_via(bed: &Bed, count: u32, connect_addr: &str) -> Self {
+        Self::from_child(bed.spawn_lab_tool(true, &Self::args(bed, count, connect_addr)).unwrap())
+    }
+
+    /// The same to 127.0.0.1:6443 from `cgroup` (below the bed's), the lab tool run as `bin`
+    /// (a link to it under another name, which its connects then carry as process name).
+    pub fn start_in(bed: &Bed, cgroup: &Path, bin: &Path, count: u32) -> Self {
+        let mut c = Command::new(bin);
+        c.args(Self::args(bed, count, "127.0.0.1:6443"));
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        Self::from_child(bed.lab.spawn_in_node(Some(cgroup), c).unwrap())
+    }
+
+    fn args(bed: &Bed, count: u32, connect_addr: &str) -> Vec<String> {
         let ca = bed.pki.ca_cert.display().to_string();
-        let mut child = bed
-            .spawn_lab_tool(
-                true,
-                &args(&[
-                    "client",
-                    "--url",
-                    "https://localhost:6443/version",
-                    "--connect-addr",
-                    connect_addr,
-                    "--ca",
-                    &ca,
-                    "--count",
-                    &count.to_string(),
-                    "--interval-ms",
-                    "100",
-                    "--keep-alive",
-                    "--timeout-ms",
-                    "30000",
-                    "--json",
-                ]),
-            )
-            .unwrap();
+        args(&[
+            "client",
+            "--url",
+            "https://localhost:6443/version",
+            "--connect-addr",
+            connect_addr,
+            "--ca",
+            &ca,
+            "--count",
+            &count.to_string(),
+            "--interval-ms",
+            "100",
+            "--keep-alive",
+            "--timeout-ms",
+            "30000",
+            "--json",
+        ])
+    }
+
+    fn from_child(mut child: std::process::Child) -> Self {
         let lines: Lines<BufReader<ChildStdout>> = BufReader::new(child.stdout.take().unwrap()).lines();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

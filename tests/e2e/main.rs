@@ -3,6 +3,7 @@
 //! there. Run through `cargo xtask test`, one test at a time.
 
 mod coexist;
+mod conn_v2;
 mod conns;
 mod datapath;
 mod discovery;
@@ -17,3 +18,4 @@ mod rebalance;
 mod refusals;
 mod terminate;
 mod trace;
+mod top;

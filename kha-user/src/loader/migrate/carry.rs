@@ -8,8 +8,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues};
 use kha_common::{
-    Backend, BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Carry, Conn, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONNS, MAP_STATS,
+    Backend, BackendStats, CONN_ESTABLISHED, CONN_SYN_SENT, CONN_UNSENT, Carry, Conn, ConnV1,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNS, MAP_STATS,
 };
 
 use super::{LoaderError, NOEXIST, info, map_err, open};
@@ -125,19 +125,14 @@ pub(super) fn copy_conns(
     // is gone.
     let is_open = |c: &u64| open_before.as_ref().is_none_or(|open| open.contains(c));
     let counted = |state: u32| state != CONN_UNSENT;
-    let old: HashMap<_, u64, Conn> =
-        HashMap::try_from(open(old_path)?).map_err(map_err(old_path, "not a hash"))?;
     let mut new: HashMap<_, u64, Conn> =
         HashMap::try_from(open(new_path)?).map_err(map_err(new_path, "not a hash"))?;
-    let capacity = info(old_path)?.max_entries as usize;
     let mut written = 0;
     let mut seen = BTreeSet::new();
     let mut inserted = vec![];
     let mut uncount: BTreeMap<u32, u64> = BTreeMap::new();
     let missing = |e: &MapError, errno| matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno));
-    // A key deleted while we walk restarts the walk at the first key (get_next_key), so a
-    // busy map could be walked forever: bounded, and keys seen again are skipped.
-    for entry in old.iter().take(2 * capacity) {
+    for entry in old_conns(old_path)? {
         let (cookie, conn) = match entry {
             Ok(e) => e,
             // The entry went between get_next_key and the lookup: its socket closed.
@@ -218,6 +213,32 @@ pub(super) fn copy_conns(
         }
     }
     Ok(written)
+}
+
+/// Whether `old_conns` can read the conn map at `path` (this build's layout or version 1).
+pub(super) fn conns_readable(path: &Path) -> Result<bool, LoaderError> {
+    let i = info(path)?;
+    let sizes = [size_of::<Conn>() as u32, size_of::<ConnV1>() as u32];
+    Ok(i.key_size == 8 && sizes.contains(&i.value_size))
+}
+
+/// A conn map's entries as read, each a `(cookie, Conn)` or the error reading it.
+type ConnEntries = Vec<Result<(u64, Conn), MapError>>;
+
+/// The entries of a pinned conn map as this build's `Conn`, whatever layout it has (version
+/// 1 entries, `ConnV1`, get no client cgroup). A key deleted while we walk restarts the walk
+/// at the first key (get_next_key), so a busy map could be walked forever: bounded, and the
+/// caller skips keys seen again.
+fn old_conns(path: &Path) -> Result<ConnEntries, LoaderError> {
+    let i = info(path)?;
+    let bound = 2 * i.max_entries as usize;
+    if i.value_size == size_of::<ConnV1>() as u32 {
+        let old: HashMap<_, u64, ConnV1> =
+            HashMap::try_from(open(path)?).map_err(map_err(path, "not a hash"))?;
+        return Ok(old.iter().take(bound).map(|e| e.map(|(k, c)| (k, Conn::from(c)))).collect());
+    }
+    let old: HashMap<_, u64, Conn> = HashMap::try_from(open(path)?).map_err(map_err(path, "not a hash"))?;
+    Ok(old.iter().take(bound).collect())
 }
 
 /// Copies a `Carry::Seeded` map into a staged set, before the agent syncs its desired table

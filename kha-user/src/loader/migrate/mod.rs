@@ -253,13 +253,11 @@ pub(super) fn recover(pins: &PinDir, served: Served<'_>) -> Result<Option<Recove
     let staged_is_older = is_older(&map_ids(&staging), &map_ids(&maps));
     let outcome = if staged_is_older {
         let (old, new) = (staging.join(MAP_CONNS), maps.join(MAP_CONNS));
-        let same = old.exists() && new.exists() && {
-            let (o, n) = (info(&old)?, info(&new)?);
-            (o.key_size, o.value_size) == (n.key_size, n.value_size)
-        };
+        // `copy_conns` reads this build's layout of the old map and those it translates.
+        let both = old.exists() && new.exists() && carry::conns_readable(&old)?;
         let mut none = BTreeMap::new();
         let served = Served { mend_counts: false, ..served };
-        Recovered::Finished { conns: if same { copy_conns(&old, &new, &mut none, Some(served))? } else { 0 } }
+        Recovered::Finished { conns: if both { copy_conns(&old, &new, &mut none, Some(served))? } else { 0 } }
     } else {
         Recovered::Dropped
     };
