@@ -260,6 +260,7 @@ fn same_frontend(a: &ServiceKey, b: &ServiceKey) -> bool {
 mod tests {
     use super::*;
     use kha_common::POLICY_RANDOM;
+    use proptest::{collection::vec, prelude::*};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -483,39 +484,38 @@ mod tests {
         assert_eq!(end.backends[&7], backend_of(addr("192.0.2.11:6443")), "kept backends keep their ids");
     }
 
-    #[test]
-    fn every_prefix_resolves_to_old_or_new() {
-        // A small deterministic generator: no dependency, same cases on every run.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
-        let fronts = ["127.0.0.1:6443", "[::1]:6443", "127.0.0.1:2379"];
-        let backs = [
-            "192.0.2.11:6443",
-            "192.0.2.12:6443",
-            "192.0.2.13:6443",
-            "198.51.100.7:6443",
-            "203.0.113.9:6443",
-        ];
-        let mut current = Snapshot::default();
-        for _ in 0..300 {
-            let mut spec: Vec<(&str, Vec<&str>)> = Vec::new();
-            for f in fronts {
-                if next(4) == 0 {
-                    continue;
+    /// One desired table: per frontend, absent (a quarter of the time) or any subset of the
+    /// backends, in either order.
+    fn spec() -> impl Strategy<Value = Vec<Option<(Vec<bool>, bool)>>> {
+        let frontend = (0..4u8, vec(any::<bool>(), BACKS.len()), any::<bool>())
+            .prop_map(|(absent, pick, reversed)| (absent != 0).then_some((pick, reversed)));
+        vec(frontend, FRONTS.len())
+    }
+
+    const FRONTS: [&str; 3] = ["127.0.0.1:6443", "[::1]:6443", "127.0.0.1:2379"];
+    const BACKS: [&str; 5] =
+        ["192.0.2.11:6443", "192.0.2.12:6443", "192.0.2.13:6443", "198.51.100.7:6443", "203.0.113.9:6443"];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        /// Any sequence of tables, each planned from the one before: every prefix of every
+        /// plan resolves each frontend to its old or its new set.
+        #[test]
+        fn every_prefix_resolves_to_old_or_new(steps in vec(spec(), 1..12)) {
+            let mut current = Snapshot::default();
+            for step in steps {
+                let mut spec: Vec<(&str, Vec<&str>)> = Vec::new();
+                for (f, chosen) in FRONTS.iter().zip(step) {
+                    let Some((pick, reversed)) = chosen else { continue };
+                    let mut bs: Vec<&str> = BACKS.iter().zip(pick).filter(|(_, p)| *p).map(|(b, _)| *b).collect();
+                    if reversed {
+                        bs.reverse();
+                    }
+                    spec.push((f, bs));
                 }
-                let mut bs: Vec<&str> = backs.iter().copied().filter(|_| next(2) == 0).collect();
-                if next(2) == 0 {
-                    bs.reverse();
-                }
-                spec.push((f, bs));
+                let refs: Vec<(&str, &[&str])> = spec.iter().map(|(f, b)| (*f, b.as_slice())).collect();
+                current = check_all_prefixes(&current, &desired(&refs));
             }
-            let refs: Vec<(&str, &[&str])> = spec.iter().map(|(f, b)| (*f, b.as_slice())).collect();
-            current = check_all_prefixes(&current, &desired(&refs));
         }
     }
 

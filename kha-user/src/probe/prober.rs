@@ -295,8 +295,10 @@ impl Prober {
     /// One tick: a liveness request on the kept-alive connection, then the readiness request
     /// if it is due, or at once on a new connection if there is none (or it died).
     async fn tick<T: Clone>(&mut self, out: &Out<T>, ready_due: bool) -> Result<Outcome, Gone> {
-        if self.conn.is_some() && self.pings {
-            match self.liveness(out).await? {
+        if self.pings
+            && let Some(conn) = self.conn.take()
+        {
+            match self.liveness(conn, out).await? {
                 Liveness::Answered if !ready_due && self.conn.is_some() => return Ok(Outcome::Quiet),
                 Liveness::Answered => {}
                 Liveness::Revived => self.revived = true,
@@ -340,8 +342,7 @@ impl Prober {
     /// connection and its one pending request for up to [`HOLD_FOR`]: no reconnects while it
     /// hangs, so when it thaws each node's probe costs it one `OPTIONS *` answer instead of a
     /// TLS handshake per reconnect queued in its accept backlog meanwhile.
-    async fn liveness<T: Clone>(&mut self, out: &Out<T>) -> Result<Liveness, Gone> {
-        let Some(mut conn) = self.conn.take() else { return Ok(Liveness::Answered) };
+    async fn liveness<T: Clone>(&mut self, mut conn: Conn, out: &Out<T>) -> Result<Liveness, Gone> {
         let sent = Instant::now();
         let since = *self.silent_since.get_or_insert(sent);
         let slow_at = sent + self.slow_after();
