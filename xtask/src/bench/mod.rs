@@ -11,6 +11,8 @@
 //! - [`failover`]: `cargo xtask bench failover`, `target/bench/failover.{json,md}`.
 //! - [`memory`]: `cargo xtask bench memory`, the agent with discovery on against the real
 //!   control plane, `target/bench/memory.{json,md}`.
+//! - [`probe_client`]: `cargo xtask bench probe-client`, the probe's HTTP/1.1 client against
+//!   hyper's, `target/bench/probe-client.md`.
 //!
 //! How to read and reproduce the results: `docs/benchmarks.md`.
 
@@ -20,6 +22,7 @@ mod lab;
 mod machine;
 mod memory;
 mod plot;
+mod probe_client;
 mod probe_cost;
 mod procfs;
 mod proxy;
@@ -47,6 +50,9 @@ pub enum Suite {
     /// The agent's memory with discovery on against the real control plane, idle and under
     /// c=128 HTTPS, by part (anonymous, file-backed, each map).
     Memory,
+    /// The probe's hand-written HTTP/1.1 client against hyper's: CPU, heap and instructions
+    /// per exchange on one kept-alive TLS connection (no root).
+    ProbeClient,
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -163,6 +169,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let dir = memory::run(&args)?;
         println!("{}", std::fs::read_to_string(dir.join("memory.md")).unwrap_or_default());
         println!("written: {}/memory.{{json,md}}", dir.display());
+        return Ok(());
+    }
+    if args.suite == Some(Suite::ProbeClient) {
+        let dir = probe_client::run(&args)?;
+        println!("{}", std::fs::read_to_string(dir.join("probe-client.md")).unwrap_or_default());
+        println!("written: {}/probe-client.md", dir.display());
         return Ok(());
     }
     let dir = run_bench(&args)?;
