@@ -10,10 +10,12 @@ use crate::addr::AddrBe;
 
 /// Clients: `ClientKey -> ClientStats`. Written by the kernel only.
 pub const MAP_CLIENTS: &str = "KHA_CLIENTS";
-/// Entries of `KHA_CLIENTS`: (cgroup, frontend, backend) triples. A node has tens of clients
-/// of the apiserver, each using a few backends through one or two frontends; each entry pins
-/// about 170 bytes (LRU maps are preallocated), about 700 KiB in all.
-pub const CLIENTS_CAPACITY: usize = 4096;
+/// Entries of `KHA_CLIENTS`: (cgroup, frontend, backend) triples. Only the host network
+/// namespace is rewritten, so the clients are the node's own (kubelet, kube-proxy, agents,
+/// host-network pods): tens, each using a few backends through one or two frontends. Each
+/// entry pins about 136 bytes (LRU maps are preallocated), about 136 KiB in all (4096 took
+/// 545 KiB of the agent's 10 MiB budget).
+pub const CLIENTS_CAPACITY: usize = 1024;
 /// `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
 
