@@ -162,7 +162,7 @@ struct HealthArgs {
     health_path: String,
     /// Time between liveness requests (`OPTIONS *` on the kept-alive probe connection): bounds
     /// how late a hung or cut-off master is noticed.
-    #[arg(long, default_value = "1000", value_name = "MS")]
+    #[arg(long, default_value_t = kha::probe::DEFAULT_INTERVAL.as_millis() as u64, value_name = "MS")]
     probe_interval_ms: u64,
     /// Time between readiness requests (`/readyz`): bounds how late a master that stops being
     /// ready (graceful shutdown, etcd lost) is noticed. Unset: the probe interval, so every
@@ -171,7 +171,8 @@ struct HealthArgs {
     readiness_interval_ms: Option<u64>,
     /// The cluster's node count (every node probes every apiserver): above 1000 the probes slow
     /// to a liveness request every 2 s and /readyz every 15 s, which costs each apiserver less
-    /// CPU than kubespray's haproxy checks (docs/health.md).
+    /// CPU than kubespray's haproxy checks, and above 750 a failing master is rechecked less
+    /// often, so that it gets about 3,300 rechecks a second from the fleet (docs/health.md).
     /// A config file's `fleet_size` does the same unless an interval flag is given.
     #[arg(long, value_name = "NODES", conflicts_with_all = ["probe_interval_ms", "readiness_interval_ms"], value_parser = clap::value_parser!(u32).range(1..))]
     fleet_size: Option<u32>,
@@ -209,9 +210,9 @@ struct HealthArgs {
 const CA_CANDIDATES: [&str; 2] = ["/etc/kubernetes/ssl/ca.crt", "/etc/kubernetes/pki/ca.crt"];
 
 impl HealthArgs {
-    /// The probe cadence (liveness, readiness interval): `--fleet-size`, else the interval
-    /// flags if given, else the config file's `fleet_size`, else the interval defaults.
-    fn cadence(&self, file_fleet_size: Option<u32>) -> (Duration, Duration) {
+    /// The probe cadence: `--fleet-size`, else the interval flags if given, else the config
+    /// file's `fleet_size`, else the interval defaults.
+    fn cadence(&self, file_fleet_size: Option<u32>) -> kha::probe::Cadence {
         let fleet_size = match (self.fleet_size, file_fleet_size) {
             (Some(nodes), _) => Some(nodes),
             (None, Some(nodes)) if self.intervals_given => {
@@ -227,10 +228,13 @@ impl HealthArgs {
                 log::info!("probes: the cadence for a fleet of {nodes} nodes");
                 kha::probe::cadence_for_fleet(nodes)
             }
-            None => (
-                Duration::from_millis(self.probe_interval_ms.max(100)),
-                Duration::from_millis(self.readiness_interval_ms.unwrap_or(self.probe_interval_ms).max(100)),
-            ),
+            None => kha::probe::Cadence {
+                interval: Duration::from_millis(self.probe_interval_ms.max(100)),
+                readiness_interval: Duration::from_millis(
+                    self.readiness_interval_ms.unwrap_or(self.probe_interval_ms).max(100),
+                ),
+                ..kha::probe::Cadence::DEFAULT
+            },
         }
     }
 
@@ -269,16 +273,17 @@ impl HealthArgs {
                 .load()
                 .with_context(|| format!("probe TLS of frontend {}", f.address))?;
         }
-        let (interval, readiness_interval) = self.cadence(config.fleet_size);
+        let cadence = self.cadence(config.fleet_size);
         log::info!(
-            "probes: a liveness request every {:.1} s, readiness every {:.1} s",
-            interval.as_secs_f64(),
-            readiness_interval.as_secs_f64()
+            "probes: a liveness request every {:.1} s, readiness every {:.1} s, a failing master rechecked after {:.2}-{:.2} s",
+            cadence.interval.as_secs_f64(),
+            cadence.readiness_interval.as_secs_f64(),
+            cadence.recheck.as_secs_f64() / 2.0,
+            cadence.recheck.as_secs_f64()
         );
         Ok(Some(agent::ProbeTemplate {
             tls,
-            interval,
-            readiness_interval,
+            cadence,
             timeout: Duration::from_millis(self.probe_timeout_ms.max(100)),
         }))
     }
@@ -617,18 +622,22 @@ mod tests {
 
     #[test]
     fn the_config_files_fleet_size_sets_the_cadence_unless_intervals_are_flags() {
-        let s = Duration::from_secs;
+        use kha::probe::Cadence;
         let ms = Duration::from_millis;
+        let intervals = |c: Cadence| (c.interval, c.readiness_interval);
         let large = kha::probe::cadence_for_fleet(5000);
-        assert_ne!(large, (s(1), s(1)));
-        assert_eq!(health(&[]).cadence(None), (s(1), s(1)));
+        assert_ne!(large, Cadence::DEFAULT);
+        // The flag's default is the library's, readiness following it.
+        assert_eq!(health(&[]).cadence(None), Cadence::DEFAULT);
         assert_eq!(health(&[]).cadence(Some(5000)), large);
         assert_eq!(health(&["--fleet-size", "5000"]).cadence(None), large);
         assert_eq!(health(&["--fleet-size", "5000"]).cadence(Some(10)), large);
-        assert_eq!(health(&["--probe-interval-ms", "500"]).cadence(Some(5000)), (ms(500), ms(500)));
+        assert_eq!(intervals(health(&["--probe-interval-ms", "500"]).cadence(Some(5000))), (ms(500), ms(500)));
         // Given explicitly, even at its default value.
-        assert_eq!(health(&["--probe-interval-ms", "1000"]).cadence(Some(5000)), (s(1), s(1)));
-        assert_eq!(health(&["--readiness-interval-ms", "3000"]).cadence(Some(5000)), (s(1), s(3)));
+        let explicit = health(&["--probe-interval-ms", "900"]).cadence(Some(5000));
+        assert_eq!(explicit, Cadence { readiness_interval: ms(900), ..Cadence::DEFAULT });
+        let readiness = health(&["--readiness-interval-ms", "3000"]).cadence(Some(5000));
+        assert_eq!(intervals(readiness), (ms(900), ms(3000)));
         assert!(super::parse_cli(["kha", "run", "--fleet-size", "0"]).is_err());
     }
 

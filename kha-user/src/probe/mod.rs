@@ -4,7 +4,7 @@
 //! keeps **one persistent TLS connection** to the backend and asks two questions on it, each
 //! a small request rather than a handshake, so probing stays cheap at cluster scale:
 //!
-//! - **Alive?** Every [`ProbeSettings::interval`] (1 s by default, jittered by +-[`JITTER`])
+//! - **Alive?** Every [`ProbeSettings::interval`] (0.9 s by default, jittered by +-[`JITTER`])
 //!   an `OPTIONS * HTTP/1.1`: Go's HTTP server answers it before any handler, without
 //!   authentication, admission or etcd (83 us of kube-apiserver CPU against 402 us for a
 //!   kept-alive `/readyz`, see docs/health.md), so its answer says only "the process serves",
@@ -13,8 +13,8 @@
 //!   [`ProbeEvent::Slow`]; unanswered for [`SILENT_AFTER`], on this connection and on the
 //!   reconnects after it, [`ProbeFailure::Silent`]: confirmed gone.
 //! - **Ready?** `GET <path>` (`/readyz` by default, `/health` for etcd) at most every
-//!   [`ProbeSettings::readiness_interval`] (also 1 s by default: every tick; large fleets set
-//!   it longer), right after that tick's liveness answer, with [`ProbeSettings::timeout`]: a
+//!   [`ProbeSettings::readiness_interval`] (1 s by default: every tick; large fleets set it
+//!   longer), right after that tick's liveness answer, with [`ProbeSettings::timeout`]: a
 //!   `/readyz` may take seconds while etcd is slow, and slow is not dead.
 //!
 //! Each result is sent as a [`ProbeEvent`], tagged with the caller's tag, on a channel the
@@ -38,15 +38,16 @@
 //! - **Losing the connection is news**: between requests the task keeps a read pending on the
 //!   idle connection. A FIN or RST (the apiserver process died), a keepalive timeout or stray
 //!   bytes are reported at once as [`ProbeEvent::ConnectionLost`]. The task then reconnects
-//!   after [`LOST_RETRY_MIN`]..[`LOST_RETRY_MAX`] (at most once per interval), and rides out
+//!   after [`LOST_RETRY_MIN`]..[`ProbeSettings::recheck`] (at most once per interval), and rides out
 //!   [`SILENT_AFTER`] of silence, a fresh SYN every [`LOST_CONNECT_ATTEMPT`], before it reports
 //!   [`ProbeFailure::Silent`]: a master paused for a moment is found alive again.
-//! - **A failing master is asked again soon**: after a failure without any answer (refused,
-//!   silent, timed out, unreachable) the next attempt comes after [`DOWN_RETRY_MIN`]..
-//!   [`DOWN_RETRY_MAX`] instead of an interval, for [`DOWN_RETRY_FOR`], so a master that can
-//!   serve again is found within a fraction of a second; a refused one (its process is
-//!   restarting) after the [`LOST_RETRY_MIN`]..[`LOST_RETRY_MAX`] spread instead, so that a
-//!   restarted apiserver does not get every node's handshake in the same instant.
+//! - **A failing master is asked again soon**, for [`DOWN_RETRY_FOR`], so a master that can
+//!   serve again is found within a fraction of a second: after a failure without any answer
+//!   (silent, timed out, unreachable) after [`DOWN_RETRY_MIN`]..[`DOWN_RETRY_MAX`]; a refused
+//!   one (its process is restarting) or one that answered not ready after half to all of
+//!   [`ProbeSettings::recheck`], which the fleet's size sets so that the restarted or
+//!   recovering apiserver gets a bounded number of handshakes or `/readyz` a second from the
+//!   whole fleet ([`cadence_for_fleet`]).
 //! - **Clean closes are not failures**: a response with `Connection: close` (or a close within
 //!   [`CLOSE_AFTER_RESPONSE_GRACE`] of a complete response) just makes the next probe
 //!   reconnect. If a kept-alive connection turns out closed when a request is sent on it, the
@@ -83,7 +84,7 @@ pub use files::{MAX_PEM_BYTES, TlsDefaults, TlsFiles, TlsPem};
 pub use jitter::JITTER;
 pub use prober::{
     CLOSE_AFTER_RESPONSE_GRACE, CONFIRM_MAX, CONFIRM_MIN, DOWN_RETRY_FOR, DOWN_RETRY_MAX, DOWN_RETRY_MIN,
-    HOLD_FOR, LOST_CONNECT_ATTEMPT, LOST_RETRY_MAX, LOST_RETRY_MIN, MIN_INTERVAL, UNACKED_CHECK,
+    HOLD_FOR, HOLD_SPREAD, LOST_CONNECT_ATTEMPT, LOST_RETRY_MIN, MIN_INTERVAL, UNACKED_CHECK,
     UNACKED_RETRANSMITS, run,
 };
 pub use reload::{Reload, TLS_CHECK_INTERVAL, TlsHandle, TlsPublisher, TlsStore};
@@ -97,33 +98,68 @@ pub const DEFAULT_PATH: &str = "/readyz";
 
 /// Default time between liveness requests (before jitter), and so the bound on how late a
 /// hung, paused or cut-off master is noticed: [`SLOW_AFTER`] after the first request it leaves
-/// unanswered it takes no new connections. Each is an `OPTIONS *` on a kept-alive connection:
-/// at 1,000 nodes 1,000 requests a second on each apiserver, at 83 us each 0.08 of a core; a
-/// larger fleet sets it longer (`--fleet-size`, docs/health.md).
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// unanswered it takes no new connections, [`SILENT_AFTER`] after it its sockets move. 0.9 s
+/// rather than 1 s so that the worst case, a master that hangs right after answering, is
+/// moved within 3 s: the next request leaves at most 0.9 s (+[`JITTER`]) later, and a pause
+/// of up to [`SILENT_AFTER`] must be ridden out from there. Each is an `OPTIONS *` on a
+/// kept-alive connection: at 1,000 nodes 1,100 requests a second on each apiserver, at 83 us
+/// each 0.09 of a core; a larger fleet sets it longer (`--fleet-size`, docs/health.md).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(900);
 
 /// Default time between readiness requests (`/readyz`): every tick, so a master that stops
-/// being ready (graceful shutdown, etcd gone) takes no new connections about a second later.
-/// 402 us of apiserver CPU each: 0.4 of a core at 1,000 nodes; large fleets set it to 15 s,
+/// being ready (graceful shutdown, etcd gone) takes no new connections within about a second.
+/// 402 us of apiserver CPU each: 0.45 of a core at 1,000 nodes; large fleets set it to 15 s,
 /// haproxy's `inter`.
-pub const DEFAULT_READINESS_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_READINESS_INTERVAL: Duration = DEFAULT_INTERVAL;
+
+/// Default [`ProbeSettings::recheck`]: a refused or not-ready master is asked again 0.15 to
+/// 0.3 s after each failure, so it is back in use within 0.5 s of serving again (this wait,
+/// the pass, and its confirmation within [`CONFIRM_MAX`]).
+pub const DEFAULT_RECHECK: Duration = Duration::from_millis(300);
+
+/// What each node adds to the fleet's [`ProbeSettings::recheck`] ([`cadence_for_fleet`]).
+/// A node asks a failing master every 0.75 recheck on average, so this keeps one failing
+/// master's rechecks from the whole fleet at about 1 / (0.75 x 0.4 ms) = 3,333 a second
+/// beyond 750 nodes (fewer below). For a restarted apiserver that bounds the probes' TLS
+/// handshakes (1-1.4 ms of its CPU each, docs/health.md) to about 4 cores while they last
+/// (one recheck); for a not-ready one the `/readyz` (402 us) to about 1.3 cores, for
+/// [`DOWN_RETRY_FOR`] at most.
+pub const RECHECK_PER_NODE: Duration = Duration::from_micros(400);
 
 /// Above this many nodes, [`cadence_for_fleet`] trades readiness detection for apiserver CPU.
 pub const LARGE_FLEET: u32 = 1000;
 
-/// The probe cadence (liveness interval, readiness interval) for a cluster of `nodes` nodes,
-/// what `--fleet-size` sets: kha's defaults up to [`LARGE_FLEET`]; above it a liveness request
-/// every 2 s and `/readyz` every 15 s, haproxy's `inter`. Both proxies' costs grow with the
-/// node count alike, so the comparison holds at any size: per node and apiserver that is
-/// 42 + 27 us of apiserver CPU a second, against 70 us for kubespray's haproxy checks (a new
-/// TLS connection per `/readyz` every 15 s), while a hung or cut-off master is still out of
-/// the live set within about 2.5 s and its sockets moved within about 4.5 s (haproxy: 75 s).
-/// The figures are in docs/health.md.
-pub fn cadence_for_fleet(nodes: u32) -> (Duration, Duration) {
+/// How often a fleet's probes ask: the intervals and the recheck of a failing master.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cadence {
+    pub interval: Duration,
+    pub readiness_interval: Duration,
+    pub recheck: Duration,
+}
+
+impl Cadence {
+    /// [`DEFAULT_INTERVAL`], [`DEFAULT_READINESS_INTERVAL`], [`DEFAULT_RECHECK`].
+    pub const DEFAULT: Cadence = Cadence {
+        interval: DEFAULT_INTERVAL,
+        readiness_interval: DEFAULT_READINESS_INTERVAL,
+        recheck: DEFAULT_RECHECK,
+    };
+}
+
+/// The probe cadence for a cluster of `nodes` nodes, what `--fleet-size` sets: kha's
+/// intervals up to [`LARGE_FLEET`]; above it a liveness request every 2 s and `/readyz` every
+/// 15 s, haproxy's `inter`. Both proxies' costs grow with the node count alike, so the
+/// comparison holds at any size: per node and apiserver that is 42 + 27 us of apiserver CPU a
+/// second, against 70 us for kubespray's haproxy checks (a new TLS connection per `/readyz`
+/// every 15 s), while a hung or cut-off master is still out of the live set within about
+/// 2.5 s and its sockets moved within about 4.5 s (haproxy: 75 s). The recheck grows by
+/// [`RECHECK_PER_NODE`] beyond 750 nodes: 2 s at 5,000. The figures are in docs/health.md.
+pub fn cadence_for_fleet(nodes: u32) -> Cadence {
+    let recheck = DEFAULT_RECHECK.max(RECHECK_PER_NODE * nodes);
     if nodes <= LARGE_FLEET {
-        (DEFAULT_INTERVAL, DEFAULT_READINESS_INTERVAL)
+        Cadence { recheck, ..Cadence::DEFAULT }
     } else {
-        (Duration::from_secs(2), Duration::from_secs(15))
+        Cadence { interval: Duration::from_secs(2), readiness_interval: Duration::from_secs(15), recheck }
     }
 }
 
@@ -160,11 +196,15 @@ pub struct ProbeSettings {
     /// Bound on a response, head and body together; a larger one fails as
     /// [`ProbeFailure::Oversized`].
     pub max_response_bytes: usize,
+    /// A master that refused the connection or answered not ready is asked again after half
+    /// to all of this, for the first [`DOWN_RETRY_FOR`] of its failure; the first reconnect
+    /// after a lost connection comes within it. See [`cadence_for_fleet`].
+    pub recheck: Duration,
 }
 
 impl ProbeSettings {
-    /// The defaults ([`DEFAULT_PATH`], [`DEFAULT_INTERVAL`], [`DEFAULT_READINESS_INTERVAL`],
-    /// [`DEFAULT_TIMEOUT`], [`DEFAULT_MAX_RESPONSE_BYTES`]) with the given TLS config.
+    /// The defaults ([`DEFAULT_PATH`], [`Cadence::DEFAULT`], [`DEFAULT_TIMEOUT`],
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`]) with the given TLS config.
     pub fn new(tls: impl Into<TlsHandle>) -> Self {
         ProbeSettings {
             path: DEFAULT_PATH.to_owned(),
@@ -173,6 +213,7 @@ impl ProbeSettings {
             timeout: DEFAULT_TIMEOUT,
             tls: tls.into(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            recheck: DEFAULT_RECHECK,
         }
     }
 }
@@ -202,7 +243,7 @@ pub enum ProbeEvent {
 
 /// See [`ProbeEvent::Slow`]. Go's HTTP server answers `OPTIONS *` in well under a millisecond
 /// on a loaded apiserver; 0.4 s of silence plus the wait for the tick keeps a hung master's
-/// new connections to at most 1.5 s with the 1 s default interval.
+/// new connections to at most 1.4 s with the 0.9 s default interval.
 pub const SLOW_AFTER: Duration = Duration::from_millis(400);
 
 /// How long a master may say nothing (no answer to a liveness request, none to the reconnects

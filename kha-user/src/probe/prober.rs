@@ -31,39 +31,38 @@ pub use super::conn::LOST_CONNECT_ATTEMPT;
 pub const CLOSE_AFTER_RESPONSE_GRACE: Duration = Duration::from_millis(50);
 
 /// After a lost connection ([`ProbeEvent::ConnectionLost`]) the reconnect (and its readiness
-/// request) comes after a random delay in `[LOST_RETRY_MIN, LOST_RETRY_MAX]` rather than a
-/// whole interval: the health logic holds the backend as *suspect* (no new connections, none
-/// terminated) until this reconnect says "ready again" or confirms the failure. The spread is
-/// a second because every node loses its probe connection to a restarting apiserver in the
-/// same instant: 5,000 nodes reconnecting within 50 ms would be 100,000 TLS handshakes a
-/// second on the apiserver that just came back; over a second it is 5,000. The same spread
-/// paces the retries of a master that refuses connections (its process is restarting). At
-/// most one such quick retry per interval after a loss, so a server that accepts and then
-/// drops every connection is not hammered.
+/// request) comes after a random delay between this and [`ProbeSettings::recheck`] rather
+/// than a whole interval: the health logic holds the backend as *suspect* (no new
+/// connections, none terminated) until this reconnect says "ready again" or confirms the
+/// failure. It is spread because every node loses its probe connection to a restarting
+/// apiserver in the same instant: 5,000 nodes reconnecting within 50 ms would be 100,000 TLS
+/// handshakes a second on the apiserver that just came back; the fleet's recheck
+/// ([`super::cadence_for_fleet`]) keeps it at a few thousand a second. At most one such
+/// quick retry per interval after a loss, so a server that accepts and then drops every
+/// connection is not hammered.
 pub const LOST_RETRY_MIN: Duration = Duration::from_millis(5);
-/// See [`LOST_RETRY_MIN`].
-pub const LOST_RETRY_MAX: Duration = Duration::from_millis(1000);
 
 /// After a failure without any answer other than a refusal (silent, timed out, unreachable,
 /// reset) the next attempt comes this soon, not an interval later, so that a master that can
 /// serve again (its link back, SIGCONT) is found within a fraction of a second. It costs the
 /// master nothing while it stays silent (a SYN nobody answers), and when it comes back every
-/// node's attempt is spread over this range and its own phase.
+/// node's attempt is spread over this range and its own phase. With the confirmation
+/// ([`CONFIRM_MAX`]) it is back in use within 0.45 s.
 pub const DOWN_RETRY_MIN: Duration = Duration::from_millis(150);
 /// See [`DOWN_RETRY_MIN`].
-pub const DOWN_RETRY_MAX: Duration = Duration::from_millis(350);
+pub const DOWN_RETRY_MAX: Duration = Duration::from_millis(300);
 /// Quick retries of a failing master last this long; after that it is asked once per interval
 /// (the back-off for a master that stays down: a node's retries of it fall from 4 a second to 1).
 pub const DOWN_RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// A ready answer right after a failure is confirmed by the next probe after a random delay in
 /// `[CONFIRM_MIN, CONFIRM_MAX]`, not an interval later: `--rise` still needs that many passes
-/// in a row, but a master that can serve again is back in use about 0.2 s after its first
+/// in a row, but a master that can serve again is back in use about 0.1 s after its first
 /// pass instead of an interval after it. It costs one kept-alive probe per node and
 /// recovery; the nodes' first passes are already spread over their probe phases.
-pub const CONFIRM_MIN: Duration = Duration::from_millis(100);
+pub const CONFIRM_MIN: Duration = Duration::from_millis(50);
 /// See [`CONFIRM_MIN`].
-pub const CONFIRM_MAX: Duration = Duration::from_millis(300);
+pub const CONFIRM_MAX: Duration = Duration::from_millis(150);
 
 /// A liveness request still unacknowledged by the master's kernel after this many
 /// retransmissions (the kernel's own RTO expiries: at least 0.2 s, then 0.4 s, so about 0.6 s
@@ -85,8 +84,12 @@ pub const UNACKED_CHECK: Duration = Duration::from_millis(50);
 /// connections but never answers this one (a wedged connection, the lab's `hang` mode) is
 /// found by the reconnects after the hold. Most hangs are shorter than this, and cost the
 /// thawed apiserver no queued handshake; after it the master is asked on new connections as
-/// any failing master is.
+/// any failing master is. Each hold lasts this +-[`HOLD_SPREAD`]: every node's hold of a
+/// hung master began within a tick of the others', and the new connections after it should
+/// reach the still-hung master (and its accept queue) spread over seconds, not in one.
 pub const HOLD_FOR: Duration = Duration::from_secs(10);
+/// See [`HOLD_FOR`]: holds last 7 to 13 s.
+pub const HOLD_SPREAD: f64 = 0.3;
 
 /// Shortest interval honoured, so a zero interval cannot spin.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -131,7 +134,7 @@ impl<T: Clone> Out<T> {
 enum Liveness {
     /// Answered: the connection is kept (unless the answer closed it).
     Answered,
-    /// Answered after its silence had been reported: ask readiness at once.
+    /// Answered after its silence had been reported: ask readiness at once, a recovery.
     Revived,
     /// The connection died or closed under it: a loss, as on the idle connection.
     Died(ProbeFailure),
@@ -160,10 +163,13 @@ enum Retry {
     Regular,
     /// After [`DOWN_RETRY_MIN`]..[`DOWN_RETRY_MAX`]: nothing answered, which costs it nothing.
     Quick,
-    /// After [`LOST_RETRY_MIN`]..[`LOST_RETRY_MAX`]: refused, its process is (re)starting.
+    /// After half to all of the recheck: refused, its process is (re)starting.
     Spread,
+    /// Readiness after half to all of the recheck: it answered not ready (etcd lost, starting
+    /// up, shutting down), and the moment it is ready again is what matters.
+    NotReady,
     /// The connection died (on the idle connection, or under a request: reset, or abandoned
-    /// by TCP): reconnect after the [`LOST_RETRY_MIN`] spread, once per interval, and time
+    /// by TCP): reconnect after [`LOST_RETRY_MIN`] to the recheck, once per interval, and time
     /// the silence from that reconnect.
     Lost,
 }
@@ -173,6 +179,7 @@ impl Retry {
         match event.failure() {
             Some(f) if f.connection_died() => Retry::Lost,
             Some(ProbeFailure::Refused) => Retry::Spread,
+            Some(ProbeFailure::Status { .. }) => Retry::NotReady,
             Some(
                 ProbeFailure::Silent { .. }
                 | ProbeFailure::Unacknowledged { .. }
@@ -204,9 +211,9 @@ struct Prober {
     silent_since: Option<Instant>,
     /// The connection was lost: the next connect starts a silence (rides out [`SILENT_AFTER`]).
     reconnecting: bool,
-    /// A held connection answered after its silence was reported: the readiness result that
-    /// follows is a recovery.
-    revived: bool,
+    /// When the current failure was first reported (a failed readiness result, a confirmed
+    /// silence); `None` while the master passes. A pass while it is set is a recovery.
+    failing_since: Option<Instant>,
     buf: Box<[u8]>,
 }
 
@@ -226,7 +233,7 @@ impl Prober {
             conn: None,
             silent_since: None,
             reconnecting: false,
-            revived: false,
+            failing_since: None,
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
         }
     }
@@ -239,7 +246,6 @@ impl Prober {
         let mut next = Instant::now();
         let mut ready_at = Instant::now();
         let mut last_quick_retry: Option<Instant> = None;
-        let mut failing_since: Option<Instant> = None;
         loop {
             self.recheck_trust();
             let outcome = match self.idle_until(next).await {
@@ -264,15 +270,16 @@ impl Prober {
                     (ready, retry)
                 }
             };
-            let recovered = ready && (failing_since.is_some() || std::mem::take(&mut self.revived));
+            let recovered = ready && self.failing_since.is_some();
             if ready {
-                failing_since = None;
+                self.failing_since = None;
             } else {
-                failing_since.get_or_insert(now);
+                self.failing_since.get_or_insert(now);
             }
-            let soon = failing_since.is_some_and(|since| now.duration_since(since) < DOWN_RETRY_FOR);
+            let soon = self.failing_since.is_some_and(|since| now.duration_since(since) < DOWN_RETRY_FOR);
             let quick_retry_allowed =
                 last_quick_retry.is_none_or(|at| now.duration_since(at) >= self.interval);
+            let recheck = self.settings.recheck;
             let wait = match retry {
                 _ if recovered => {
                     ready_at = now;
@@ -281,9 +288,13 @@ impl Prober {
                 Retry::Lost if quick_retry_allowed => {
                     last_quick_retry = Some(now);
                     self.reconnecting = true;
-                    self.rng.between(LOST_RETRY_MIN, LOST_RETRY_MAX)
+                    self.rng.between(LOST_RETRY_MIN, recheck)
                 }
-                Retry::Spread if soon => self.rng.between(LOST_RETRY_MIN, LOST_RETRY_MAX),
+                Retry::Spread if soon => self.rng.between(recheck / 2, recheck),
+                Retry::NotReady if soon => {
+                    ready_at = now;
+                    self.rng.between(recheck / 2, recheck)
+                }
                 Retry::Quick if soon => self.rng.between(DOWN_RETRY_MIN, DOWN_RETRY_MAX),
                 _ => regular,
             }
@@ -300,8 +311,7 @@ impl Prober {
         {
             match self.liveness(conn, out).await? {
                 Liveness::Answered if !ready_due && self.conn.is_some() => return Ok(Outcome::Quiet),
-                Liveness::Answered => {}
-                Liveness::Revived => self.revived = true,
+                Liveness::Answered | Liveness::Revived => {}
                 Liveness::Reported(retry) => return Ok(Outcome::Result { ready: false, retry }),
                 Liveness::Died(failure @ (ProbeFailure::Abandoned { .. } | ProbeFailure::Unreachable(_))) => {
                     // TCP gave up on the request, or the route to the master went away (a
@@ -339,7 +349,7 @@ impl Prober {
     /// [`UNACKED_RETRANSMITS`] retransmissions is reported unacknowledged, at once.
     ///
     /// A silent master whose kernel still acknowledges (a hung or stopped process) keeps this
-    /// connection and its one pending request for up to [`HOLD_FOR`]: no reconnects while it
+    /// connection and its one pending request for about [`HOLD_FOR`]: no reconnects while it
     /// hangs, so when it thaws each node's probe costs it one `OPTIONS *` answer instead of a
     /// TLS handshake per reconnect queued in its accept backlog meanwhile.
     async fn liveness<T: Clone>(&mut self, mut conn: Conn, out: &Out<T>) -> Result<Liveness, Gone> {
@@ -351,10 +361,11 @@ impl Prober {
         let mut slowed = false;
         let mut silenced = false;
         let mut check = tokio::time::interval_at(slow_at, UNACKED_CHECK);
+        let hold = self.rng.between(HOLD_FOR.mul_f64(1.0 - HOLD_SPREAD), HOLD_FOR.mul_f64(1.0 + HOLD_SPREAD));
         let result = {
             let tcp = conn.tls.get_ref().0.as_fd().try_clone_to_owned();
             let exchange =
-                conn::send_and_read(&mut conn, &self.liveness_request, &mut self.buf, max, sent + HOLD_FOR);
+                conn::send_and_read(&mut conn, &self.liveness_request, &mut self.buf, max, sent + hold);
             tokio::pin!(exchange);
             loop {
                 tokio::select! {
@@ -365,6 +376,7 @@ impl Prober {
                     }
                     () = sleep_until(silent_at), if !silenced => {
                         silenced = true;
+                        self.failing_since.get_or_insert_with(Instant::now);
                         let failure = ProbeFailure::Silent { waited: since.elapsed() };
                         out.send(ProbeEvent::Failed { failure, latency: SILENT_AFTER }).await?;
                     }

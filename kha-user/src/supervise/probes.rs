@@ -24,8 +24,7 @@ use crate::{
 pub struct ProbeTemplate {
     /// Which files each frontend's probes use, resolved again at every config reload.
     pub tls: TlsDefaults,
-    pub interval: Duration,
-    pub readiness_interval: Duration,
+    pub cadence: probe::Cadence,
     pub timeout: Duration,
 }
 
@@ -174,8 +173,9 @@ impl ProbeSet {
         let (publisher, handle) = probe::TlsHandle::channel(tls);
         let mut s = ProbeSettings::new(handle);
         s.path = t.1.clone();
-        s.interval = template.interval;
-        s.readiness_interval = template.readiness_interval;
+        s.interval = template.cadence.interval;
+        s.readiness_interval = template.cadence.readiness_interval;
+        s.recheck = template.cadence.recheck;
         s.timeout = template.timeout;
         let stopped = async move {
             let _ = stop_rx.await;
@@ -221,8 +221,11 @@ mod tests {
         let (a_file, b_file) = (dir.write("a.crt", &a.pem()), dir.write("b.crt", &b.pem()));
         let template = ProbeTemplate {
             tls: TlsDefaults::default(),
-            interval: Duration::from_secs(60),
-            readiness_interval: Duration::from_secs(60),
+            cadence: probe::Cadence {
+                interval: Duration::from_secs(60),
+                readiness_interval: Duration::from_secs(60),
+                recheck: Duration::from_secs(60),
+            },
             timeout: Duration::from_secs(1),
         };
         let (tx, _rx) = mpsc::channel(16);

@@ -1,6 +1,6 @@
 //! kha's settings in the soak and the detection windows derived from them.
 //!
-//! The soak runs kha with its default 1 s probe interval but a shorter timeout (1 s) and drain
+//! The soak runs kha with a 1 s probe interval (the default is 0.9 s), a shorter timeout (1 s) and drain
 //! (3 s), so that every event kind fits in a minute and a half; the windows are computed from
 //! these numbers and the fixed constants of kha's detection (docs/health.md), plus
 //! [`MARGIN_MS`] for the sampling (200 ms), `kha status` latency and a loaded 2-core machine.
@@ -9,7 +9,7 @@ use serde::Serialize;
 
 /// Added to every window: sampling period, `kha status` latency, scheduling on a busy machine.
 pub const MARGIN_MS: u64 = 1500;
-/// Probe interval jitter (±10 %): the longest gap between two ticks is 1.1 intervals.
+/// The longest gap between two ticks, in intervals: kha jitters by ±5 %, this leaves room.
 const JITTER: f64 = 1.1;
 /// kha's `SLOW_AFTER`: a request unanswered this long (or half the probe timeout, if less)
 /// makes an up master suspect, out of the live set (docs/health.md).

@@ -164,6 +164,27 @@ async fn status_500_keeps_the_failed_check_and_the_connection() {
     probe.stop().await;
 }
 
+/// A master that answered not ready is asked again within the recheck, not an interval (here a
+/// minute) later: it is back in use within the recheck plus the confirmation of its pass.
+#[tokio::test]
+async fn a_not_ready_master_is_asked_again_within_the_recheck() {
+    let fx = Fixture::new();
+    let server = fx.server(Reply::FailingFirst).await;
+    let recheck = Duration::from_millis(400);
+    let settings = ProbeSettings { interval: Duration::from_secs(60), recheck, ..fx.settings() };
+    let mut probe = Probe::spawn(server.addr, settings);
+    assert!(matches!(probe.next_failure().await, ProbeFailure::Status { code: 500, .. }));
+    let failed = Instant::now();
+    assert!(is_ready(&probe.next().await), "asked again");
+    let again = failed.elapsed();
+    assert!(again >= recheck / 2 - Duration::from_millis(20), "{again:?}: sooner than half the recheck");
+    assert!(again < recheck + Duration::from_millis(300), "{again:?}");
+    assert!(is_ready(&probe.next().await), "confirmed");
+    assert!(failed.elapsed() < recheck + CONFIRM_MAX + Duration::from_millis(300), "{:?}", failed.elapsed());
+    assert_eq!(server.accepts(), 1, "on the kept-alive connection");
+    probe.stop().await;
+}
+
 #[tokio::test]
 async fn a_server_that_never_answers_times_out() {
     let fx = Fixture::new();
@@ -330,7 +351,7 @@ async fn a_dying_server_is_reported_at_once_as_connection_lost() {
     assert!(killed.elapsed() < Duration::from_secs(1), "{:?}", killed.elapsed());
     assert_eq!(probe.next_failure().await, ProbeFailure::Refused);
     let retried = killed.elapsed();
-    assert!(retried < LOST_RETRY_MAX + Duration::from_secs(1), "{retried:?}");
+    assert!(retried < DEFAULT_RECHECK + Duration::from_secs(1), "{retried:?}");
     probe.stop().await;
 }
 
@@ -369,7 +390,7 @@ async fn a_reset_idle_connection_is_lost_then_reconnected() {
     probe.stop().await;
 }
 
-/// After a lost connection the probe reconnects within `LOST_RETRY_MAX` (spread, since every
+/// After a lost connection the probe reconnects within the recheck (spread, since every
 /// node lost its connection to the same master at once), not an interval (here a minute) later.
 #[tokio::test]
 async fn the_reconnect_after_a_loss_comes_within_the_spread_not_an_interval_later() {
@@ -384,7 +405,7 @@ async fn the_reconnect_after_a_loss_comes_within_the_spread_not_an_interval_late
     let event = probe.next().await;
     assert!(is_ready(&event), "{event:?}");
     let reconnect = server.accepted_at()[1] - lost;
-    assert!(reconnect < LOST_RETRY_MAX + Duration::from_millis(200), "{reconnect:?}");
+    assert!(reconnect < DEFAULT_RECHECK + Duration::from_millis(200), "{reconnect:?}");
     probe.stop().await;
 }
 
@@ -714,4 +735,21 @@ async fn a_hung_master_is_held_on_one_connection_and_found_ready_at_the_thaw() {
     assert!(is_ready(&event), "{event:?}");
     assert_eq!(server.accepts(), 1, "a reconnect was queued while the master hung");
     probe.stop().await;
+}
+
+/// The fleet's rechecks of one failing master stay near 3,333 a second at any size beyond 750
+/// nodes: the default recheck up to 750 nodes, longer beyond.
+#[test]
+fn the_recheck_grows_with_the_fleet_beyond_750_nodes() {
+    let per_sec = |nodes: u32| f64::from(nodes) / (0.75 * cadence_for_fleet(nodes).recheck.as_secs_f64());
+    assert_eq!(cadence_for_fleet(10).recheck, DEFAULT_RECHECK);
+    assert_eq!(cadence_for_fleet(750).recheck, DEFAULT_RECHECK);
+    assert!(cadence_for_fleet(751).recheck > DEFAULT_RECHECK);
+    assert_eq!(cadence_for_fleet(5000).recheck, Duration::from_secs(2));
+    for nodes in [750, 1000, 5000, 10_000, 100_000] {
+        let rate = per_sec(nodes);
+        assert!((rate - 3333.3).abs() < 1.0, "{nodes}: {rate}");
+    }
+    assert_eq!(cadence_for_fleet(1000).interval, DEFAULT_INTERVAL);
+    assert_eq!(cadence_for_fleet(1001).readiness_interval, Duration::from_secs(15));
 }

@@ -114,6 +114,9 @@ pub enum Reply {
     OkChunked,
     /// 500 with [`FAILING_BODY`].
     Failing,
+    /// [`Reply::Failing`] to the server's first readiness request, 200 to every later one (a
+    /// master whose etcd came back).
+    FailingFirst,
     /// Reads the request, never answers.
     Silent,
     /// 200, then a chunked body that never ends.
@@ -326,8 +329,13 @@ async fn answer_requests(
             return;
         }
         nth += 1;
-        requests.fetch_add(1, Ordering::SeqCst);
+        let first = requests.fetch_add(1, Ordering::SeqCst) == 0;
         let ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+        let reply = match reply {
+            Reply::FailingFirst if first => Reply::Failing,
+            Reply::FailingFirst => Reply::Ok,
+            r => r,
+        };
         let written = match reply {
             Reply::Ok | Reply::OnePerConnection => tls.write_all(ok).await,
             Reply::OkChunked => {
@@ -342,6 +350,7 @@ async fn answer_requests(
                 tls.write_all(response.as_bytes()).await
             }
             Reply::Silent => std::future::pending().await,
+            Reply::FailingFirst => unreachable!("resolved above"),
             Reply::Endless => {
                 let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").await;
                 let chunk = [&b"400\r\n"[..], &[b'x'; 0x400], b"\r\n"].concat();
