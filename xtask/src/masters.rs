@@ -81,12 +81,17 @@ impl Masters<'_> {
         Ok(())
     }
 
-    /// The master's link down (`down`) or up again: the same for both kinds.
+    /// The master's link down (`down`) or up again. Up returns once the master can serve: at
+    /// once for a simulated one; a real one waits for `/readyz` 200, which takes seconds while
+    /// its etcd member, cut off with it, catches up with the others.
     pub fn link(&mut self, m: &str, down: bool) -> Result<()> {
         if down {
             self.bed.lab.link_down(m)?
         } else {
-            self.bed.lab.link_up(m)?
+            self.bed.lab.link_up(m)?;
+            if let Some(cp) = &mut self.real {
+                cp.wait_ready(m)?;
+            }
         }
         Ok(())
     }

@@ -250,8 +250,9 @@ impl FailoverReport {
              - *long-lived connection replaced after*: the first answer from another master on a new connection, on \
              the client whose kept-alive connection was on the failed master (in brackets: the error it got first); \
              \"> N s\": its request was still hanging or it was still served by the failed master at the end.\n\
-             - *back in use after the undo*: from the undo's return (a killed master restarted and ready, the link up, \
-             `/readyz` fixed, SIGCONT) to the start of the first loop request the master answered.",
+             - *back in use after the undo*: from the undo's return (a killed master restarted and ready, the link up \
+             (real: and `/readyz` 200, once its etcd member caught up), `/readyz` fixed, SIGCONT) to the start of the \
+             first loop request the master answered.",
             num(p.quiet_s),
             num(p.window_s - p.quiet_s),
             num(p.quiet_s),

@@ -1,23 +1,24 @@
 //! The per-backend probe task: the schedule (a liveness request every tick, readiness when
 //! due, quick retries after a loss or a failure) and the timing of a master's silence across
-//! its reconnects. The connection itself is [`super::conn`].
+//! its reconnects. The requests are in [`liveness`] and [`readiness`], the connection itself
+//! in [`super::conn`].
+
+mod liveness;
+mod readiness;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::time::Duration;
 
-use rustls::client::danger::ServerCertVerifier;
-use rustls::pki_types::{ServerName, UnixTime};
-use tokio::io::AsyncReadExt;
+use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 
-use super::conn::{self, Conn, ExchangeError};
-use super::failure::{Malformed, Phase, ProbeFailure, classify, snippet};
-use super::http::{self, Response};
+use super::conn::Conn;
+use super::failure::{Phase, ProbeFailure};
+use super::http;
 use super::jitter::Rng;
-use super::socket::{self, MakeSocket};
+use super::socket::MakeSocket;
 use super::{ProbeEvent, ProbeSettings, SILENT_AFTER, SLOW_AFTER};
 
 pub use super::conn::LOST_CONNECT_ATTEMPT;
@@ -341,231 +342,5 @@ impl Prober {
         let outcome = Outcome::Result { ready: event.failure().is_none(), retry: Retry::after(&event) };
         out.send(event).await?;
         Ok(outcome)
-    }
-
-    /// `OPTIONS *` on the kept-alive connection, timed against the silence: [`SLOW_AFTER`]
-    /// unanswered is reported slow, [`SILENT_AFTER`] since the silence began is reported
-    /// silent, and a request the master's kernel has not acknowledged after
-    /// [`UNACKED_RETRANSMITS`] retransmissions is reported unacknowledged, at once.
-    ///
-    /// A silent master whose kernel still acknowledges (a hung or stopped process) keeps this
-    /// connection and its one pending request for about [`HOLD_FOR`]: no reconnects while it
-    /// hangs, so when it thaws each node's probe costs it one `OPTIONS *` answer instead of a
-    /// TLS handshake per reconnect queued in its accept backlog meanwhile.
-    async fn liveness<T: Clone>(&mut self, mut conn: Conn, out: &Out<T>) -> Result<Liveness, Gone> {
-        let sent = Instant::now();
-        let since = *self.silent_since.get_or_insert(sent);
-        let slow_at = sent + self.slow_after();
-        let silent_at = since + SILENT_AFTER;
-        let max = self.settings.max_response_bytes;
-        let mut slowed = false;
-        let mut silenced = false;
-        let mut check = tokio::time::interval_at(slow_at, UNACKED_CHECK);
-        let hold = self.rng.between(HOLD_FOR.mul_f64(1.0 - HOLD_SPREAD), HOLD_FOR.mul_f64(1.0 + HOLD_SPREAD));
-        let result = {
-            let tcp = conn.tls.get_ref().0.as_fd().try_clone_to_owned();
-            let exchange =
-                conn::send_and_read(&mut conn, &self.liveness_request, &mut self.buf, max, sent + hold);
-            tokio::pin!(exchange);
-            loop {
-                tokio::select! {
-                    r = &mut exchange => break r.map_err(|e| e.failure),
-                    () = sleep_until(slow_at), if !slowed => {
-                        slowed = true;
-                        out.send(ProbeEvent::Slow { waited: sent.elapsed() }).await?;
-                    }
-                    () = sleep_until(silent_at), if !silenced => {
-                        silenced = true;
-                        self.failing_since.get_or_insert_with(Instant::now);
-                        let failure = ProbeFailure::Silent { waited: since.elapsed() };
-                        out.send(ProbeEvent::Failed { failure, latency: SILENT_AFTER }).await?;
-                    }
-                    _ = check.tick(), if !silenced => {
-                        let retransmits = tcp.as_ref().ok().and_then(|fd| socket::unacknowledged(fd).ok().flatten());
-                        if let Some(retransmits) = retransmits.filter(|&r| r >= UNACKED_RETRANSMITS) {
-                            break Err(ProbeFailure::Unacknowledged { waited: sent.elapsed(), retransmits });
-                        }
-                    }
-                }
-            }
-        };
-        match result {
-            Ok((response, leftover)) => {
-                self.silent_since = None;
-                if slowed && !silenced {
-                    out.send(ProbeEvent::Alive { latency: sent.elapsed() }).await?;
-                }
-                if response.close {
-                    self.pings = false;
-                    log::warn!(
-                        "probe {}: the server closes the connection after OPTIONS *; liveness is asked with readiness only from now on",
-                        self.addr
-                    );
-                } else {
-                    conn.last_response = Instant::now();
-                    conn.leftover = leftover;
-                    self.conn = Some(conn);
-                }
-                Ok(if silenced { Liveness::Revived } else { Liveness::Answered })
-            }
-            // Reported already: what follows is a reconnect, a regular one after a hold that ran
-            // out (a master hung that long is asked once per interval from then on).
-            Err(failure) if silenced => {
-                self.silent_since = None;
-                let retry = match failure {
-                    ProbeFailure::Timeout { .. } => Retry::Regular,
-                    failure => Retry::after(&ProbeEvent::Failed { failure, latency: Duration::ZERO }),
-                };
-                Ok(Liveness::Reported(retry))
-            }
-            Err(failure @ ProbeFailure::Unacknowledged { .. }) => {
-                self.silent_since = None;
-                Ok(Liveness::Silent(failure))
-            }
-            Err(failure) => Ok(Liveness::Died(failure)),
-        }
-    }
-
-    /// After a TLS reload, the established connection is kept (see [`super::reload`]), but if
-    /// the new CA does not trust this master's certificate the next reconnect will fail: say
-    /// so now, while the probes still pass, rather than when the master suddenly goes down.
-    fn recheck_trust(&mut self) {
-        let Some(new) = self.settings.tls.take_changed() else { return };
-        let (Some(conn), Some(verifier)) = (&self.conn, &new.verifier) else { return };
-        let Some((end_entity, intermediates)) =
-            conn.tls.get_ref().1.peer_certificates().and_then(|c| c.split_first())
-        else {
-            return;
-        };
-        match verifier.verify_server_cert(end_entity, intermediates, &self.server_name, &[], UnixTime::now())
-        {
-            Ok(_) => log::debug!("probe {}: the reloaded TLS config trusts this master too", self.addr),
-            Err(e) => log::warn!(
-                "probe {}: the reloaded CA does not trust this master's certificate ({e}); the established probe connection is kept, but the next reconnect will fail",
-                self.addr
-            ),
-        }
-    }
-
-    /// Waits until `until` with a read pending on the idle connection, if there is one.
-    /// `Some` if the connection was lost meanwhile (it is then dropped).
-    async fn idle_until(&mut self, until: Instant) -> Option<ProbeFailure> {
-        let Some(conn) = self.conn.as_mut() else {
-            sleep_until(until).await;
-            return None;
-        };
-        if let Some(leftover) = conn.leftover.take() {
-            self.conn = None;
-            return Some(ProbeFailure::Malformed(Malformed::UnexpectedData(leftover)));
-        }
-        // Cancel-safe: a read that has not completed consumed nothing.
-        let read = tokio::select! {
-            read = conn.tls.read(&mut self.buf) => read,
-            () = sleep_until(until) => return None,
-        };
-        let since_response = conn.last_response.elapsed();
-        self.conn = None;
-        let failure = match read {
-            Ok(0) => ProbeFailure::Closed,
-            Ok(n) => ProbeFailure::Malformed(Malformed::UnexpectedData(snippet(&self.buf[..n]))),
-            Err(e) => classify(&e, Phase::Idle),
-        };
-        if failure == ProbeFailure::Closed && since_response <= CLOSE_AFTER_RESPONSE_GRACE {
-            log::debug!("probe {}: server closed after its response; reconnecting next probe", self.addr);
-            sleep_until(until).await;
-            return None;
-        }
-        Some(failure)
-    }
-
-    /// The readiness request: on the kept-alive connection if there is one, else on a new one,
-    /// reported slow after [`SLOW_AFTER`]. The latency covers connect and handshake when it
-    /// had to make a connection.
-    async fn readiness<T: Clone>(&mut self, out: &Out<T>) -> Result<ProbeEvent, Gone> {
-        let start = Instant::now();
-        let slow_after = self.slow_after();
-        let event = {
-            let probe = self.ask_ready(start);
-            tokio::pin!(probe);
-            tokio::select! {
-                e = &mut probe => e,
-                () = tokio::time::sleep(slow_after) => {
-                    out.send(ProbeEvent::Slow { waited: slow_after }).await?;
-                    probe.await
-                }
-            }
-        };
-        Ok(event)
-    }
-
-    async fn ask_ready(&mut self, start: Instant) -> ProbeEvent {
-        let reused = self.conn.is_some();
-        let mut result = self.exchange().await;
-        if reused && matches!(result, Err(ExchangeError { retry: true, .. })) {
-            log::debug!("probe {}: kept-alive connection closed before the answer; retrying", self.addr);
-            result = self.exchange().await;
-        }
-        let latency = start.elapsed();
-        match result {
-            Ok(Response { status: 200, .. }) => ProbeEvent::Ready { latency },
-            Ok(Response { status, body, .. }) => ProbeEvent::Failed {
-                failure: ProbeFailure::Status { code: status, line: http::reason_line(&body) },
-                latency,
-            },
-            Err(e) => ProbeEvent::Failed { failure: e.failure, latency },
-        }
-    }
-
-    /// Readiness request and response, connecting first if needed. The connection is kept
-    /// only after a complete response that does not close it.
-    async fn exchange(&mut self) -> Result<Response, ExchangeError> {
-        let mut conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => Conn { tls: self.connect().await?, last_response: Instant::now(), leftover: None },
-        };
-        let deadline = Instant::now() + self.settings.timeout;
-        let max = self.settings.max_response_bytes;
-        let (response, leftover) =
-            conn::send_and_read(&mut conn, &self.readiness_request, &mut self.buf, max, deadline).await?;
-        if !response.close {
-            conn.last_response = Instant::now();
-            conn.leftover = leftover;
-            self.conn = Some(conn);
-        }
-        Ok(response)
-    }
-
-    /// Connect and handshake. Inside a silence (a liveness request unanswered, or the
-    /// reconnect after a loss) the deadline is the silence's end, and running into it is
-    /// [`ProbeFailure::Silent`]; otherwise the probe timeout applies. A handshake that
-    /// completes ends the silence: the process serves.
-    async fn connect(
-        &mut self,
-    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ProbeFailure> {
-        if std::mem::take(&mut self.reconnecting) {
-            self.silent_since.get_or_insert_with(Instant::now);
-        }
-        let deadline = match self.silent_since {
-            Some(since) => since + SILENT_AFTER,
-            None => Instant::now() + self.settings.timeout,
-        };
-        let result =
-            conn::connect(self.addr, &self.make_socket, &mut self.settings.tls, &self.server_name, deadline)
-                .await;
-        let Some(since) = self.silent_since else { return result };
-        match result {
-            // Silence to the end: nothing acknowledged, no route, no handshake.
-            Err(
-                ProbeFailure::Timeout { .. } | ProbeFailure::Unreachable(_) | ProbeFailure::Abandoned { .. },
-            ) => {
-                self.silent_since = None;
-                Err(ProbeFailure::Silent { waited: since.elapsed() })
-            }
-            // Refused, reset, a TLS error: an answer of sorts, the silence is over.
-            result => {
-                self.silent_since = None;
-                result
-            }
-        }
     }
 }
