@@ -21,6 +21,8 @@ pub mod iter;
 pub mod layout;
 pub mod maps;
 pub mod select;
+#[cfg(feature = "user")]
+pub mod sockaddr;
 pub mod trace;
 
 pub use addr::*;
@@ -28,4 +30,6 @@ pub use client::*;
 pub use iter::*;
 pub use layout::*;
 pub use maps::*;
+#[cfg(feature = "user")]
+pub use sockaddr::*;
 pub use trace::*;

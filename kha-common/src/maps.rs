@@ -6,7 +6,7 @@
 //! regions and a new set is written into the unused one before slot 0 flips to it, so a
 //! concurrent connect sees exactly the old set or exactly the new one, never a mix: the agent
 //! writes backends, then the new region's slots, then slot 0, then deletes the old region
-//! (see `kha-user`'s `endpoints::plan`).
+//! (see `kha-user`'s `table::plan`).
 
 use crate::addr::AddrBe;
 

@@ -1,12 +1,11 @@
 //! The kha agent as a library: the binary (`main.rs`) is the CLI around it.
 //!
-//! Pure modules (`config`, `endpoints`, `sync`, `status`) are tested without root, and so are
+//! Pure modules (`config`, `table`, `health`, `status`) are tested without root, and so are
 //! the agent's decisions (`supervise`, behind a table and a terminator trait). `loader` and
 //! `maps` are the only modules that touch the kernel.
 
 pub mod config;
 pub mod discovery;
-pub mod endpoints;
 pub mod errors;
 pub mod health;
 pub mod kubespray;
@@ -17,6 +16,6 @@ pub mod observe;
 pub mod probe;
 pub mod status;
 pub mod supervise;
-pub mod sync;
-pub mod trace;
+pub mod table;
 pub mod top;
+pub mod trace;

@@ -14,12 +14,11 @@ mod trace_cli;
 
 use kha::{
     config::{Config, FrontendDefaults},
-    endpoints::Desired,
     health::{AllDown, DEFAULT_HYSTERESIS, Hysteresis},
     loader::{self, DEFAULT_PIN_DIR, PinDir},
     maps::KhaMaps,
     status,
-    sync::{BackendTable as _, sync},
+    table::{BackendTable as _, Desired, sync},
 };
 use kha_common::DatapathConfig;
 
@@ -427,7 +426,7 @@ fn run(args: RunArgs) -> Result<()> {
     // live conn map: a migration's new one is filled only at the program swap.
     let mut desired = Desired::from_config(&config);
     match KhaMaps::open_pinned(&pins.maps()).and_then(|live| live.conns()) {
-        Ok(conns) => desired.keep.extend(conns.iter().map(|(_, _, b)| kha::endpoints::backend_of(*b))),
+        Ok(conns) => desired.keep.extend(conns.iter().map(|(_, _, b)| kha_common::Backend::from(*b))),
         Err(e) => log::warn!("cannot list the sockets the last run redirected: {e}"),
     }
     let report = sync(&mut staged, &desired)?;
@@ -632,7 +631,10 @@ mod tests {
         assert_eq!(health(&[]).cadence(Some(5000)), large);
         assert_eq!(health(&["--fleet-size", "5000"]).cadence(None), large);
         assert_eq!(health(&["--fleet-size", "5000"]).cadence(Some(10)), large);
-        assert_eq!(intervals(health(&["--probe-interval-ms", "500"]).cadence(Some(5000))), (ms(500), ms(500)));
+        assert_eq!(
+            intervals(health(&["--probe-interval-ms", "500"]).cadence(Some(5000))),
+            (ms(500), ms(500))
+        );
         // Given explicitly, even at its default value.
         let explicit = health(&["--probe-interval-ms", "900"]).cadence(Some(5000));
         assert_eq!(explicit, Cadence { readiness_interval: ms(900), ..Cadence::DEFAULT });

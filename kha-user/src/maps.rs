@@ -14,13 +14,12 @@ use kha_common::{
     Backend, BackendHealth, BackendStats, Conn, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS,
     MAP_BACKENDS, MAP_CONFIG, MAP_CONNS, MAP_LAYOUT, MAP_PROBES, MAP_SERVICES, MAP_STATS, MapLayout,
     ProbeKey, ProbeStatus, STAT_NAMES, STAT_TERMINATED, STAT_TERMINATED_DESTROY, STAT_TERMINATED_RESET,
-    ServiceKey, ServiceValue,
+    ServiceKey, ServiceValue, socket_addr,
 };
 
 use crate::{
-    endpoints::{Op, Snapshot, socket_addr},
     supervise::Datapath,
-    sync::BackendTable,
+    table::{BackendTable, Op, Snapshot},
 };
 
 #[derive(Debug, thiserror::Error)]

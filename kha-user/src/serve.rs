@@ -14,13 +14,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use kha_common::socket_addr;
 
 use kha::{
-    endpoints::socket_addr,
     loader::{self, PinDir},
     maps::KhaMaps,
     observe::{self, Kernel, Recorders},
-    sync::BackendTable as _,
+    table::BackendTable as _,
     top::{cgroups::Resolver, sampler::Sampler},
 };
 use tokio::{

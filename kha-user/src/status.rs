@@ -5,13 +5,13 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use kha_common::{
     BackendStats, DatapathConfig, FRONTEND_FALLBACK, MapLayout, POLICY_NAMES, PROBE_STATE_NAMES, ProbeKey,
-    ProbeStatus,
+    ProbeStatus, socket_addr,
 };
 use serde::Serialize;
 
 use crate::{
-    endpoints::{Snapshot, socket_addr},
     loader::{DestroySupport, LinkStatus},
+    table::Snapshot,
 };
 
 /// Everything `build` needs, as read from the maps and links.
@@ -293,7 +293,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        endpoints::{Desired, plan},
+        table::{Desired, plan},
     };
 
     fn snapshot_of(cfg: &Config) -> Snapshot {

@@ -9,11 +9,9 @@ use std::{
 
 use kha_common::{
     POLICY_NAMES, TRACE_ALL_SUSPECT, TRACE_CHOSEN_SUSPECT, TRACE_INCONSISTENT, TRACE_NO_BACKEND,
-    TRACE_OUTCOMES, TRACE_REWRITTEN, TRACE_SKIPPED_SUSPECT, TraceEvent,
+    TRACE_OUTCOMES, TRACE_REWRITTEN, TRACE_SKIPPED_SUSPECT, TraceEvent, socket_addr,
 };
 use serde::{Deserialize, Serialize};
-
-use crate::endpoints::socket_addr;
 
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 pub const MAX_DURATION: Duration = Duration::from_secs(300);

@@ -5,8 +5,8 @@ use std::{
     collections::BTreeSet,
     fs,
     io::Write as _,
-    os::unix::fs::PermissionsExt as _,
     net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };

@@ -126,9 +126,8 @@ fn write_replacing(path: &Path, text: &str) -> Result<(), KubesprayError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let written = (|| -> std::io::Result<()> {
         // fs::write's mode (0666 less the umask), not tempfile's 0600: the file is a config.
-        let mut tmp = tempfile::Builder::new()
-            .permissions(std::fs::Permissions::from_mode(0o666))
-            .tempfile_in(dir)?;
+        let mut tmp =
+            tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o666)).tempfile_in(dir)?;
         tmp.write_all(text.as_bytes())?;
         tmp.persist(path)?;
         Ok(())

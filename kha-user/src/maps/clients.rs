@@ -5,10 +5,10 @@
 use std::{collections::BTreeSet, path::Path};
 
 use aya::maps::{HashMap, MapError};
-use kha_common::{Backend, CLIENTS_CAPACITY, ClientKey, ClientStats, MAP_BACKENDS, MAP_CLIENTS};
+use kha_common::{Backend, CLIENTS_CAPACITY, ClientKey, ClientStats, MAP_BACKENDS, MAP_CLIENTS, socket_addr};
 
 use super::{MapsError, open};
-use crate::{endpoints::socket_addr, top::Sample};
+use crate::top::Sample;
 
 /// Every client entry now.
 pub fn samples(maps_dir: &Path) -> Result<Vec<Sample>, MapsError> {

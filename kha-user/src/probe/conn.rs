@@ -75,7 +75,11 @@ pub(super) async fn connect(
     }
 }
 
-async fn connect_tcp(addr: SocketAddr, make_socket: &MakeSocket, deadline: Instant) -> Result<TcpStream, ProbeFailure> {
+async fn connect_tcp(
+    addr: SocketAddr,
+    make_socket: &MakeSocket,
+    deadline: Instant,
+) -> Result<TcpStream, ProbeFailure> {
     let socket = make_socket(addr).map_err(|e| classify(&e, Phase::Connect))?;
     tune(&socket).map_err(|e| classify(&e, Phase::Connect))?;
     let socket = TcpSocket::from_std_stream(socket.into());

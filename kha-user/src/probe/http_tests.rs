@@ -98,9 +98,7 @@ fn garbage_fails_at_once() {
     let mut p = ResponseParser::new(LIMIT);
     let err = p.feed(b"\x16\x03\x01 garbage").unwrap_err();
     assert!(matches!(err, ProbeFailure::Malformed(Malformed::StatusLine(_))), "{err:?}");
-    for bad in
-        [&b"HTTP/2 200\r\n\r\n"[..], b"HTTP/1.1 20 OK\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"\r\n\r\n"]
-    {
+    for bad in [&b"HTTP/2 200\r\n\r\n"[..], b"HTTP/1.1 20 OK\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"\r\n\r\n"] {
         // How much of the line is quoted depends on how it arrived, so not `parse`.
         for step in [1, 3, bad.len()] {
             let err = parse_in_steps(bad, step, true).unwrap_err();
@@ -173,8 +171,7 @@ fn oversized_in_every_shape() {
     let big_length = b"HTTP/1.1 200 OK\r\nContent-Length: 101\r\n\r\n".to_vec();
     let big_chunk = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffff\r\n".to_vec();
     let many_chunks =
-        [&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"[..], &b"1\r\na\r\n".repeat(100)]
-            .concat();
+        [&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"[..], &b"1\r\na\r\n".repeat(100)].concat();
     let until_close = [&b"HTTP/1.1 200 OK\r\n\r\n"[..], &[b'a'; 500]].concat();
     for input in [big_head, big_length, big_chunk, many_chunks, until_close] {
         for step in [1, 7, 64, 1000] {
@@ -202,7 +199,8 @@ fn leftover_after_response() {
 
 #[test]
 fn reason_line_prefers_the_failed_check() {
-    let body = b"[+]ping ok\n[+]log ok\n[-]etcd failed: reason withheld\n[+]informer-sync ok\nreadyz check failed\n";
+    let body =
+        b"[+]ping ok\n[+]log ok\n[-]etcd failed: reason withheld\n[+]informer-sync ok\nreadyz check failed\n";
     assert_eq!(reason_line(body), "[-]etcd failed: reason withheld");
     assert_eq!(reason_line(b"\n  service unavailable \r\nmore"), "service unavailable");
     assert_eq!(reason_line(b""), "");

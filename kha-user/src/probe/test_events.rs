@@ -30,7 +30,10 @@ pub fn not_ready() -> ProbeEvent {
 
 /// No answer for the whole silence: a stopped or cut-off master.
 pub fn silent() -> ProbeEvent {
-    ProbeEvent::Failed { failure: ProbeFailure::Silent { waited: super::SILENT_AFTER }, latency: super::SILENT_AFTER }
+    ProbeEvent::Failed {
+        failure: ProbeFailure::Silent { waited: super::SILENT_AFTER },
+        latency: super::SILENT_AFTER,
+    }
 }
 
 pub fn slow() -> ProbeEvent {

@@ -21,16 +21,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use kha_common::{FRONTEND_FALLBACK, ProbeKey, ProbeStatus};
+use kha_common::{Backend, FRONTEND_FALLBACK, ProbeKey, ProbeStatus, ServiceKey, socket_addr};
 use tokio::time::Instant;
 
 use crate::{
     config::{Config, Frontend},
-    endpoints::{Desired, backend_of, key_of, socket_addr},
-    health::{AllDown, BackendHealth, Change, Hysteresis, ProbeTarget, State, desired_state},
+    health::{AllDown, BackendHealth, Change, Hysteresis, ProbeTarget, State},
     observe::{PairState, Recorders, Snapshot},
     probe::{ProbeEvent, ProbeFailure},
-    sync::{BackendTable, sync},
+    table::{BackendTable, Desired, desired_state, sync},
 };
 use fallback::FallbackGrace;
 use local::LocalWarnings;
@@ -200,7 +199,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         let on = |f: &&Frontend| {
             self.desired
                 .frontends
-                .get(&key_of(f.address, 0))
+                .get(&ServiceKey::at(f.address, 0))
                 .is_some_and(|l| l.flags & FRONTEND_FALLBACK != 0)
         };
         self.config.frontends.iter().filter(on).map(|f| f.address).collect()
@@ -353,7 +352,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     /// A ready probe disproves the kernel's suspicion from a failed connect.
     fn clear_suspect(&mut self, backend: SocketAddr) {
         let Ok(snapshot) = self.table.snapshot() else { return };
-        let want = backend_of(backend);
+        let want = Backend::from(backend);
         for (id, _) in snapshot.backends.iter().filter(|(_, b)| **b == want) {
             if self.table.lift_suspicion(*id).unwrap_or(false) {
                 log::info!("backend {backend}: probe ready, cleared the kernel's suspicion");
@@ -367,7 +366,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         let held = self.grace.held(Instant::now(), &self.config, &self.health, |f| was.contains(&f));
         let (mut desired, statuses) =
             desired_state(&self.config, &self.health, self.settings.all_down, &held);
-        desired.keep.extend(self.retired.iter().map(|b| backend_of(*b)));
+        desired.keep.extend(self.retired.iter().map(|b| Backend::from(*b)));
         for (k, f) in &desired.frontends {
             if f.flags & FRONTEND_FALLBACK != 0 {
                 let fe = socket_addr(&k.addr_be, k.port_be);
@@ -430,10 +429,10 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         let fallback =
             self.config.frontends.iter().map(|f| (f.address, on_fallback.contains(&f.address))).collect();
         for f in &self.config.frontends {
-            let live = self.desired.frontends.get(&key_of(f.address, 0));
+            let live = self.desired.frontends.get(&ServiceKey::at(f.address, 0));
             for b in &f.backends {
                 let state = self.health.get(&(*b, f.health_path.clone())).map_or(State::Unknown, |h| h.state);
-                let serving = live.is_some_and(|l| l.backends.contains(&backend_of(*b)));
+                let serving = live.is_some_and(|l| l.backends.contains(&Backend::from(*b)));
                 pairs.push(PairState { frontend: f.address, backend: *b, state, serving });
             }
         }

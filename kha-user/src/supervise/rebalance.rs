@@ -17,14 +17,15 @@ use std::{
     net::SocketAddr,
 };
 
+use kha_common::{Backend, ServiceKey};
 use tokio::time::{Duration, Instant};
 
 use super::Pair;
 use crate::{
     config::Config,
-    endpoints::Desired,
     health::{BackendHealth, ProbeTarget},
     probe::jitter::Rng,
+    table::Desired,
 };
 
 /// When the next round is due.
@@ -80,10 +81,10 @@ pub fn moves(
 ) -> Vec<Move> {
     let mut out = Vec::new();
     for f in config.frontends.iter().filter(|f| !on_fallback.contains(&f.address)) {
-        let served = desired.frontends.get(&crate::endpoints::key_of(f.address, 0));
+        let served = desired.frontends.get(&ServiceKey::at(f.address, 0));
         let eligible = |b: &&SocketAddr| {
             let proven = health.get(&(**b, f.health_path.clone())).is_some_and(BackendHealth::proven);
-            proven && served.is_some_and(|s| s.backends.contains(&crate::endpoints::backend_of(**b)))
+            proven && served.is_some_and(|s| s.backends.contains(&Backend::from(**b)))
         };
         let loads: Vec<(SocketAddr, usize)> = f
             .backends

@@ -7,16 +7,16 @@ use std::{
     time::Duration,
 };
 
-use kha_common::{ProbeKey, ProbeStatus};
+use kha_common::{Backend, ProbeKey, ProbeStatus, ServiceKey, socket_addr};
 use tokio::time::{Instant, advance};
 
 use super::*;
 use crate::probe::test_events::{not_ready, ready, refused, timeout};
 use crate::{
     config::Config,
-    endpoints::{Op, Snapshot, key_of},
     health::DEFAULT_HYSTERESIS,
     probe::{Phase, ProbeFailure},
+    table::{Op, Snapshot},
 };
 
 const F: &str = "127.0.0.1:6443";
@@ -178,7 +178,7 @@ fn state(sup: &Sup, backend: SocketAddr) -> State {
 
 /// The backends new connects to `frontend` go to.
 fn live(sup: &Sup, frontend: &str) -> Vec<SocketAddr> {
-    let set = sup.table().state.resolve(&key_of(addr(frontend), 0)).unwrap();
+    let set = sup.table().state.resolve(&ServiceKey::at(addr(frontend), 0)).unwrap();
     set.iter().map(|b| socket_addr(&b.addr_be, b.port_be)).collect()
 }
 
@@ -209,7 +209,7 @@ async fn a_down_backend_leaves_the_set_and_loses_its_sockets_at_once() {
     assert_eq!(state(&sup, m(1)), State::Down);
     assert_eq!(live(&sup, F), [m(2), m(3)]);
     assert_eq!(terminated(&sup), [(addr(F), m(1))]);
-    assert!(sup.table().state.backends.values().any(|b| *b == backend_of(m(1))), "kept with its id");
+    assert!(sup.table().state.backends.values().any(|b| *b == Backend::from(m(1))), "kept with its id");
 }
 
 #[tokio::test(start_paused = true)]
@@ -267,7 +267,7 @@ async fn terminations_are_per_frontend_and_probe_path() {
 async fn a_ready_probe_lifts_the_kernels_suspicion() {
     let mut sup = supervisor(config(&[F], &[m(1), m(2)]));
     all_up(&mut sup);
-    let id = *sup.table().state.backends.iter().find(|(_, b)| **b == backend_of(m(1))).unwrap().0;
+    let id = *sup.table().state.backends.iter().find(|(_, b)| **b == Backend::from(m(1))).unwrap().0;
     sup.table.suspect.insert(id);
     feed(&mut sup, m(1), &[ready()]);
     assert!(sup.table().suspect.is_empty());
@@ -369,7 +369,7 @@ async fn deferred_terminations_resume_when_a_master_comes_back() {
 // drain time, and keeps its backend id until none refers to it.
 
 fn id_of(sup: &Sup, backend: SocketAddr) -> Option<u32> {
-    sup.table().state.backends.iter().find(|(_, b)| **b == backend_of(backend)).map(|(id, _)| *id)
+    sup.table().state.backends.iter().find(|(_, b)| **b == Backend::from(backend)).map(|(id, _)| *id)
 }
 
 #[tokio::test(start_paused = true)]
@@ -798,7 +798,7 @@ async fn sockets_a_previous_run_left_on_a_master_no_longer_configured_end_after_
     // first sync kept m4's entry (its sockets are in KHA_CONNS).
     let before = config(&[F], &[m(1), m(2), m(3), m(4)]);
     let (table, _) = left_by(&before);
-    let id = table.state.backends.iter().find(|(_, b)| **b == backend_of(m(4))).map(|(id, _)| *id);
+    let id = table.state.backends.iter().find(|(_, b)| **b == Backend::from(m(4))).map(|(id, _)| *id);
     let mut sup = supervisor_after(&before, config(&[F], &[m(1), m(2), m(3)]), |_| {});
     assert_eq!(id_of(&sup, m(4)), id, "its id stays taken while its sockets live");
     assert!(!live(&sup, F).contains(&m(4)));

@@ -11,7 +11,10 @@ use super::super::conn::{self, Conn};
 use super::super::failure::{Malformed, Phase, ProbeFailure, classify, snippet};
 use super::super::socket;
 use super::super::{ProbeEvent, SILENT_AFTER};
-use super::{CLOSE_AFTER_RESPONSE_GRACE, Gone, HOLD_FOR, HOLD_SPREAD, Liveness, Out, Prober, Retry, UNACKED_CHECK, UNACKED_RETRANSMITS};
+use super::{
+    CLOSE_AFTER_RESPONSE_GRACE, Gone, HOLD_FOR, HOLD_SPREAD, Liveness, Out, Prober, Retry, UNACKED_CHECK,
+    UNACKED_RETRANSMITS,
+};
 
 impl Prober {
     /// `OPTIONS *` on the kept-alive connection, timed against the silence: [`SLOW_AFTER`]
@@ -23,7 +26,11 @@ impl Prober {
     /// connection and its one pending request for about [`HOLD_FOR`]: no reconnects while it
     /// hangs, so when it thaws each node's probe costs it one `OPTIONS *` answer instead of a
     /// TLS handshake per reconnect queued in its accept backlog meanwhile.
-    pub(super) async fn liveness<T: Clone>(&mut self, mut conn: Conn, out: &Out<T>) -> Result<Liveness, Gone> {
+    pub(super) async fn liveness<T: Clone>(
+        &mut self,
+        mut conn: Conn,
+        out: &Out<T>,
+    ) -> Result<Liveness, Gone> {
         let sent = Instant::now();
         let since = *self.silent_since.get_or_insert(sent);
         let slow_at = sent + self.slow_after();

@@ -1,6 +1,6 @@
 //! Applies a plan through a `BackendTable`, the seam between the pure plan and the kernel maps.
 
-use crate::endpoints::{Desired, Op, PlanError, Snapshot, plan};
+use super::{Desired, Op, PlanError, Snapshot, plan};
 
 /// Where the backend table lives: the pinned BPF maps in production, a `Snapshot` in tests.
 pub trait BackendTable {
@@ -121,7 +121,7 @@ mod tests {
         // ...until the next change writes over its region.
         sync(&mut t, &desired(&["192.0.2.14:6443"])).unwrap();
         let left: Vec<_> =
-            t.state.backends.values().map(|b| crate::endpoints::socket_addr(&b.addr_be, b.port_be)).collect();
+            t.state.backends.values().map(|b| kha_common::socket_addr(&b.addr_be, b.port_be)).collect();
         assert_eq!(left, ["192.0.2.13:6443".parse().unwrap(), "192.0.2.14:6443".parse().unwrap()]);
     }
 }
