@@ -11,6 +11,8 @@
 mod checks;
 mod coexist;
 mod destroy_check;
+mod detach;
+mod error;
 mod migrate;
 mod netns;
 mod reset;
@@ -20,7 +22,6 @@ mod trace;
 
 use std::{
     fs::File,
-    io,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -28,13 +29,16 @@ use std::{
 use aya::{Ebpf, EbpfLoader, programs::Program};
 use kha_common::MAP_CONNS;
 
-use crate::layout::{self, Action, Refusal};
+use crate::layout::{self, Action};
 pub use checks::{
     PinLock, cgroup_id, default_cgroup, ensure_bpffs, kernel_supported, lock_pin_dir, netns_cookie,
     socket_in_netns,
 };
 pub use coexist::Blocker;
 pub use destroy_check::{DestroySupport, check_sock_destroy, sock_destroy_support};
+pub use detach::{Detached, LinkStatus, detach, link_status};
+pub use error::LoaderError;
+pub(crate) use error::setup_err;
 pub use migrate::{Recovered, wanted};
 pub use reset::{Leftover, Outcome as ResetOutcome, ResetError, Resetter};
 pub use sockdiag::destroy as destroy_sockets;
@@ -95,73 +99,6 @@ impl PinDir {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoaderError {
-    #[error("{path}: {what}")]
-    Setup {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{0}")]
-    Unsupported(String),
-    #[error(transparent)]
-    Layout(#[from] Refusal),
-    #[error("{path}: {what} (while migrating the pinned maps)")]
-    Migrate {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: Box<aya::maps::MapError>,
-    },
-    #[error(
-        "cannot load kha's eBPF object (maps under {maps}): {source}. If a pinned map has another layout than its record in KHA_LAYOUT says, a foreign build made it: run `kha detach` first"
-    )]
-    Object {
-        maps: PathBuf,
-        #[source]
-        source: Box<aya::EbpfError>,
-    },
-    #[error(
-        "the kernel refused program {program}: {source}. kha needs Linux >= 5.18 with CONFIG_CGROUP_BPF=y and BTF; the verifier log is in the error above"
-    )]
-    Program {
-        program: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
-    #[error(
-        "{path} is a kha link, but attached to cgroup id {found}, not {wanted} ({cgroup}). Run `kha detach --pin-dir {pin_dir}` first, or use another --pin-dir"
-    )]
-    ForeignLink { path: PathBuf, found: u64, wanted: u64, cgroup: PathBuf, pin_dir: PathBuf },
-    #[error("{path} is not a cgroup link for {hook}; remove it or use another --pin-dir")]
-    NotOurLink { path: PathBuf, hook: &'static str },
-    #[error(
-        "cannot attach to {cgroup}: other programs on its hooks are in the way: {}. See them with `bpftool cgroup tree {root}`. Re-attach each with BPF_F_ALLOW_MULTI (as a bpf_link, or `bpftool cgroup attach CGROUP HOOK id ID multi`) or detach it (`bpftool cgroup detach CGROUP HOOK id ID`), then start kha again. Nothing of kha was attached",
-        blocker_list(.blockers)
-    )]
-    Blocked { cgroup: PathBuf, root: PathBuf, blockers: Vec<Blocker> },
-    #[error("{hook}: {what}")]
-    Link {
-        hook: &'static str,
-        what: &'static str,
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn blocker_list(blockers: &[Blocker]) -> String {
-    blockers.iter().map(Blocker::to_string).collect::<Vec<_>>().join("; ")
-}
-
-pub(crate) fn setup_err<'a>(
-    path: &'a Path,
-    what: &'static str,
-) -> impl FnOnce(io::Error) -> LoaderError + 'a {
-    move |source| LoaderError::Setup { path: path.to_owned(), what, source }
 }
 
 /// The object with every program verified and loaded, not yet attached, and its maps: the
@@ -469,91 +406,6 @@ fn blocked(cgroup: &Path, hooks: &[Hook]) -> Result<(), LoaderError> {
             Ok(())
         }
     }
-}
-
-/// A pinned link as `kha status` reports it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct LinkStatus {
-    pub hook: &'static str,
-    pub link_id: u32,
-    pub prog_id: u32,
-    pub cgroup_id: u64,
-}
-
-pub fn link_status(pins: &PinDir) -> Vec<LinkStatus> {
-    HOOKS
-        .iter()
-        .filter_map(|hook| {
-            let fd = sys::obj_get(&pins.link(hook)).ok()?;
-            let info = sys::link_info(fd.as_fd()).ok()?;
-            Some(LinkStatus {
-                hook: hook.link,
-                link_id: info.id,
-                prog_id: info.prog_id,
-                cgroup_id: info.cgroup_id,
-            })
-        })
-        .collect()
-}
-
-/// What `detach` removed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Detached {
-    pub links: usize,
-    pub maps: usize,
-    /// The pin dir, left in place because it is a mount point (a bpffs mounted there, or
-    /// `/sys/fs/bpf` itself): the mount may be the host's or hold other programs' pins.
-    pub kept_mount: Option<PathBuf>,
-}
-
-/// Detaches every kha link and removes every pin under `pins`, then the directories, except a
-/// pin dir that is a mount point. Programs and maps are freed by the kernel once nothing
-/// refers to them.
-pub fn detach(pins: &PinDir) -> Result<Detached, LoaderError> {
-    let mut report = Detached::default();
-    for hook in HOOKS.iter().rev() {
-        let path = pins.link(hook);
-        if !path.exists() {
-            continue;
-        }
-        if let Ok(fd) = sys::obj_get(&path) {
-            sys::link_detach(fd.as_fd()).map_err(|source| LoaderError::Link {
-                hook: hook.link,
-                what: "cannot detach",
-                source,
-            })?;
-        }
-        std::fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
-        report.links += 1;
-    }
-    // Pins an older kha left in a layout this one no longer uses go too.
-    for name in kha_common::ALL_MAPS.iter().chain(&kha_common::RETIRED_MAPS) {
-        let path = pins.maps().join(name);
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
-            report.maps += 1;
-        }
-    }
-    // A migration an agent did not finish leaves its staging set.
-    report.maps += migrate::remove_set(&pins.staging())?;
-    for dir in [pins.links(), pins.maps(), pins.root.clone()] {
-        if dir == pins.root && checks::is_mount_point(&dir) {
-            report.kept_mount = Some(dir);
-            continue;
-        }
-        match std::fs::remove_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(LoaderError::Setup {
-                    path: dir,
-                    what: "cannot remove directory (something else is pinned in it?)",
-                    source,
-                });
-            }
-        }
-    }
-    Ok(report)
 }
 
 #[cfg(test)]
