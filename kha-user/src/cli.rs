@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use kha::{
-    config::Config,
+    config::{Config, Policy},
     health::{AllDown, DEFAULT_HYSTERESIS},
     loader::DEFAULT_PIN_DIR,
 };
@@ -76,10 +76,9 @@ pub(crate) struct RunArgs {
     /// Backend IP:PORT (a kube-apiserver), repeatable; serves every --frontend.
     #[arg(long)]
     pub(crate) backend: Vec<String>,
-    /// Balancing policy: random, round-robin, least-connections or p2c (config files may set
-    /// one per frontend).
-    #[arg(long, default_value = "least-connections")]
-    pub(crate) policy: String,
+    /// Balancing policy (config files may set one per frontend).
+    #[arg(long, value_enum, default_value_t = Policy::default())]
+    pub(crate) policy: Policy,
     /// cgroup v2 directory to attach to [default: the cgroup v2 mount point].
     #[arg(long)]
     pub(crate) cgroup: Option<PathBuf>,

@@ -7,7 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use kha_common::{MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS};
+use kha_common::{
+    MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, POLICY_LEAST_CONN, POLICY_NAMES, POLICY_P2C,
+    POLICY_RANDOM, POLICY_ROUND_ROBIN,
+};
 use serde::Deserialize;
 
 /// The frontends a node serves when `--frontend` is not given: what kubelet and kube-proxy
@@ -30,8 +33,7 @@ pub struct Frontend {
     pub address: SocketAddr,
     /// In configured order; slot `i + 1` holds `backends[i]`.
     pub backends: Vec<SocketAddr>,
-    /// `kha_common::POLICY_*`.
-    pub policy: u8,
+    pub policy: Policy,
     /// HTTP path the probes GET on each backend (`/readyz`; etcd: `/health`).
     pub health_path: String,
     /// TLS for this frontend's probes where it differs from the global settings (etcd has
@@ -55,30 +57,61 @@ pub struct ProbeTls {
 /// that do not set their own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendDefaults {
-    pub policy: u8,
+    pub policy: Policy,
     pub health_path: String,
 }
 
-/// least-connections, like kubespray's nginx-proxy (`least_conn`) and haproxy (`leastconn`):
-/// a node holds a few long-lived connections (kubelet, kube-proxy watches), and counting them
-/// spreads them over the masters instead of leaving it to chance; ties are broken at random,
-/// so nodes starting together do not all pick the same master.
-pub const DEFAULT_POLICY: u8 = kha_common::POLICY_LEAST_CONN;
+/// How a frontend picks a backend for each connect. The names are those of configs, `--policy`
+/// and `kha status`; the kernel sees [`Policy::code`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// A backend at random.
+    Random,
+    /// Each backend in turn.
+    RoundRobin,
+    /// The backend with the fewest open connections, ties at random (kubespray's nginx
+    /// `least_conn` and haproxy `leastconn`).
+    // The default: a node holds a few long-lived connections (kubelet, kube-proxy watches),
+    // and counting them spreads them over the masters instead of leaving it to chance; the
+    // random tie-break keeps nodes starting together from all picking the same master.
+    #[default]
+    LeastConnections,
+    /// The less loaded of two backends drawn at random.
+    P2c,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 4] = [Policy::Random, Policy::RoundRobin, Policy::LeastConnections, Policy::P2c];
+
+    /// The kernel's `POLICY_*` value.
+    pub fn code(self) -> u8 {
+        match self {
+            Policy::Random => POLICY_RANDOM,
+            Policy::RoundRobin => POLICY_ROUND_ROBIN,
+            Policy::LeastConnections => POLICY_LEAST_CONN,
+            Policy::P2c => POLICY_P2C,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        POLICY_NAMES[self.code() as usize]
+    }
+
+    /// The policy a config file's `field` names.
+    pub fn parse(field: &str, value: &str) -> Result<Policy, ConfigError> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.name() == value)
+            .ok_or_else(|| ConfigError::Policy { field: field.to_owned(), value: value.to_owned() })
+    }
+}
+
 pub const DEFAULT_HEALTH_PATH: &str = "/readyz";
 
 impl Default for FrontendDefaults {
     fn default() -> Self {
-        Self { policy: DEFAULT_POLICY, health_path: DEFAULT_HEALTH_PATH.into() }
+        Self { policy: Policy::default(), health_path: DEFAULT_HEALTH_PATH.into() }
     }
-}
-
-/// The `POLICY_*` value of a policy name.
-pub fn parse_policy(field: &str, value: &str) -> Result<u8, ConfigError> {
-    kha_common::POLICY_NAMES
-        .iter()
-        .position(|n| *n == value)
-        .map(|p| p as u8)
-        .ok_or_else(|| ConfigError::Policy { field: field.to_owned(), value: value.to_owned() })
 }
 
 fn check_path(field: &str, value: &str) -> Result<String, ConfigError> {
@@ -248,7 +281,7 @@ impl Config {
                         .map(|(j, b)| parse(&format!("frontend[{i}].backends[{j}]"), b))
                         .collect::<Result<_, _>>()?,
                     policy: match &f.policy {
-                        Some(p) => parse_policy(&format!("frontend[{i}].policy"), p)?,
+                        Some(p) => Policy::parse(&format!("frontend[{i}].policy"), p)?,
                         None => defaults.policy,
                     },
                     health_path: match &f.health_path {

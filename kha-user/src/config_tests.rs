@@ -142,11 +142,11 @@ fn policy_and_health_path_per_frontend_with_defaults() {
          [[frontend]]\naddress = \"127.0.0.1:2379\"\nbackends = [\"192.0.2.11:2379\"]\npolicy = \"p2c\"\nhealth_path = \"/health\"\n",
     )
     .unwrap();
-    assert_eq!((c.frontends[0].policy, c.frontends[0].health_path.as_str()), (DEFAULT_POLICY, "/readyz"));
     assert_eq!(
-        (c.frontends[1].policy, c.frontends[1].health_path.as_str()),
-        (kha_common::POLICY_P2C, "/health")
+        (c.frontends[0].policy, c.frontends[0].health_path.as_str()),
+        (Policy::LeastConnections, "/readyz")
     );
+    assert_eq!((c.frontends[1].policy, c.frontends[1].health_path.as_str()), (Policy::P2c, "/health"));
     let e = toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\npolicy = \"fastest\"\n").unwrap_err();
     assert!(e.to_string().contains("frontend[0].policy: unknown policy `fastest`"), "{e}");
     let e = toml("[[frontend]]\naddress = \"127.0.0.1:6443\"\nhealth_path = \"readyz now\"\n").unwrap_err();
@@ -160,7 +160,10 @@ fn policy_and_health_path_per_frontend_with_defaults() {
     let e = toml("[[frontend]]\naddress = \"127.0.0.1:2379\"\nclient_cert = \"/x.pem\"\n").unwrap_err();
     assert!(matches!(e, ConfigError::ClientCertPair { .. }), "{e}");
     for (i, name) in kha_common::POLICY_NAMES.iter().enumerate() {
-        assert_eq!(parse_policy("--policy", name).unwrap(), i as u8);
+        let p = Policy::parse("policy", name).unwrap();
+        assert_eq!(p.code(), i as u8);
+        // `--policy` takes the same names.
+        assert_eq!(clap::ValueEnum::to_possible_value(&p).unwrap().get_name(), *name);
     }
 }
 

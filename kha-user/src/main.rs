@@ -56,10 +56,7 @@ fn load_config(args: &RunArgs) -> Result<Config> {
             "--discover needs health checks: a discovered master is served only once its TLS probe passed, and --no-health-checks probes nothing; drop --no-health-checks (the probes need the cluster CA: --ca-file), or drop --discover and list the masters with --backend"
         );
     }
-    let defaults = FrontendDefaults {
-        policy: kha::config::parse_policy("--policy", &args.policy)?,
-        health_path: args.health.health_path.clone(),
-    };
+    let defaults = FrontendDefaults { policy: args.policy, health_path: args.health.health_path.clone() };
     let mut config = match &args.config {
         Some(path) => Config::from_file(path, &defaults)?,
         None => Config::from_flags(&args.frontend, &args.backend, &defaults)?,

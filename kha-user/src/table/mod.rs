@@ -74,7 +74,10 @@ impl Desired {
             .iter()
             .map(|f| {
                 let backends = f.backends.iter().map(|b| Backend::from(*b)).collect();
-                (ServiceKey::at(f.address, 0), DesiredFrontend { policy: f.policy, flags: 0, backends })
+                (
+                    ServiceKey::at(f.address, 0),
+                    DesiredFrontend { policy: f.policy.code(), flags: 0, backends },
+                )
             })
             .collect();
         Desired { frontends, keep: BTreeSet::new() }
