@@ -168,7 +168,7 @@ pub(crate) struct HealthArgs {
     /// Set after parsing: --probe-interval-ms or --readiness-interval-ms was on the command line.
     #[arg(skip)]
     pub(crate) intervals_given: bool,
-    #[arg(long, default_value = "3000", value_name = "MS")]
+    #[arg(long, default_value_t = kha::probe::DEFAULT_TIMEOUT.as_millis() as u64, value_name = "MS")]
     pub(crate) probe_timeout_ms: u64,
     /// Successful probes in a row that bring a backend back.
     #[arg(long, default_value_t = DEFAULT_HYSTERESIS.rise, value_parser = clap::value_parser!(u32).range(1..=100))]

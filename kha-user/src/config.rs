@@ -106,7 +106,7 @@ impl Policy {
     }
 }
 
-pub const DEFAULT_HEALTH_PATH: &str = "/readyz";
+pub const DEFAULT_HEALTH_PATH: &str = crate::probe::DEFAULT_PATH;
 
 impl Default for FrontendDefaults {
     fn default() -> Self {

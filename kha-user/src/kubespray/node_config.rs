@@ -16,7 +16,7 @@ use crate::config::{Config, FrontendDefaults};
 pub const KUBESPRAY_CA_FILE: &str = "/etc/kubernetes/ssl/ca.crt";
 /// etcd's client port (kubespray: `etcd_client_url`).
 pub const ETCD_CLIENT_PORT: u16 = 2379;
-pub const APISERVER_HEALTH_PATH: &str = "/readyz";
+pub const APISERVER_HEALTH_PATH: &str = crate::probe::DEFAULT_PATH;
 pub const ETCD_HEALTH_PATH: &str = "/health";
 /// kubespray's etcd CA and client certificates (per node: `node-<inventory_hostname>`).
 pub const KUBESPRAY_ETCD_CA_FILE: &str = "/etc/ssl/etcd/ssl/ca.pem";
