@@ -21,6 +21,12 @@ pub enum LoaderError {
     Unsupported(String),
     #[error(transparent)]
     Layout(#[from] Refusal),
+    #[error("{path}: cannot read the pinned map's kernel info")]
+    MapInfo {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
     #[error("{path}: {what} (while migrating the pinned maps)")]
     Migrate {
         path: PathBuf,

@@ -22,11 +22,23 @@ mod trace;
 
 use std::{
     fs::File,
+    io,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader, programs::Program};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, Program, ProgramError,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+    sys::SyscallError,
+};
+use aya_obj::generated::bpf_attach_type::{
+    BPF_CGROUP_INET_SOCK_RELEASE, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
+    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_SOCK_OPS,
+};
 use kha_common::MAP_CONNS;
 
 use crate::layout::{self, Action};
@@ -62,13 +74,12 @@ pub struct Hook {
 /// hooks rewrite is answered, counted and forgotten from its first connect; in detach order the
 /// reverse.
 pub const HOOKS: [Hook; kha_common::HOOK_COUNT] = [
-    Hook { program: "kha_peername4", link: "getpeername4", attach_type: 29 },
-    Hook { program: "kha_peername6", link: "getpeername6", attach_type: 30 },
-    Hook { program: "kha_sockops", link: "sockops", attach_type: 3 },
-    // BPF_CGROUP_INET_SOCK_RELEASE
-    Hook { program: "kha_release", link: "sock_release", attach_type: 34 },
-    Hook { program: "kha_connect4", link: "connect4", attach_type: 10 },
-    Hook { program: "kha_connect6", link: "connect6", attach_type: 11 },
+    Hook { program: "kha_peername4", link: "getpeername4", attach_type: at(BPF_CGROUP_INET4_GETPEERNAME) },
+    Hook { program: "kha_peername6", link: "getpeername6", attach_type: at(BPF_CGROUP_INET6_GETPEERNAME) },
+    Hook { program: "kha_sockops", link: "sockops", attach_type: at(BPF_CGROUP_SOCK_OPS) },
+    Hook { program: "kha_release", link: "sock_release", attach_type: at(BPF_CGROUP_INET_SOCK_RELEASE) },
+    Hook { program: "kha_connect4", link: "connect4", attach_type: at(BPF_CGROUP_INET4_CONNECT) },
+    Hook { program: "kha_connect6", link: "connect6", attach_type: at(BPF_CGROUP_INET6_CONNECT) },
 ];
 
 #[derive(Clone, Debug)]
@@ -149,8 +160,7 @@ fn object_loader(dir: &Path, conns: u32) -> EbpfLoader<'static> {
 /// The capacity of the pinned conn map under `dir`, for a second load of the object (the
 /// iterator) that must reuse it as it is.
 pub(crate) fn pinned_conns_capacity(dir: &Path) -> Option<u32> {
-    let fd = sys::obj_get(&dir.join(MAP_CONNS)).ok()?;
-    Some(sys::map_info(fd.as_fd()).ok()?.max_entries)
+    Some(aya::maps::MapInfo::from_pin(dir.join(MAP_CONNS)).ok()?.max_entries())
 }
 
 /// Loads kha's programs against maps of the layout this build has, with `conns_capacity`
@@ -194,6 +204,8 @@ pub fn load(pins: &PinDir, conns_capacity: u32, netns: Option<&Path>) -> Result<
         report: LoadReport { recovered, maps },
     })
 }
+
+use sys::attach_type as at;
 
 fn missing(hook: Hook) -> LoaderError {
     LoaderError::Unsupported(format!("program {} missing from the object; the build is broken", hook.program))
@@ -321,7 +333,8 @@ impl Loaded {
         }
         let cg = File::open(cgroup).map_err(setup_err(cgroup, "cannot open cgroup"))?;
         let mut swapped: Vec<(OwnedFd, OwnedFd, OwnedFd)> = Vec::new(); // (link, old prog, new prog)
-        let mut created: Vec<(Hook, OwnedFd)> = Vec::new();
+        let mut created: Vec<(Hook, FdLink)> = Vec::new();
+        let mut pinned: Vec<PinnedLink> = Vec::new();
         let mut done = Vec::new();
         let result = (|| {
             for (hook, found) in HOOKS.into_iter().zip(existing) {
@@ -350,29 +363,31 @@ impl Loaded {
                         swapped.push((fd, old, new));
                     }
                     None => {
-                        let link = sys::link_create(new.as_fd(), cg.as_fd(), hook.attach_type).map_err(
-                            |source| {
-                                // Attached by someone else since the check: name it all the same.
-                                let refused =
-                                    matches!(source.raw_os_error(), Some(libc::EPERM | libc::EEXIST));
-                                match blocked(cgroup, &[hook]) {
-                                    Err(e) if refused => e,
-                                    _ => LoaderError::Link {
-                                        hook: hook.link,
-                                        what: "cannot attach to the cgroup",
-                                        source,
-                                    },
-                                }
-                            },
-                        )?;
+                        let link = create_link(&mut self.ebpf, hook, &cg).map_err(|source| {
+                            // Attached by someone else since the check: name it all the same.
+                            let refused = matches!(source.raw_os_error(), Some(libc::EPERM | libc::EEXIST));
+                            match blocked(cgroup, &[hook]) {
+                                Err(e) if refused => e,
+                                _ => LoaderError::Link {
+                                    hook: hook.link,
+                                    what: "cannot attach to the cgroup",
+                                    source,
+                                },
+                            }
+                        })?;
                         created.push((hook, link));
                         done.push(Attached::Created { hook: hook.link });
                     }
                 }
             }
-            for (hook, link) in &created {
-                let path = pins.link(hook);
-                sys::obj_pin(link.as_fd(), &path).map_err(setup_err(&path, "cannot pin link"))?;
+            for (hook, link) in created.drain(..) {
+                let path = pins.link(&hook);
+                let link = link.pin(&path).map_err(|e| LoaderError::Setup {
+                    path: path.clone(),
+                    what: "cannot pin link",
+                    source: io::Error::other(e),
+                })?;
+                pinned.push(link);
             }
             Ok(())
         })();
@@ -382,13 +397,54 @@ impl Loaded {
                     log::error!("rolling back a program swap failed: {err}");
                 }
             }
-            for (hook, link) in created {
-                let _ = std::fs::remove_file(pins.link(&hook));
-                let _ = sys::link_detach(link.as_fd());
+            // The last reference to a new link goes with its pin and its fd: it detaches.
+            for link in pinned {
+                if let Err(err) = link.unpin() {
+                    log::error!("removing a new link's pin after the failed attach: {err}");
+                }
             }
+            drop(created);
             return Err(e);
         }
         Ok(done)
+    }
+}
+
+/// A new link for `hook`'s program on `cgroup`, through aya (`attach`, `take_link`): a
+/// bpf_link, so it can be pinned, swapped under and detached. The kernel makes every cgroup
+/// bpf_link multi-attach itself, beside other programs, so the mode is aya's default.
+fn create_link(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> Result<FdLink, io::Error> {
+    let mode = CgroupAttachMode::default();
+    let link: Result<FdLink, LinkError> = match program(ebpf, hook).map_err(io::Error::other)? {
+        Program::CgroupSockAddr(p) => {
+            let id = p.attach(cgroup, mode).map_err(io_error)?;
+            p.take_link(id).map_err(io_error)?.try_into()
+        }
+        Program::SockOps(p) => {
+            let id = p.attach(cgroup, mode).map_err(io_error)?;
+            p.take_link(id).map_err(io_error)?.try_into()
+        }
+        Program::CgroupSock(p) => {
+            let id = p.attach(cgroup, mode).map_err(io_error)?;
+            p.take_link(id).map_err(io_error)?.try_into()
+        }
+        other => {
+            return Err(io::Error::other(format!(
+                "{}: unexpected program type {:?}",
+                hook.program,
+                other.prog_type()
+            )));
+        }
+    };
+    // Only kernels before 5.7 attach without a bpf_link, and kha refuses those at start.
+    link.map_err(io::Error::other)
+}
+
+/// The system call's own error where there is one (EPERM, EEXIST tell who is in the way).
+fn io_error(e: ProgramError) -> io::Error {
+    match e {
+        ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error,
+        e => io::Error::other(e),
     }
 }
 

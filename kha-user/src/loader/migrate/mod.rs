@@ -47,9 +47,29 @@ fn open(path: &Path) -> Result<Map, LoaderError> {
     Map::from_map_data(data).map_err(map_err(path, "cannot open pinned map"))
 }
 
-fn info(path: &Path) -> Result<sys::MapInfo, LoaderError> {
-    let fd = sys::obj_get(path).map_err(setup_err(path, "cannot open pinned map"))?;
-    sys::map_info(fd.as_fd()).map_err(setup_err(path, "cannot read pinned map"))
+/// The parts of a pinned map's `bpf_map_info` the layout check and the carry need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct MapInfo {
+    pub id: u32,
+    /// `bpf_map_type`; `u32::MAX` for a type this aya does not know (it matches no layout).
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+}
+
+fn info(path: &Path) -> Result<MapInfo, LoaderError> {
+    let i = aya::maps::MapInfo::from_pin(path)
+        .map_err(|e| LoaderError::MapInfo { path: path.to_owned(), source: Box::new(e) })?;
+    Ok(MapInfo {
+        id: i.id(),
+        map_type: i.map_type().map_or(u32::MAX, |t| t as u32),
+        key_size: i.key_size(),
+        value_size: i.value_size(),
+        max_entries: i.max_entries(),
+        map_flags: i.map_flags(),
+    })
 }
 
 /// The `KHA_LAYOUT` entries under `dir`, if the record is there in the layout this build
@@ -183,9 +203,8 @@ fn map_ids(dir: &Path) -> BTreeSet<u32> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| sys::obj_get(&e.path()).ok())
-        .filter_map(|fd| sys::map_info(fd.as_fd()).ok())
-        .map(|i| i.id)
+        .filter_map(|e| aya::maps::MapInfo::from_pin(e.path()).ok())
+        .map(|i| i.id())
         .collect()
 }
 
