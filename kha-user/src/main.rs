@@ -15,7 +15,7 @@ use kha::{
     loader::{self, PinDir},
     maps::KhaMaps,
     status,
-    table::{BackendTable as _, Desired, sync},
+    table::{Desired, sync},
 };
 use kha_common::DatapathConfig;
 
@@ -251,29 +251,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn show_status(pin_dir: &Path, output: Output) -> Result<()> {
-    let pins = PinDir::new(pin_dir);
-    if !pins.root.exists() {
-        bail!("nothing under {}: kha is not attached with this --pin-dir", pins.root.display());
-    }
-    let maps = KhaMaps::open_pinned(&pins.maps())?;
-    let snapshot = maps.snapshot()?;
-    let mut backends = std::collections::BTreeMap::new();
-    for id in snapshot.backends.keys() {
-        backends.insert(*id, (maps.backend_stats(*id)?, maps.suspect(*id)?));
-    }
-    let pin_dir = pins.root.display().to_string();
-    let s = status::build(status::Inputs {
-        pin_dir: &pin_dir,
-        snapshot: &snapshot,
-        config: &maps.datapath_config()?,
-        links: loader::link_status(&pins),
-        counters: maps.stats()?,
-        probes: &maps.probe_statuses()?,
-        backends: &backends,
-        layout: maps.layout()?,
-        // A kernel property: asked here, in the namespace `kha status` runs in.
-        sock_destroy: loader::sock_destroy_support(None),
-    });
+    let s = status::read(&PinDir::new(pin_dir))?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
         Output::Text => {

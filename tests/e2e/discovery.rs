@@ -15,7 +15,7 @@ use crate::{
 
 /// Frontend 0's backends from `kha status`: every address, and those serving and up.
 fn backends(bed: &Bed) -> (BTreeSet<String>, BTreeSet<String>) {
-    let Some(s) = bed.status() else { return Default::default() };
+    let Some(s) = harness::status(bed) else { return Default::default() };
     let list = s["frontends"][0]["backends"].as_array().cloned().unwrap_or_default();
     let all = list.iter().filter_map(|b| b["address"].as_str().map(String::from)).collect();
     let up = list
@@ -72,7 +72,8 @@ fn discovered_masters_join_and_leave_and_a_dead_api_changes_nothing() {
 
     // The static list names master 1 only; the API announces all three.
     let mut a = discover_args(&kubeconfig, &state_dir);
-    a.extend(["--backend".to_string(), m[0].to_string()]);
+    // A resync every second, so that the wait below after the API dies spans two of them.
+    a.extend(["--backend".to_string(), m[0].to_string(), "--resync-interval".into(), "1".into()]);
     start(&mut bed, &a);
     wait_backends(&bed, &m, "all three discovered masters serving");
     // Written once masters 2 and 3 (named only by discovery) passed their first probe.
@@ -91,7 +92,7 @@ fn discovered_masters_join_and_leave_and_a_dead_api_changes_nothing() {
     wait_for("the agent to notice the dead API", Duration::from_secs(20), || {
         bed.agent_log_text().contains("discovery failed")
     });
-    thread::sleep(Duration::from_secs(2));
+    thread::sleep(Duration::from_secs(2)); // two resyncs
     let (all, up) = backends(&bed);
     assert_eq!((all, up), (names(&m[1..]), names(&m[1..])), "a dead API empties nothing");
     assert!(bed.agent_pid().is_some());
@@ -105,7 +106,7 @@ fn discovered_masters_join_and_leave_and_a_dead_api_changes_nothing() {
 
 /// Frontend 0's entry for `backend` in `kha status`: (state, serving).
 fn entry(bed: &Bed, backend: &str) -> Option<(String, bool)> {
-    let s = bed.status()?;
+    let s = harness::status(bed)?;
     let b = s["frontends"][0]["backends"].as_array()?.iter().find(|b| b["address"] == backend)?.clone();
     Some((b["state"].as_str()?.to_string(), b["serving"].as_bool()?))
 }

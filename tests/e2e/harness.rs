@@ -156,6 +156,14 @@ impl Drop for ExtraNetns {
     }
 }
 
+/// The status `kha status -o json` prints, read in-process through the agent library: the
+/// waits poll it every 20 ms, and spawning the debug binary that often would cost more than
+/// what is waited for. `None` while nothing is pinned.
+pub fn status(bed: &Bed) -> Option<Value> {
+    let s = kha::status::read(&kha::loader::PinDir::new(&bed.pin_dir)).ok()?;
+    serde_json::to_value(s).ok()
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {

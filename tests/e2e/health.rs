@@ -31,9 +31,9 @@ pub fn start_checked(bed: &mut Bed, extra: &[&str]) {
     start(bed, &a);
 }
 
-/// The probe state of `backend` under the first frontend, from `kha status -o json`.
+/// The probe state of `backend` under the first frontend, as `kha status -o json` has it.
 fn state_of(bed: &Bed, backend: &str) -> Option<(String, bool, Option<String>)> {
-    let s = bed.status()?;
+    let s = harness::status(bed)?;
     let b = s["frontends"][0]["backends"].as_array()?.iter().find(|b| b["address"] == backend)?.clone();
     Some((b["state"].as_str()?.to_string(), b["serving"].as_bool()?, b["reason"].as_str().map(String::from)))
 }
@@ -53,7 +53,8 @@ pub fn all_up(bed: &Bed) {
 /// The first failure seen after a fault, and the first success after it from a master other
 /// than `failed`.
 fn failover(bed: &Bed, client: &LiveClient, failed: &str) -> (Value, Value) {
-    let others: Vec<&str> = bed.lab.masters().iter().map(|m| m.name.as_str()).filter(|n| *n != failed).collect();
+    let others: Vec<&str> =
+        bed.lab.masters().iter().map(|m| m.name.as_str()).filter(|n| *n != failed).collect();
     loop {
         let r = client.next();
         if r["error"].is_null() {
@@ -64,7 +65,10 @@ fn failover(bed: &Bed, client: &LiveClient, failed: &str) -> (Value, Value) {
             let r = client.next();
             if r["error"].is_null() {
                 let by = r["master"].as_str().unwrap_or_default();
-                assert!(others.contains(&by), "answered by {by:?}, not one of the other masters {others:?}: {r}");
+                assert!(
+                    others.contains(&by),
+                    "answered by {by:?}, not one of the other masters {others:?}: {r}"
+                );
                 return (failure, r);
             }
         }

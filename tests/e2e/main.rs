@@ -17,5 +17,5 @@ mod privileges;
 mod rebalance;
 mod refusals;
 mod terminate;
-mod trace;
 mod top;
+mod trace;

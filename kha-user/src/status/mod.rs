@@ -1,5 +1,6 @@
 //! `kha status`: what the pinned maps and links say, as a table or JSON. Pure: built from what
-//! the caller read, so it works while no agent runs (it then shows the last state written).
+//! the caller read, so it works while no agent runs (it then shows the last state written);
+//! [`read`] does the reading, through `maps` and `loader`.
 
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
@@ -13,6 +14,10 @@ use crate::{
     loader::{DestroySupport, LinkStatus},
     table::Snapshot,
 };
+
+mod read;
+
+pub use read::{StatusError, read};
 
 /// Everything `build` needs, as read from the maps and links.
 pub struct Inputs<'a> {
