@@ -9,7 +9,7 @@
 //! `CONN_UNSENT` or `PROBE_SUSPECT` were) is not a new version.
 
 use crate::{
-    BACKEND_ARRAY_LEN, Backend, BackendHealth, BackendStats, CLIENTS_CAPACITY, CONNS_CAPACITY, ClientKey,
+    BACKEND_ARRAY_LEN, Backend, PassiveHealth, BackendStats, CLIENTS_CAPACITY, CONNS_CAPACITY, ClientKey,
     ClientStats, Conn, ConnV1, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_CLIENTS, MAP_CONFIG, MAP_CONNS, MAP_PROBES, MAP_SERVICES, MAP_STATS, MAX_BACKENDS,
     MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN,
@@ -147,7 +147,7 @@ pub const LAYOUTS: [MapSpec; 9] = [
     spec::<u32, DatapathConfig>(MAP_CONFIG, 1, BPF_MAP_TYPE_ARRAY, 1, Carry::Rebuilt),
     spec::<u32, u64>(MAP_STATS, 1, BPF_MAP_TYPE_PERCPU_ARRAY, STATS_LEN, Carry::Kept),
     spec::<u32, BackendStats>(MAP_BACKEND_STATS, 1, BPF_MAP_TYPE_ARRAY, BACKEND_ARRAY_LEN, Carry::Kept),
-    spec::<u32, BackendHealth>(MAP_BACKEND_HEALTH, 1, BPF_MAP_TYPE_ARRAY, BACKEND_ARRAY_LEN, Carry::Rebuilt),
+    spec::<u32, PassiveHealth>(MAP_BACKEND_HEALTH, 1, BPF_MAP_TYPE_ARRAY, BACKEND_ARRAY_LEN, Carry::Rebuilt),
     // 2: `Conn::client_cgroup_id`; version 1 entries are translated (`TRANSLATED`).
     spec::<u64, Conn>(MAP_CONNS, 2, BPF_MAP_TYPE_LRU_HASH, CONNS_CAPACITY, Carry::Kept),
     // Attribution counters: a migration restarts them (`kha top` takes a drop for a restart).

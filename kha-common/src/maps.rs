@@ -23,7 +23,7 @@ pub const MAP_STATS: &str = "KHA_STATS_V2";
 pub const RETIRED_MAPS: [&str; 1] = ["KHA_STATS"];
 /// Per-backend connection counters kept by sock_ops: `backend id -> BackendStats`.
 pub const MAP_BACKEND_STATS: &str = "KHA_BE_STATS";
-/// Per-backend passive health: `backend id -> BackendHealth`. The kernel marks a backend
+/// Per-backend passive health: `backend id -> PassiveHealth`. The kernel marks a backend
 /// suspect on a failed connect; the agent clears the mark once a probe says it is ready.
 pub const MAP_BACKEND_HEALTH: &str = "KHA_BE_HEALTH";
 /// Sockets kha redirected and that are not closed yet: `socket cookie -> Conn`. getpeername
@@ -242,12 +242,12 @@ impl BackendStats {
 /// Value of `KHA_BE_HEALTH[id]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BackendHealth {
+pub struct PassiveHealth {
     /// `bpf_ktime_get_ns` of the failed connect that made this backend suspect; 0 = not
     /// suspect. Set by the kernel, cleared by the agent.
     pub suspect_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendHealth>() == 8);
+const _: () = assert!(core::mem::size_of::<PassiveHealth>() == 8);
 
 /// Value of `KHA_CONNS[cookie]`: what getpeername must report and what it replaced, and whose
 /// it is. Layout version 2 (`client_cgroup_id` added); version 1 is `ConnV1`.
@@ -362,7 +362,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProbeStatus {}
     // SAFETY: plain `#[repr(C)]` data with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::BackendStats {}
-    unsafe impl aya::Pod for super::BackendHealth {}
+    unsafe impl aya::Pod for super::PassiveHealth {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ConnV1 {}
     unsafe impl aya::Pod for super::ServiceKey {}

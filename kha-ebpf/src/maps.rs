@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kha_common::{
-    BACKEND_ARRAY_LEN, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendStats, CLIENTS_CAPACITY,
+    BACKEND_ARRAY_LEN, BPF_F_NO_PREALLOC, Backend, PassiveHealth, BackendStats, CLIENTS_CAPACITY,
     CONNS_CAPACITY, ClientKey, ClientStats, Conn, DatapathConfig, LAYOUT_SLOTS, MAX_BACKENDS,
     MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MapLayout, ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN,
     ServiceKey, ServiceValue,
@@ -34,7 +34,7 @@ pub static KHA_STATS_V2: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
 pub static KHA_BE_STATS: Array<BackendStats, BACKEND_ARRAY_LEN> = Array::new();
 
 #[btf_map(pin_by_name)]
-pub static KHA_BE_HEALTH: Array<BackendHealth, BACKEND_ARRAY_LEN> = Array::new();
+pub static KHA_BE_HEALTH: Array<PassiveHealth, BACKEND_ARRAY_LEN> = Array::new();
 
 #[btf_map(pin_by_name)]
 pub static KHA_CONNS: LruHashMap<u64, Conn, CONNS_CAPACITY> = LruHashMap::new();

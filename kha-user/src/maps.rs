@@ -11,8 +11,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use kha_common::{
-    Backend, BackendHealth, BackendStats, Conn, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_CONNS, MAP_LAYOUT, MAP_PROBES, MAP_SERVICES, MAP_STATS, MapLayout,
+    Backend, BackendStats, Conn, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_CONFIG, MAP_CONNS, MAP_LAYOUT, MAP_PROBES, MAP_SERVICES, MAP_STATS, MapLayout, PassiveHealth,
     ProbeKey, ProbeStatus, STAT_NAMES, STAT_TERMINATED, STAT_TERMINATED_DESTROY, STAT_TERMINATED_RESET,
     ServiceKey, ServiceValue, socket_addr,
 };
@@ -51,7 +51,7 @@ pub struct KhaMaps {
     config: Array<MapData, DatapathConfig>,
     stats: PerCpuArray<MapData, u64>,
     backend_stats: Array<MapData, BackendStats>,
-    backend_health: Array<MapData, BackendHealth>,
+    backend_health: Array<MapData, PassiveHealth>,
     // An LRU hash; aya reads it through the same type as a plain one.
     conns: HashMap<MapData, u64, Conn>,
     probes: HashMap<MapData, ProbeKey, ProbeStatus>,
@@ -133,7 +133,7 @@ impl KhaMaps {
     /// Lifts the kernel's suspicion once a probe shows the backend ready.
     pub fn clear_suspect(&mut self, id: u32) -> Result<(), MapsError> {
         self.backend_health
-            .set(id, &BackendHealth::default(), 0)
+            .set(id, &PassiveHealth::default(), 0)
             .map_err(|source| MapsError::Write { map: MAP_BACKEND_HEALTH, source })
     }
 
@@ -233,7 +233,7 @@ impl BackendTable for KhaMaps {
                 // A new id starts with clean counters and no suspicion, whoever had it before.
                 if !matches!(self.backends.get(id, 0), Ok(old) if old == *b) {
                     let zero = (self.backend_stats.set(*id, &BackendStats::default(), 0))
-                        .and_then(|()| self.backend_health.set(*id, &BackendHealth::default(), 0));
+                        .and_then(|()| self.backend_health.set(*id, &PassiveHealth::default(), 0));
                     zero.map_err(|source| MapsError::Write { map: MAP_BACKEND_STATS, source })?;
                 }
                 (MAP_BACKENDS, self.backends.insert(id, b, 0))

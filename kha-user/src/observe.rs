@@ -152,7 +152,7 @@ pub struct PairState {
 
 /// The agent's state at one moment.
 #[derive(Clone, Debug, Default)]
-pub struct Snapshot {
+pub struct AgentState {
     pub pairs: Vec<PairState>,
     pub fallback: BTreeMap<SocketAddr, bool>,
     /// The agent loop ran recently.
@@ -195,7 +195,7 @@ fn state_name(s: State) -> &'static str {
 /// The `/metrics` body (OpenMetrics text, which Prometheus reads). The probe series of
 /// backends the agent no longer has in its config are dropped first: this is the one place
 /// they are shown, and the snapshot is the config the recorders' owner (the agent loop) had.
-pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> String {
+pub fn render_metrics(agent: &AgentState, kernel: &Kernel, rec: &Recorders) -> String {
     rec.retain_backends(&agent.pairs.iter().map(|p| p.backend).collect());
     let mut r = Registry::with_prefix("kha");
     let build = Family::<BuildLabels, Gauge>::default();
@@ -307,7 +307,7 @@ pub fn render_metrics(agent: &Snapshot, kernel: &Kernel, rec: &Recorders) -> Str
 }
 
 /// `/healthz`: the datapath is attached and the agent loop runs.
-pub fn healthz(agent: &Snapshot, kernel: &Kernel) -> (bool, String) {
+pub fn healthz(agent: &AgentState, kernel: &Kernel) -> (bool, String) {
     match (kernel.attached, agent.alive) {
         (true, true) => (true, "ok: datapath attached, agent loop running\n".into()),
         (false, _) => (false, "datapath not attached: run `kha status`\n".into()),
@@ -316,7 +316,7 @@ pub fn healthz(agent: &Snapshot, kernel: &Kernel) -> (bool, String) {
 }
 
 /// `/readyz`: at least one backend is served because it is healthy (not by fallback).
-pub fn readyz(agent: &Snapshot) -> (bool, String) {
+pub fn readyz(agent: &AgentState) -> (bool, String) {
     let ready =
         agent.pairs.iter().filter(|p| p.serving && matches!(p.state, State::Up | State::Unchecked)).count();
     if ready > 0 {
@@ -330,7 +330,7 @@ pub fn readyz(agent: &Snapshot) -> (bool, String) {
 mod tests {
     use super::*;
 
-    fn agent() -> Snapshot {
+    fn agent() -> AgentState {
         let f: SocketAddr = "127.0.0.1:6443".parse().unwrap();
         let pairs = vec![
             PairState {
@@ -346,7 +346,7 @@ mod tests {
                 serving: false,
             },
         ];
-        Snapshot { pairs, fallback: [(f, false)].into(), alive: true }
+        AgentState { pairs, fallback: [(f, false)].into(), alive: true }
     }
 
     #[test]
@@ -458,7 +458,7 @@ mod tests {
         let kernel = Kernel { attached: true, ..Default::default() };
         assert!(healthz(&agent(), &kernel).0);
         assert!(!healthz(&agent(), &Kernel::default()).0);
-        assert!(!healthz(&Snapshot { alive: false, ..agent() }, &kernel).0);
+        assert!(!healthz(&AgentState { alive: false, ..agent() }, &kernel).0);
         assert!(readyz(&agent()).0);
         let mut all_down = agent();
         all_down.pairs.iter_mut().for_each(|p| p.state = State::Down);

@@ -34,7 +34,7 @@ pub use trace::TraceSlot;
 /// What the agent loop publishes for the endpoints.
 #[derive(Default)]
 pub struct Shared {
-    pub agent: observe::Snapshot,
+    pub agent: observe::AgentState,
     pub last_loop: Option<Instant>,
 }
 
@@ -148,7 +148,7 @@ fn route(path: &str, ep: &Endpoints) -> (u16, &'static str, String) {
     let agent = {
         let s = ep.shared.lock().unwrap_or_else(|p| p.into_inner());
         let alive = s.last_loop.is_some_and(|t| t.elapsed() < ep.stall_after);
-        observe::Snapshot { alive, ..s.agent.clone() }
+        observe::AgentState { alive, ..s.agent.clone() }
     };
     let status = |(ok, text): (bool, String)| (if ok { 200 } else { 503 }, "text/plain", text);
     match path {

@@ -62,7 +62,7 @@ pub fn api_candidates(
     let mut order = Vec::new();
     for f in config.frontends.iter().filter(|f| f.discover) {
         for b in &f.backends {
-            let rank = match health.get(&(*b, f.health_path.clone())) {
+            let rank = match health.get(&ProbeTarget::of(f, *b)) {
                 None => Some(2),
                 Some(h) if !h.vouched => None,
                 Some(h) if h.proven() => Some(0),
@@ -103,5 +103,5 @@ pub fn frontend_health(
     f: &Frontend,
     health: &BTreeMap<ProbeTarget, BackendHealth>,
 ) -> BTreeMap<SocketAddr, BackendHealth> {
-    f.backends.iter().filter_map(|b| Some((*b, health.get(&(*b, f.health_path.clone()))?.clone()))).collect()
+    f.backends.iter().filter_map(|b| Some((*b, health.get(&ProbeTarget::of(f, *b))?.clone()))).collect()
 }

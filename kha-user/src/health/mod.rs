@@ -11,7 +11,10 @@ use kha_common::{
     PROBE_DOWN, PROBE_DRAINING, PROBE_SUSPECT, PROBE_UNCHECKED, PROBE_UNKNOWN, PROBE_UNPROVEN, PROBE_UP,
 };
 
-use crate::probe::{ProbeEvent, ProbeFailure};
+use crate::{
+    config::Frontend,
+    probe::{ProbeEvent, ProbeFailure},
+};
 
 mod live_set;
 #[cfg(test)]
@@ -301,7 +304,23 @@ fn still_answers(f: &ProbeFailure) -> bool {
 
 /// A configured backend as the probes see it: its address and the path probed on it (one
 /// backend may serve two frontends with different paths).
-pub type ProbeTarget = (SocketAddr, String);
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProbeTarget {
+    pub backend: SocketAddr,
+    /// The readiness path asked (`/readyz`; etcd: `/health`).
+    pub path: String,
+}
+
+impl ProbeTarget {
+    pub fn new(backend: SocketAddr, path: impl Into<String>) -> Self {
+        ProbeTarget { backend, path: path.into() }
+    }
+
+    /// `frontend`'s probe of `backend`.
+    pub fn of(frontend: &Frontend, backend: SocketAddr) -> Self {
+        ProbeTarget::new(backend, frontend.health_path.clone())
+    }
+}
 
 /// What a frontend serves when every backend is unhealthy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -150,7 +150,7 @@ fn discovery_asks_proven_masters_first_and_never_an_unvouched_one() {
     )
     .unwrap();
     let m = |i: u8| SocketAddr::from(([192, 0, 2, 10 + i], 6443));
-    let path = |b: SocketAddr| (b, "/readyz".to_string());
+    let path = |b: SocketAddr| ProbeTarget::new(b, "/readyz");
     // Not fed by discovery: none.
     assert!(api_candidates(&config, &BTreeMap::new(), 0).is_empty());
     config.frontends.iter_mut().for_each(|f| f.discover = true);
@@ -189,13 +189,13 @@ fn each_node_starts_elsewhere_within_a_rank_and_ranks_still_come_first() {
     let m = |i: u8| SocketAddr::from(([192, 0, 2, 10 + i], 6443));
     let proven = || run(&[ready()]).0;
     let all: BTreeMap<ProbeTarget, BackendHealth> =
-        (1..=3).map(|i| ((m(i), "/readyz".to_string()), proven())).collect();
+        (1..=3).map(|i| (ProbeTarget::new(m(i), "/readyz"), proven())).collect();
     // Three nodes with spreads 0, 1, 2 ask three different masters first, and each has all.
     let firsts: Vec<Vec<SocketAddr>> = (0..3).map(|s| api_candidates(&config, &all, s)).collect();
     assert_eq!(firsts, [vec![m(1), m(2), m(3)], vec![m(2), m(3), m(1)], vec![m(3), m(1), m(2)]]);
     // m2 fails: the rotation is within the proven rank only; m2 comes last on every node.
     let mut health = all.clone();
-    health.insert((m(2), "/readyz".to_string()), run(&[refused()]).0);
+    health.insert(ProbeTarget::new(m(2), "/readyz"), run(&[refused()]).0);
     for s in 0..4 {
         let c = api_candidates(&config, &health, s);
         assert_eq!(c.last(), Some(&m(2)), "spread {s}: {c:?}");

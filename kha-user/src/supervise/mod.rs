@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::{
     config::{Config, Frontend},
     health::{AllDown, BackendHealth, Change, Hysteresis, ProbeTarget, State},
-    observe::{PairState, Recorders, Snapshot},
+    observe::{AgentState, PairState, Recorders},
     probe::{ProbeEvent, ProbeFailure},
     table::{BackendTable, Desired, desired_state, sync},
 };
@@ -253,17 +253,14 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     }
 
     fn set_config(&mut self, config: Config, discovered_only: &BTreeSet<SocketAddr>) {
-        let targets: BTreeSet<ProbeTarget> = config
-            .frontends
-            .iter()
-            .flat_map(|f| f.backends.iter().map(|b| (*b, f.health_path.clone())))
-            .collect();
+        let targets: BTreeSet<ProbeTarget> =
+            config.frontends.iter().flat_map(|f| f.backends.iter().map(|b| ProbeTarget::of(f, *b))).collect();
         self.health.retain(|t, _| targets.contains(t));
         let checked = self.settings.checked;
         for t in targets {
             // Without health checks nothing can be proven (the binary refuses --discover
             // then); a new backend is unchecked, whoever named it.
-            let only_discovered = checked && discovered_only.contains(&t.0);
+            let only_discovered = checked && discovered_only.contains(&t.backend);
             let h = self.health.entry(t).or_insert_with(|| match only_discovered {
                 true => BackendHealth::discovered(SystemTime::now()),
                 false => BackendHealth::new(checked, SystemTime::now()),
@@ -297,20 +294,20 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
                 ProbeFailure::Io { errno: Some(e), .. } => e.to_string(),
                 f => f.to_string(),
             };
-            self.settings.recorders.local_error(target.0, error);
-            self.local_warnings.warn(target.0, f, now);
+            self.settings.recorders.local_error(target.backend, error);
+            self.local_warnings.warn(target.backend, f, now);
             return;
         }
         if let ProbeEvent::Ready { latency } | ProbeEvent::Failed { latency, .. } = event {
-            self.settings.recorders.probe(target.0, *latency);
+            self.settings.recorders.probe(target.backend, *latency);
         }
-        let backend = target.0;
+        let backend = target.backend;
         let reason = h.last_failure.clone().unwrap_or_else(|| "?".into());
         let serves = h.state.serves();
         match (was_unauthorized, h.unauthorized) {
             (before, Some(code)) if before != Some(code) => log::warn!(
                 "probe of {backend} not authorized ({code}): {} cannot be checked; configure the node's client certificate (client_cert and client_key in the config file, or --client-cert and --client-key) to check readiness. It answers, so it is served as up meanwhile",
-                target.1
+                target.path
             ),
             (Some(_), None) => log::info!("probe of {backend} is authorized again"),
             _ => {}
@@ -344,7 +341,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     }
 
     /// The pairs whose frontend probes `target`'s backend on `target`'s path.
-    fn pairs_probed_by(&self, (backend, path): &ProbeTarget) -> Vec<Pair> {
+    fn pairs_probed_by(&self, ProbeTarget { backend, path }: &ProbeTarget) -> Vec<Pair> {
         let probed = |f: &&Frontend| f.health_path == *path && f.backends.contains(backend);
         self.config.frontends.iter().filter(probed).map(|f| (f.address, *backend)).collect()
     }
@@ -423,7 +420,7 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
     }
 
     /// What `/metrics`, `/healthz` and `/readyz` report.
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> AgentState {
         let mut pairs = Vec::new();
         let on_fallback = self.on_fallback();
         let fallback =
@@ -431,12 +428,12 @@ impl<T: Datapath, X: Terminator> Supervisor<T, X> {
         for f in &self.config.frontends {
             let live = self.desired.frontends.get(&ServiceKey::at(f.address, 0));
             for b in &f.backends {
-                let state = self.health.get(&(*b, f.health_path.clone())).map_or(State::Unknown, |h| h.state);
+                let state = self.health.get(&ProbeTarget::of(f, *b)).map_or(State::Unknown, |h| h.state);
                 let serving = live.is_some_and(|l| l.backends.contains(&Backend::from(*b)));
                 pairs.push(PairState { frontend: f.address, backend: *b, state, serving });
             }
         }
-        Snapshot { pairs, fallback, alive: true }
+        AgentState { pairs, fallback, alive: true }
     }
 }
 
@@ -468,10 +465,10 @@ fn verdict(
     // Its own last probe passed: it is coming back (masters recovering from one event pass
     // their probes within a moment of each other), and moving its sockets now would reset
     // them onto whichever master answered first, on every node. A failed probe ends the wait.
-    if health.get(&(*backend, f.health_path.clone())).is_some_and(BackendHealth::recovering) {
+    if health.get(&ProbeTarget::of(f, *backend)).is_some_and(BackendHealth::recovering) {
         return Verdict::Hold;
     }
-    let up = |b: &SocketAddr| health.get(&(*b, f.health_path.clone())).is_some_and(BackendHealth::proven);
+    let up = |b: &SocketAddr| health.get(&ProbeTarget::of(f, *b)).is_some_and(BackendHealth::proven);
     if f.backends.iter().any(|b| b != backend && up(b)) { Verdict::Move } else { Verdict::Hold }
 }
 

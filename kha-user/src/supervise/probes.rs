@@ -77,7 +77,7 @@ impl ProbeSet {
         for f in &config.frontends {
             for b in &f.backends {
                 targets
-                    .entry((*b, f.health_path.clone()))
+                    .entry(ProbeTarget::of(f, *b))
                     .or_insert_with(|| template.tls.files_for(config.ca_file.as_deref(), &f.probe_tls));
             }
         }
@@ -95,13 +95,13 @@ impl ProbeSet {
                         match self.running.contains_key(t) {
                             true => log::error!(
                                 "probe TLS for {} {}: {e}; keeping the TLS config it has",
-                                t.0,
-                                t.1
+                                t.backend,
+                                t.path
                             ),
                             false => log::error!(
                                 "no probe for {} {}: {e}; it is served unchecked until the file is fixed",
-                                t.0,
-                                t.1
+                                t.backend,
+                                t.path
                             ),
                         }
                     }
@@ -160,7 +160,7 @@ impl ProbeSet {
             let files = template.tls.files_for(config.ca_file.as_deref(), &f.probe_tls);
             let Some(tls) = self.store.current(&files) else { continue };
             for b in &f.backends {
-                if let Some(running) = self.running.get(&(*b, f.health_path.clone())) {
+                if let Some(running) = self.running.get(&ProbeTarget::of(f, *b)) {
                     running.tls.send_if_modified(|current| replace(current, &tls));
                 }
             }
@@ -172,7 +172,7 @@ impl ProbeSet {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (publisher, handle) = probe::TlsHandle::channel(tls);
         let mut s = ProbeSettings::new(handle);
-        s.path = t.1.clone();
+        s.path = t.path.clone();
         s.interval = template.cadence.interval;
         s.readiness_interval = template.cadence.readiness_interval;
         s.recheck = template.cadence.recheck;
@@ -180,7 +180,7 @@ impl ProbeSet {
         let stopped = async move {
             let _ = stop_rx.await;
         };
-        tokio::spawn(probe::run(t.0, s, self.make_socket.clone(), self.events.clone(), t.clone(), stopped));
+        tokio::spawn(probe::run(t.backend, s, self.make_socket.clone(), self.events.clone(), t.clone(), stopped));
         self.running.insert(t, Running { _stop: stop_tx, tls: publisher });
     }
 }
@@ -231,7 +231,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(16);
         let recorders = Recorders::default();
         let mut set = ProbeSet::new(Some(template), probe::default_socket(), tx, recorders.clone());
-        let target: ProbeTarget = ("127.0.0.1:1".parse().unwrap(), "/readyz".into());
+        let target: ProbeTarget = ProbeTarget::new("127.0.0.1:1".parse().unwrap(), "/readyz");
         set.reconcile(&config(&a_file));
         let mut seen = set.running[&target].tls.subscribe();
         let first = seen.borrow_and_update().clone();

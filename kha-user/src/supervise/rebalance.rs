@@ -83,7 +83,7 @@ pub fn moves(
     for f in config.frontends.iter().filter(|f| !on_fallback.contains(&f.address)) {
         let served = desired.frontends.get(&ServiceKey::at(f.address, 0));
         let eligible = |b: &&SocketAddr| {
-            let proven = health.get(&(**b, f.health_path.clone())).is_some_and(BackendHealth::proven);
+            let proven = health.get(&ProbeTarget::of(f, **b)).is_some_and(BackendHealth::proven);
             proven && served.is_some_and(|s| s.backends.contains(&Backend::from(**b)))
         };
         let loads: Vec<(SocketAddr, usize)> = f

@@ -160,7 +160,7 @@ fn supervisor_after(previous: &Config, config: Config, tune: impl FnOnce(&mut Se
 
 fn feed(sup: &mut Sup, backend: SocketAddr, events: &[ProbeEvent]) {
     for e in events {
-        sup.observe((backend, "/readyz".into()), e.clone());
+        sup.observe(ProbeTarget::new(backend, "/readyz"), e.clone());
     }
 }
 
@@ -173,7 +173,7 @@ fn all_up(sup: &mut Sup) {
 }
 
 fn state(sup: &Sup, backend: SocketAddr) -> State {
-    sup.health(&(backend, "/readyz".into())).unwrap().state
+    sup.health(&ProbeTarget::new(backend, "/readyz")).unwrap().state
 }
 
 /// The backends new connects to `frontend` go to.
@@ -757,7 +757,7 @@ async fn rebalancing_waits_while_the_frontend_is_on_the_fallback() {
 #[test]
 fn rebalancing_never_sends_a_connection_towards_a_master_in_doubt() {
     let config = config(&[F], &[m(1), m(2), m(3)]);
-    let target = |b| (b, "/readyz".to_string());
+    let target = |b| ProbeTarget::new(b, "/readyz");
     let mut health = BTreeMap::new();
     let now = std::time::SystemTime::UNIX_EPOCH;
     for b in [m(1), m(2), m(3)] {
@@ -789,7 +789,7 @@ fn rebalancing_never_sends_a_connection_towards_a_master_in_doubt() {
 }
 
 fn state_of(health: &BTreeMap<ProbeTarget, BackendHealth>, b: SocketAddr) -> State {
-    health[&(b, "/readyz".to_string())].state
+    health[&ProbeTarget::new(b, "/readyz")].state
 }
 
 #[tokio::test(start_paused = true)]

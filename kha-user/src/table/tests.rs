@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    health::{AllDown, BackendHealth, DEFAULT_HYSTERESIS},
+    health::{AllDown, BackendHealth, DEFAULT_HYSTERESIS, ProbeTarget},
     probe::test_events::not_ready,
 };
 use kha_common::POLICY_RANDOM;
@@ -309,7 +309,7 @@ fn desired_state_serves_the_healthy_keeps_the_rest_and_reports_all() {
     let mut health = BTreeMap::new();
     let mut down = BackendHealth::new(true, SystemTime::UNIX_EPOCH);
     down.observe(&not_ready(), DEFAULT_HYSTERESIS, SystemTime::UNIX_EPOCH);
-    health.insert((a, "/readyz".to_string()), down);
+    health.insert(ProbeTarget::new(a, "/readyz"), down);
     let (desired, statuses) = desired_state(&config, &health, AllDown::Fallback, &BTreeSet::new());
     let f = desired.frontends.values().next().unwrap();
     assert_eq!(f.backends, vec![Backend::from(addr("192.0.2.12:6443"))]);
