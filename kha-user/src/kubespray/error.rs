@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::yaml::Origin;
+use super::origin::Origin;
 use crate::config::ConfigError;
 
 fn list(names: &[String]) -> String {

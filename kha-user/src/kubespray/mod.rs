@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod error;
 pub mod inventory;
 pub mod node_config;
+pub mod origin;
 pub mod vars;
 pub mod yaml;
 

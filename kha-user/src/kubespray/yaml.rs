@@ -1,7 +1,7 @@
 //! Reading kubespray's YAML: one parse function that names the file, line, column and key of
 //! whatever is wrong, an untyped value for variables, and an order-keeping map for inventories.
 
-use std::{fmt, marker::PhantomData, path::Path, path::PathBuf};
+use std::{fmt, marker::PhantomData, path::Path};
 
 use serde::{
     Deserialize, Deserializer,
@@ -9,28 +9,7 @@ use serde::{
 };
 
 use super::error::KubesprayError;
-
-/// Where a value was set: a place in a file, or a command-line flag.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Origin {
-    File { path: PathBuf, line: u64, column: u64 },
-    Flag(String),
-}
-
-impl Origin {
-    pub(crate) fn at(path: &Path, span: &serde_saphyr::Location) -> Self {
-        Origin::File { path: path.to_owned(), line: span.line(), column: span.column() }
-    }
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::File { path, line, column } => write!(f, "{}:{line}:{column}", path.display()),
-            Origin::Flag(flag) => f.write_str(flag),
-        }
-    }
-}
+pub use super::origin::Origin;
 
 /// A YAML value as Ansible would see it, kept only as deep as kha needs: scalars, and the
 /// mapping of `loadbalancer_apiserver`. Sequences are skipped.

@@ -180,7 +180,14 @@ impl ProbeSet {
         let stopped = async move {
             let _ = stop_rx.await;
         };
-        tokio::spawn(probe::run(t.backend, s, self.make_socket.clone(), self.events.clone(), t.clone(), stopped));
+        tokio::spawn(probe::run(
+            t.backend,
+            s,
+            self.make_socket.clone(),
+            self.events.clone(),
+            t.clone(),
+            stopped,
+        ));
         self.running.insert(t, Running { _stop: stop_tx, tls: publisher });
     }
 }
