@@ -36,6 +36,8 @@ pub fn connected(frontend: &ServiceKey, backend_id: u32) -> u64 {
 /// Adds `delta` (`u64::MAX` for -1) to the open count of the connection's client. Safe in
 /// softirq: the client comes from the `Conn`, not from the current task. A client evicted
 /// meanwhile is not made again.
+// Unused in the kha-trace object, which has no sock_ops program.
+#[allow(dead_code)]
 #[inline(always)]
 pub fn open_delta(conn: *const Conn, delta: u64) {
     let c = unsafe { &*conn };
