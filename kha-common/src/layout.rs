@@ -9,11 +9,10 @@
 //! `CONN_UNSENT` or `PROBE_SUSPECT` were) is not a new version.
 
 use crate::{
-    BACKEND_ARRAY_LEN, Backend, PassiveHealth, BackendStats, CLIENTS_CAPACITY, CONNS_CAPACITY, ClientKey,
-    ClientStats, Conn, ConnV1, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_CLIENTS, MAP_CONFIG, MAP_CONNS, MAP_PROBES, MAP_SERVICES, MAP_STATS, MAX_BACKENDS,
-    MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN,
-    ServiceKey, ServiceValue,
+    BACKEND_ARRAY_LEN, Backend, BackendStats, CLIENTS_CAPACITY, CONNS_CAPACITY, ClientKey, ClientStats, Conn,
+    ConnV1, DatapathConfig, MAP_BACKEND_HEALTH, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CLIENTS, MAP_CONFIG,
+    MAP_CONNS, MAP_PROBES, MAP_SERVICES, MAP_STATS, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS,
+    PassiveHealth, ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue,
 };
 
 /// The layout record: index i holds the `MapLayout` of one map (`LAYOUTS[i]` when written).

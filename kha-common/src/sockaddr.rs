@@ -2,7 +2,9 @@
 
 use core::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use crate::{AddrBe, Backend, ServiceKey, is_v4_mapped, v4_of_mapped};
+use crate::{
+    AddrBe, Backend, ServiceKey, TRACE_FILTER_MAX, TraceDestination, TraceFilter, is_v4_mapped, v4_of_mapped,
+};
 
 /// The map form of an address: IPv4 stored v4-mapped (see [`crate::addr`]).
 pub fn addr_be_of(ip: IpAddr) -> AddrBe {
@@ -48,6 +50,22 @@ impl From<&ServiceKey> for SocketAddr {
     }
 }
 
+impl TraceFilter {
+    /// The kernel's filter for a trace of `destinations`: every connect when there are none,
+    /// or more than the kernel's filter holds (the agent filters those itself).
+    pub fn of(destinations: &[SocketAddr]) -> Self {
+        let mut f = TraceFilter::ALL;
+        if destinations.len() > TRACE_FILTER_MAX {
+            return f;
+        }
+        for (d, a) in f.destinations.iter_mut().zip(destinations) {
+            *d = TraceDestination { addr_be: addr_be_of(a.ip()), port_be: a.port().to_be(), _pad: [0; 6] };
+        }
+        f.count = destinations.len() as u32;
+        f
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +85,17 @@ mod tests {
         let b = Backend::from("192.0.2.1:6443".parse::<SocketAddr>().unwrap());
         assert_eq!(b.addr_be, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]);
         assert_eq!(b.port_be, 6443u16.to_be());
+    }
+
+    #[test]
+    fn a_trace_filter_holds_up_to_eight_destinations_in_map_form() {
+        let a: SocketAddr = "127.0.0.1:6443".parse().unwrap();
+        let b: SocketAddr = "[::1]:6443".parse().unwrap();
+        let f = TraceFilter::of(&[a, b]);
+        assert_eq!(f.count, 2);
+        assert!(f.wants(&addr_be_of(b.ip()), 6443u16.to_be()));
+        assert!(!f.wants(&addr_be_of(a.ip()), 7443u16.to_be()));
+        assert_eq!(TraceFilter::of(&[]), TraceFilter::ALL);
+        assert_eq!(TraceFilter::of(&[a; TRACE_FILTER_MAX + 1]), TraceFilter::ALL, "the agent filters");
     }
 }

@@ -2,7 +2,7 @@
 //! traced twins of the connect programs (kha-ebpf's `kha-trace` object) into a ring buffer the
 //! agent reads while a trace runs. The untraced programs never see this type.
 
-use crate::addr::AddrBe;
+use crate::addr::{AddrBe, words_from_addr};
 
 /// The trace object's ring buffer. Not pinned: it lives as long as the agent's trace does.
 pub const MAP_TRACE: &str = "KHA_TRACE";
@@ -14,6 +14,65 @@ pub const TRACE_RING_BYTES: usize = 256 * 1024;
 /// The traced programs' names in the `kha-trace` object (visible in `bpftool prog show`).
 pub const TRACE_PROG4: &str = "kha_trace4";
 pub const TRACE_PROG6: &str = "kha_trace6";
+
+/// The trace object's global naming the destinations to report (`kha trace --frontend`), set
+/// by the agent before it loads the object for a trace. No entries: every connect.
+pub const TRACE_FILTER_GLOBAL: &str = "KHA_TRACE_FILTER";
+/// Destinations one trace filters on in the kernel. A trace asking for more reports every
+/// connect from the kernel and leaves the filtering to the agent.
+pub const TRACE_FILTER_MAX: usize = 8;
+
+/// One destination of a [`TraceFilter`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceDestination {
+    pub addr_be: AddrBe,
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<TraceDestination>() == 24);
+
+/// Which connects the traced programs report: without it, every connect the node makes
+/// (almost all to non-frontends) would fill the ring and the rate bound of a trace that asked
+/// for one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceFilter {
+    /// Entries of `destinations` in use; 0: every connect.
+    pub count: u32,
+    pub _pad: u32,
+    pub destinations: [TraceDestination; TRACE_FILTER_MAX],
+}
+const _: () = assert!(size_of::<TraceFilter>() == 8 + 24 * TRACE_FILTER_MAX);
+
+impl TraceFilter {
+    pub const ALL: Self = Self {
+        count: 0,
+        _pad: 0,
+        destinations: [TraceDestination { addr_be: [0; 16], port_be: 0, _pad: [0; 6] }; TRACE_FILTER_MAX],
+    };
+
+    /// Whether a connect to `addr_be:port_be` is reported. A bounded loop and word compares,
+    /// for the verifier (no memcmp in BPF).
+    #[inline(always)]
+    pub fn wants(&self, addr_be: &AddrBe, port_be: u16) -> bool {
+        let n = self.count as usize;
+        if n == 0 {
+            return true;
+        }
+        let w = words_from_addr(addr_be);
+        let mut i = 0;
+        while i < TRACE_FILTER_MAX && i < n {
+            let d = &self.destinations[i];
+            let v = words_from_addr(&d.addr_be);
+            if d.port_be == port_be && v[0] == w[0] && v[1] == w[1] && v[2] == w[2] && v[3] == w[3] {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
 
 /// Rewritten to `backend_*`.
 pub const TRACE_REWRITTEN: u8 = 0;
@@ -105,9 +164,35 @@ impl TraceEvent {
     }
 }
 
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` data with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::TraceFilter {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_filter_takes_its_destinations_only_and_none_means_every_connect() {
+        let a = crate::v4_mapped(u32::from_be_bytes([127, 0, 0, 1]));
+        let (p, q) = (6443u16.to_be(), 2379u16.to_be());
+        assert!(TraceFilter::ALL.wants(&a, p));
+        let mut f = TraceFilter::ALL;
+        f.count = 1;
+        f.destinations[0] = TraceDestination { addr_be: a, port_be: p, _pad: [0; 6] };
+        assert!(f.wants(&a, p));
+        assert!(!f.wants(&a, q), "another port");
+        let mut b = a;
+        b[15] = 2;
+        assert!(!f.wants(&b, p), "another address");
+        // Entries beyond `count` are not looked at.
+        f.destinations[1] = TraceDestination { addr_be: b, port_be: p, _pad: [0; 6] };
+        assert!(!f.wants(&b, p));
+        f.count = 2;
+        assert!(f.wants(&b, p));
+    }
 
     #[test]
     fn a_record_reads_back_from_its_bytes_and_other_sizes_are_refused() {

@@ -21,7 +21,9 @@ use aya_ebpf::{
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
-use kha_common::{TRACE_INCONSISTENT, TRACE_REWRITTEN, TRACE_RING_BYTES, TraceEvent, is_v4_mapped};
+use kha_common::{
+    TRACE_INCONSISTENT, TRACE_REWRITTEN, TRACE_RING_BYTES, TraceEvent, TraceFilter, is_v4_mapped,
+};
 
 /// Return value of a cgroup sock_addr program that lets the syscall proceed.
 const PROCEED: i32 = 1;
@@ -35,12 +37,28 @@ static KHA_TRACE: RingBuf<TraceEvent, TRACE_RING_BYTES> = RingBuf::new();
 #[btf_map]
 static KHA_TRACE_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
+/// Set by the agent before it loads this object (`override_global`): the destinations of the
+/// trace (`kha trace --frontend`); `ALL` reports every connect.
+#[unsafe(no_mangle)]
+static KHA_TRACE_FILTER: TraceFilter = TraceFilter::ALL;
+
+/// The filter as loaded. Through a pointer read volatile, so the compiler cannot fold the
+/// `ALL` initializer into the code (the agent's value replaces it at load time).
+#[inline(always)]
+fn filter() -> &'static TraceFilter {
+    let p: *const TraceFilter = &raw const KHA_TRACE_FILTER;
+    unsafe { &*core::ptr::read_volatile(&p) }
+}
+
 pub struct Traced;
 
 impl connect::Trace for Traced {
     #[inline(always)]
     fn decided(ctx: &SockAddrContext, event: impl FnOnce() -> TraceEvent) {
         let mut e = event();
+        if !filter().wants(&e.dst_addr_be, e.dst_port_be) {
+            return;
+        }
         let family = unsafe { (*ctx.sock_addr).user_family };
         e.family = if family == AF_INET { 4 } else { 6 };
         // try_connect4 refuses an IPv6 backend after the choice: say so here.

@@ -213,13 +213,16 @@ pub enum Record {
     },
     Decision(Decision),
     /// Last: the untraced programs are back. `dropped` by the rate bound, `lost` by the
-    /// kernel (its ring buffer full).
+    /// kernel (its ring buffer full), `filtered` by the agent: records of other destinations,
+    /// which the kernel's own filter leaves out for up to `TRACE_FILTER_MAX` frontends.
     End {
         reason: EndReason,
         lines: u64,
         dropped: u64,
         #[serde(default)]
         lost: u64,
+        #[serde(default)]
+        filtered: u64,
     },
 }
 
@@ -232,7 +235,7 @@ impl Record {
                 format!("tracing for {} ms ({})", duration_ms, p.join(", "))
             }
             Record::Decision(d) => d.text(),
-            Record::End { reason, lines, dropped, lost } => format!(
+            Record::End { reason, lines, dropped, lost, .. } => format!(
                 "trace ended ({reason:?}): {lines} lines, {dropped} dropped by the rate bound of {MAX_LINES_PER_SEC}/s, {lost} lost in the kernel (ring full); untraced programs back"
             ),
         }

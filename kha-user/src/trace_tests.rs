@@ -65,15 +65,15 @@ fn records_round_trip_through_their_json_lines() {
     let records = [
         Record::Start { duration_ms: 10_000, programs: vec![("connect4".into(), 10, 20)] },
         Record::Decision(Decision::from_event(&event(TRACE_REWRITTEN))),
-        Record::End { reason: EndReason::ClientGone, lines: 3, dropped: 1, lost: 2 },
+        Record::End { reason: EndReason::ClientGone, lines: 3, dropped: 1, lost: 2, filtered: 4 },
     ];
     for r in records {
         let line = serde_json::to_string(&r).unwrap();
         assert!(!line.contains('\n'));
         assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), r, "{line}");
     }
-    let end = Record::End { reason: EndReason::AgentStopping, lines: 0, dropped: 0, lost: 0 };
-    let json = r#"{"type":"end","reason":"agent-stopping","lines":0,"dropped":0,"lost":0}"#;
+    let end = Record::End { reason: EndReason::AgentStopping, lines: 0, dropped: 0, lost: 0, filtered: 0 };
+    let json = r#"{"type":"end","reason":"agent-stopping","lines":0,"dropped":0,"lost":0,"filtered":0}"#;
     assert_eq!(serde_json::to_string(&end).unwrap(), json);
     let without_lost = r#"{"type":"end","reason":"agent-stopping","lines":0,"dropped":0}"#;
     assert_eq!(serde_json::from_str::<Record>(without_lost).unwrap(), end);

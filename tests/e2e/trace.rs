@@ -171,13 +171,49 @@ fn a_trace_shows_each_decision_and_leaves_the_untraced_programs_behind() {
     wait_for("the untraced programs back", Duration::from_secs(10), || connect_progs(&bed) == untraced);
     assert!(bed.agent_log_text().contains("trace: ended (ClientGone)"), "{}", bed.agent_log_text());
 
-    // Over by its duration: the last line says so, and again the untraced programs run.
-    let short = TraceClient::start(&bed, port, &["--duration", "300ms", "--frontend", &frontend]);
-    assert_eq!(short.next()["type"], "start");
-    let end = short.until(|v| v["type"] == "end");
+    // Over by its duration: the last line says so, and again the untraced programs run. With
+    // `--frontend` the kernel reports that destination only: the agent filters nothing.
+    let (decisions, end) = filtered_trace(&bed, port, &[frontend.as_str()], &frontend, &m1);
     assert_eq!(end["reason"], "duration", "{end}");
     assert_eq!((end["lost"].as_u64(), end["dropped"].as_u64()), (Some(0), Some(0)), "{end}");
+    assert_eq!(end["filtered"], 0, "the kernel sent records of other destinations: {end}");
+    assert!(
+        !decisions.is_empty() && decisions.iter().all(|d| d["frontend"] == frontend.as_str()),
+        "{decisions:?}"
+    );
     assert_eq!(connect_progs(&bed), untraced);
+
+    // More frontends than the kernel's filter holds: every connect comes up, the agent filters.
+    let many: Vec<String> =
+        (0..kha_common::TRACE_FILTER_MAX).map(|i| format!("127.0.0.1:{}", 9000 + i)).collect();
+    let mut asked: Vec<&str> = many.iter().map(String::as_str).collect();
+    asked.push(&frontend);
+    let (decisions, end) = filtered_trace(&bed, port, &asked, &frontend, &m1);
+    assert!(end["filtered"].as_u64().unwrap() >= 2, "the connects to {m1} and {EMPTY}: {end}");
+    assert!(
+        !decisions.is_empty() && decisions.iter().all(|d| d["frontend"] == frontend.as_str()),
+        "{decisions:?}"
+    );
+}
+
+/// A 3 s trace of `frontends` while this test connects to `frontend`, to the empty frontend
+/// and to master 1's own address: its decisions and its end line.
+fn filtered_trace(bed: &Bed, port: u16, frontends: &[&str], frontend: &str, m1: &str) -> (Vec<Value>, Value) {
+    let mut args = vec!["--duration", "3s"];
+    frontends.iter().for_each(|f| args.extend(["--frontend", f]));
+    let trace = TraceClient::start(bed, port, &args);
+    assert_eq!(trace.next()["type"], "start");
+    assert_eq!(connect(bed, true, m1, 1).by_master("m1"), 1);
+    connect(bed, true, EMPTY, 1);
+    assert_eq!(connect(bed, true, frontend, 1).by_master("m1"), 1);
+    let mut decisions = vec![];
+    loop {
+        let v = trace.next();
+        if v["type"] == "end" {
+            return (decisions, v);
+        }
+        decisions.push(v);
+    }
 }
 
 #[test]

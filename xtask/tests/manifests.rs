@@ -84,21 +84,22 @@ fn flags(args: &[String], file: &str) -> BTreeMap<String, String> {
     out
 }
 
-/// Every flag is one of `kha run`'s: a field of the clap structs in kha-user/src/main.rs
+/// Every flag is one of `kha run`'s: a field of the clap structs in kha-user/src/cli.rs
 /// (clap derives `--health-addr` from `health_addr`). Keeps the files from naming flags that
 /// do not exist.
 fn assert_kha_flags_exist(flags: &BTreeMap<String, String>, file: &str) {
-    let main = read("kha-user/src/main.rs");
+    let cli = read("kha-user/src/cli.rs");
     for flag in flags.keys() {
         let field = format!("{}:", flag.replace('-', "_"));
         assert!(
-            main.lines()
-                .map(str::trim_start)
-                .any(|l| l.starts_with(&field) || l.starts_with(&format!("pub {field}"))),
-            "{file}: --{flag} is not a `kha run` flag (no field `{field}` in kha-user/src/main.rs)"
+            cli.lines()
+                .map(|l| l.trim_start().trim_start_matches("pub(crate) ").trim_start_matches("pub "))
+                .any(|l| l.starts_with(&field)),
+            "{file}: --{flag} is not a `kha run` flag (no field `{field}` in kha-user/src/cli.rs)"
         );
     }
 }
+
 
 /// The addresses the agent serves /healthz, /readyz and /metrics on, as every file sets them.
 fn endpoints(flags: &BTreeMap<String, String>, file: &str) -> (SocketAddr, SocketAddr) {

@@ -15,7 +15,11 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{CgroupSockAddr, ProgramError},
 };
-use kha_common::{MAP_TRACE, MAP_TRACE_LOST, TRACE_PROG4, TRACE_PROG6, TraceEvent};
+use std::net::SocketAddr;
+
+use kha_common::{
+    MAP_TRACE, MAP_TRACE_LOST, TRACE_FILTER_GLOBAL, TRACE_PROG4, TRACE_PROG6, TraceEvent, TraceFilter,
+};
 
 use super::{HOOKS, PinDir, sys};
 
@@ -84,8 +88,9 @@ pub struct Tracing {
 
 impl Tracing {
     /// Loads and verifies the traced programs, then swaps them in: connect4 first, then
-    /// connect6. If the second swap fails the first is undone.
-    pub fn start(pins: &PinDir) -> Result<Self, TraceError> {
+    /// connect6. If the second swap fails the first is undone. The kernel reports connects to
+    /// `destinations` only (every connect when empty, or when more than it can filter on).
+    pub fn start(pins: &PinDir, destinations: &[SocketAddr]) -> Result<Self, TraceError> {
         let maps_dir = pins.maps();
         let mut loader = match super::pinned_conns_capacity(&maps_dir) {
             Some(conns) => super::object_loader(&maps_dir, conns),
@@ -95,7 +100,9 @@ impl Tracing {
                 return Err(TraceError::NotAttached { path, source });
             }
         };
+        let filter = TraceFilter::of(destinations);
         let mut ebpf = loader
+            .override_global(TRACE_FILTER_GLOBAL, &filter, true)
             .load(TRACE_OBJECT)
             .map_err(|e| TraceError::Object { maps: maps_dir.clone(), source: Box::new(e) })?;
         let ring = ebpf

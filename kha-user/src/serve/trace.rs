@@ -138,7 +138,8 @@ pub async fn stream(
         return refuse(stream, 409, "Conflict", body).await;
     };
     // Loading runs the verifier (milliseconds): off the runtime's thread.
-    let tracing = match tokio::task::spawn_blocking(move || Tracing::start(&pins)).await {
+    let destinations = req.frontends.clone();
+    let tracing = match tokio::task::spawn_blocking(move || Tracing::start(&pins, &destinations)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let body = format!("cannot start the trace: {}\n", kha::errors::chain(&e));
@@ -155,13 +156,13 @@ pub async fn stream(
     stream
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
         .await?;
-    let (reason, lines, dropped) = run(&mut stream, &req, &slot, start).await;
+    let Streamed { reason, lines, dropped, filtered } = run(&mut stream, &req, &slot, start).await;
     let lost = slot.lost();
     drop(busy); // swaps back before the last line says so
     log::info!(
-        "trace: ended ({reason:?}), {lines} lines, {dropped} dropped, {lost} lost; untraced programs back"
+        "trace: ended ({reason:?}), {lines} lines, {dropped} dropped, {lost} lost, {filtered} filtered here; untraced programs back"
     );
-    let end = Record::End { reason, lines, dropped, lost };
+    let end = Record::End { reason, lines, dropped, lost, filtered };
     let _ = write_line(&mut stream, &end).await;
     let _ = stream.shutdown().await;
     Ok(())
@@ -176,19 +177,31 @@ async fn write_line(stream: &mut TcpStream, r: &Record) -> Result<(), ()> {
     }
 }
 
-/// Streams until the trace ends; returns why, the lines sent and those dropped.
-async fn run(
-    stream: &mut TcpStream,
-    req: &Request,
-    slot: &TraceSlot,
-    start: Record,
-) -> (EndReason, u64, u64) {
+/// How a trace's stream went.
+struct Streamed {
+    reason: EndReason,
+    lines: u64,
+    /// By the rate bound.
+    dropped: u64,
+    /// Records of other destinations the kernel sent (its filter takes at most
+    /// `TRACE_FILTER_MAX`; beyond that the agent filters).
+    filtered: u64,
+}
+
+/// Streams until the trace ends.
+async fn run(stream: &mut TcpStream, req: &Request, slot: &TraceSlot, start: Record) -> Streamed {
     let began = Instant::now();
     let deadline = tokio::time::Instant::now() + req.duration;
     let mut rate = RateBound::new(MAX_LINES_PER_SEC, began);
-    let mut lines = 0;
+    let (mut lines, mut filtered) = (0, 0);
+    let end = |reason, lines, rate: &RateBound, filtered| Streamed {
+        reason,
+        lines,
+        dropped: rate.dropped,
+        filtered,
+    };
     if write_line(stream, &start).await.is_err() {
-        return (EndReason::ClientGone, 0, 0);
+        return end(EndReason::ClientGone, 0, &rate, 0);
     }
     let mut tick = tokio::time::interval(READ_EVERY);
     let stopping = slot.stopping.notified();
@@ -199,25 +212,29 @@ async fn run(
         tokio::select! {
             _ = tick.tick() => {}
             () = tokio::time::sleep_until(deadline) => last = true,
-            () = &mut stopping => return (EndReason::AgentStopping, lines, rate.dropped),
+            () = &mut stopping => return end(EndReason::AgentStopping, lines, &rate, filtered),
             // The client sends nothing after its request: a read ends only when it goes.
-            _ = stream.read(&mut probe) => return (EndReason::ClientGone, lines, rate.dropped),
+            _ = stream.read(&mut probe) => return end(EndReason::ClientGone, lines, &rate, filtered),
         }
         let Some(events) = slot.drain() else {
-            return (EndReason::AgentStopping, lines, rate.dropped);
+            return end(EndReason::AgentStopping, lines, &rate, filtered);
         };
-        for e in events.iter().filter(|e| req.wants(e)) {
+        for e in &events {
+            if !req.wants(e) {
+                filtered += 1;
+                continue;
+            }
             if !rate.admit(Instant::now()) {
                 continue;
             }
             let d = Record::Decision(kha::trace::Decision::from_event(e));
             if write_line(stream, &d).await.is_err() {
-                return (EndReason::ClientGone, lines, rate.dropped);
+                return end(EndReason::ClientGone, lines, &rate, filtered);
             }
             lines += 1;
         }
         if last {
-            return (EndReason::Duration, lines, rate.dropped);
+            return end(EndReason::Duration, lines, &rate, filtered);
         }
     }
 }
