@@ -13,15 +13,14 @@ use super::super::socket;
 use super::super::{ProbeEvent, SILENT_AFTER};
 use super::{
     CLOSE_AFTER_RESPONSE_GRACE, Gone, HOLD_FOR, HOLD_SPREAD, Liveness, Out, Prober, Retry, UNACKED_CHECK,
-    UNACKED_CONFIRM_SPREAD, UNACKED_RETRANSMITS,
+    UNACKED_RETRANSMITS,
 };
 
 impl Prober {
     /// `OPTIONS *` on the kept-alive connection, timed against the silence: [`SLOW_AFTER`]
     /// unanswered is reported slow, [`SILENT_AFTER`] since the silence began is reported
     /// silent, and a request the master's kernel has not acknowledged after
-    /// [`UNACKED_RETRANSMITS`] retransmissions is reported unacknowledged, after this node's
-    /// share of [`UNACKED_CONFIRM_SPREAD`] (see [`UnackedConfirm`]).
+    /// [`UNACKED_RETRANSMITS`] retransmissions is reported unacknowledged, at once.
     ///
     /// A silent master whose kernel still acknowledges (a hung or stopped process) keeps this
     /// connection and its one pending request for about [`HOLD_FOR`]: no reconnects while it
@@ -41,7 +40,6 @@ impl Prober {
         let mut silenced = false;
         let mut check = tokio::time::interval_at(slow_at, UNACKED_CHECK);
         let hold = self.rng.between(HOLD_FOR.mul_f64(1.0 - HOLD_SPREAD), HOLD_FOR.mul_f64(1.0 + HOLD_SPREAD));
-        let mut unacked = UnackedConfirm::new(self.rng.between(Duration::ZERO, UNACKED_CONFIRM_SPREAD));
         let result = {
             let tcp = conn.tls.get_ref().0.as_fd().try_clone_to_owned();
             let exchange =
@@ -62,7 +60,7 @@ impl Prober {
                     }
                     _ = check.tick(), if !silenced => {
                         let retransmits = tcp.as_ref().ok().and_then(|fd| socket::unacknowledged(fd).ok().flatten());
-                        if let Some(retransmits) = unacked.confirmed(retransmits, Instant::now()) {
+                        if let Some(retransmits) = retransmits.filter(|&r| r >= UNACKED_RETRANSMITS) {
                             break Err(ProbeFailure::Unacknowledged { waited: sent.elapsed(), retransmits });
                         }
                     }
@@ -135,72 +133,5 @@ impl Prober {
             return None;
         }
         Some(failure)
-    }
-}
-
-/// The confirmation of a request the master's kernel leaves unacknowledged: after
-/// [`UNACKED_RETRANSMITS`] retransmissions, a further wait of this node's own (drawn per
-/// request from `0..UNACKED_CONFIRM_SPREAD`), cancelled by an acknowledgement meanwhile.
-///
-/// Why the wait: each node that confirms terminates its long-lived sockets on that master,
-/// and every watch and kubelet connection on them reconnects (TLS handshake, then a watch
-/// resume or a re-list) onto the other masters. The nodes' tick phases already spread their
-/// confirmations over one interval (0.9 s) when the phases are independent; they are not
-/// after a common event, e.g. an apiserver restart that reset every node's probe connection
-/// within one recheck (0.3 s), after which the ticks stay bunched for minutes. This wait
-/// spreads such a bunch over at least 0.3 s more (half the peak for a 0.3 s bunch), and a
-/// blackholed master's sockets still move within the 2 s goal (at most 0.3 s later).
-pub(super) struct UnackedConfirm {
-    delay: Duration,
-    at: Option<Instant>,
-}
-
-impl UnackedConfirm {
-    pub(super) fn new(delay: Duration) -> Self {
-        UnackedConfirm { delay, at: None }
-    }
-
-    /// The retransmissions to report once the request has stayed unacknowledged through the
-    /// wait; `None` until then. `retransmits` is [`socket::unacknowledged`] read now.
-    pub(super) fn confirmed(&mut self, retransmits: Option<u8>, now: Instant) -> Option<u8> {
-        let Some(retransmits) = retransmits.filter(|&r| r >= UNACKED_RETRANSMITS) else {
-            // Acknowledged (or recovered to fewer retransmissions): the path works again.
-            self.at = None;
-            return None;
-        };
-        (now >= *self.at.get_or_insert(now + self.delay)).then_some(retransmits)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn unacknowledged_is_confirmed_only_after_the_nodes_own_wait() {
-        let t0 = Instant::now();
-        let mut c = UnackedConfirm::new(200 * MS);
-        assert_eq!(c.confirmed(Some(1), t0), None, "one retransmission is not enough");
-        assert_eq!(c.confirmed(Some(2), t0 + 50 * MS), None, "the wait starts here");
-        assert_eq!(c.confirmed(Some(2), t0 + 200 * MS), None);
-        assert_eq!(c.confirmed(Some(3), t0 + 250 * MS), Some(3));
-    }
-
-    #[test]
-    fn an_acknowledgement_during_the_wait_cancels_it() {
-        let t0 = Instant::now();
-        let mut c = UnackedConfirm::new(200 * MS);
-        assert_eq!(c.confirmed(Some(2), t0), None);
-        assert_eq!(c.confirmed(None, t0 + 100 * MS), None, "acknowledged: the link is back");
-        assert_eq!(c.confirmed(Some(2), t0 + 250 * MS), None, "a new loss waits afresh");
-        assert_eq!(c.confirmed(Some(2), t0 + 450 * MS), Some(2));
-    }
-
-    #[test]
-    fn no_wait_confirms_at_the_second_retransmission() {
-        let mut c = UnackedConfirm::new(Duration::ZERO);
-        assert_eq!(c.confirmed(Some(2), Instant::now()), Some(2));
     }
 }

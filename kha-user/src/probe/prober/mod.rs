@@ -75,11 +75,6 @@ pub const CONFIRM_MAX: Duration = Duration::from_millis(150);
 /// counts as gone; the sockets on it are terminated and move.
 pub const UNACKED_RETRANSMITS: u8 = 2;
 
-/// Each node waits its own random share of this after [`UNACKED_RETRANSMITS`] before it
-/// confirms a master gone, so that a fleet cut off from a master does not terminate its
-/// sockets on it in one instant (see `liveness::UnackedConfirm`).
-pub const UNACKED_CONFIRM_SPREAD: Duration = Duration::from_millis(300);
-
 /// How often the kernel's view of a waiting liveness request is read (one `getsockopt`),
 /// from [`SLOW_AFTER`] on.
 pub const UNACKED_CHECK: Duration = Duration::from_millis(50);
