@@ -68,9 +68,10 @@ pub fn ready_endpoints<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) 
                 continue;
             }
             let Some(first) = endpoint.addresses.first() else { continue };
-            match first.parse::<IpAddr>() {
+            // Canonical first: `::ffff:227.0.2.12` is an IPv4 multicast address in disguise.
+            match first.parse::<IpAddr>().map(|ip| ip.to_canonical()) {
                 Ok(ip) if unicast(ip) => {
-                    out.insert(SocketAddr::new(ip.to_canonical(), port));
+                    out.insert(SocketAddr::new(ip, port));
                 }
                 _ => log::warn!("EndpointSlice {name}: `{first}` is not a unicast IP address; skipped"),
             }
@@ -189,6 +190,19 @@ pub(crate) mod tests {
         let taken: Vec<_> = apiserver_slices([&real, &forged, &managed]).collect();
         assert_eq!(taken.len(), 1);
         assert_eq!(ready_endpoints(taken), set(&["192.0.2.11:6443"]));
+    }
+
+    /// Found by the fuzzer (`endpoint_slices`): a v4-mapped multicast address passed as an
+    /// IPv6 unicast one, then the config refused it.
+    #[test]
+    fn a_v4_mapped_address_is_judged_as_the_ipv4_it_is() {
+        let s = slice(
+            "kubernetes",
+            "IPv6",
+            &[(Some("https"), 6443)],
+            &[("::ffff:227.0.2.12", Some(true), None), ("::ffff:192.0.2.11", Some(true), None)],
+        );
+        assert_eq!(ready_endpoints([&s]), set(&["192.0.2.11:6443"]));
     }
 
     #[test]
