@@ -341,12 +341,13 @@ impl Loaded {
                 let prog = program(&mut self.ebpf, hook)?;
                 let prog_fd =
                     prog.fd().map_err(|source| LoaderError::Program { program: hook.program, source })?;
-                let new = prog_fd
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(setup_err(cgroup, "cannot dup program fd"))?;
                 match found {
                     Some(Existing { fd, info }) => {
+                        // Kept for the rollback: the swap's new program, by fd.
+                        let new = prog_fd
+                            .as_fd()
+                            .try_clone_to_owned()
+                            .map_err(setup_err(cgroup, "cannot dup program fd"))?;
                         let old = sys::prog_fd_by_id(info.prog_id).map_err(|source| LoaderError::Link {
                             hook: hook.link,
                             what: "cannot open the running program",
