@@ -1,19 +1,34 @@
 //! The agent's HTTP endpoints: `/metrics` on `--metrics-addr`, `/healthz` and `/readyz` on
 //! `--health-addr` (both localhost by default), and on both the streaming `/trace` for
-//! `kha trace` (`trace`). Deliberately tiny: GET only, one request per connection, bounded in
-//! size, time and number (`accept`; a trace by its own bounds). Answers are built on a
-//! blocking thread: they read the pinned maps, and the runtime's threads are the probes'.
+//! `kha trace` (`trace`). HTTP is hyper's (HTTP/1.1, one request per connection); what is ours
+//! is the bounds: in number (`accept`), in size (hyper's buffer), in time (the request and,
+//! except `/trace`, its answer within [`REQUEST_TIME`]; a trace by its own bounds). Answers are
+//! built on a blocking thread: they read the pinned maps, and the runtime's threads are the
+//! probes'.
 
 mod accept;
 mod trace;
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use kha_common::socket_addr;
 
 use kha::{
@@ -23,10 +38,7 @@ use kha::{
     table::BackendTable as _,
     top::{cgroups::Resolver, sampler::Sampler},
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 
 pub use accept::{MAX_CONNECTIONS, Slots};
 pub use trace::TraceSlot;
@@ -80,68 +92,82 @@ pub fn start(listener: std::net::TcpListener, what: &'static str, ep: Endpoints)
     let slots = ep.slots.clone();
     tokio::spawn(accept::accept_loop(listener, slots, what, move |stream, slot| {
         let ep = ep.clone();
-        tokio::spawn(async move {
-            let _ = handle(stream, slot, ep).await;
-        });
+        tokio::spawn(handle(stream, slot, ep));
     }));
     Ok(())
 }
 
-async fn handle(mut stream: TcpStream, mut slot: accept::Slot, ep: Endpoints) -> std::io::Result<()> {
-    let Ok(head) = tokio::time::timeout(REQUEST_TIME, read_head(&mut stream, &mut slot)).await else {
-        return Ok(());
-    };
-    let Some(head) = head? else { return Ok(()) };
-    slot.answering();
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
-    if method == "GET" && (path == "/trace" || path.starts_with("/trace?")) {
-        let query = path.split_once('?').map_or("", |(_, q)| q);
-        return trace::stream(stream, query, ep.trace.clone(), ep.pins.clone()).await;
-    }
-    let _ = tokio::time::timeout(REQUEST_TIME, answer(stream, method, path, ep)).await;
-    Ok(())
+/// An answer's body: whole (`text`) or, for `/trace`, streamed.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A whole answer; `/metrics` is the only one that is not plain text.
+pub fn text(code: u16, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
 }
 
-/// The request head; `None` when a newer connection needed the slot first.
-async fn read_head(stream: &mut TcpStream, slot: &mut accept::Slot) -> std::io::Result<Option<String>> {
-    let mut buf = vec![0u8; 8192];
-    let mut n = 0;
-    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-        let read = tokio::select! {
-            read = stream.read(&mut buf[n..]) => read?,
-            // A newer connection needed the slot: this one had its chance.
-            _ = &mut slot.evicted => return Ok(None),
-        };
-        if read == 0 {
-            break;
+/// The request head's bound, hyper's smallest read buffer: a GET with a short query.
+const MAX_HEAD: usize = 8192;
+
+async fn handle(stream: TcpStream, mut slot: accept::Slot, ep: Endpoints) {
+    let loopback = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+    // Set when the request is `/trace`: its answer lasts as long as the trace.
+    let streaming = Arc::new(AtomicBool::new(false));
+    let answering = slot.answer_handle();
+    let service = {
+        let streaming = streaming.clone();
+        service_fn(move |req: Request<Incoming>| {
+            answering.answering();
+            let (ep, streaming) = (ep.clone(), streaming.clone());
+            async move { Ok::<_, Infallible>(respond(req, loopback, ep, &streaming).await) }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIME)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let deadline = tokio::time::sleep(REQUEST_TIME);
+    tokio::pin!(deadline);
+    let mut bounded = true;
+    loop {
+        tokio::select! {
+            _ = &mut conn => return,
+            // A newer connection needed the slot before this one sent its request.
+            () = slot.until_evicted() => return,
+            () = &mut deadline, if bounded => {
+                if !streaming.load(Ordering::Relaxed) {
+                    return;
+                }
+                bounded = false;
+            }
         }
-        n += read;
     }
-    Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned()))
 }
 
-async fn answer(mut stream: TcpStream, method: &str, path: String, ep: Endpoints) -> std::io::Result<()> {
-    let (code, content_type, body) = if method != "GET" {
-        (405, "text/plain", "GET only\n".to_string())
-    } else {
-        tokio::task::spawn_blocking(move || route(&path, &ep))
-            .await
-            .unwrap_or_else(|_| (500, "text/plain", "internal error\n".into()))
-    };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        500 => "Internal Server Error",
-        _ => "Service Unavailable",
-    };
-    let response = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+async fn respond(
+    req: Request<Incoming>,
+    loopback: bool,
+    ep: Endpoints,
+    streaming: &AtomicBool,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    if req.method() != Method::GET {
+        return text(405, "text/plain", "GET only\n".into());
+    }
+    if path == "/trace" {
+        streaming.store(true, Ordering::Relaxed);
+        let query = req.uri().query().unwrap_or("");
+        return trace::respond(loopback, query, ep.trace.clone(), ep.pins.clone()).await;
+    }
+    let (code, content_type, body) = tokio::task::spawn_blocking(move || route(&path, &ep))
+        .await
+        .unwrap_or_else(|_| (500, "text/plain", "internal error\n".into()));
+    text(code, content_type, body)
 }
 
 fn route(path: &str, ep: &Endpoints) -> (u16, &'static str, String) {

@@ -2,13 +2,12 @@
 //! address) and prints each decision as the agent streams it, as text or (`-o json`) the
 //! agent's JSON lines unchanged.
 
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{io::Write as _, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{StatusCode, body::Bytes, header::HOST};
+use hyper_util::rt::TokioIo;
 use kha::trace::{Record, Request};
 
 pub struct Args {
@@ -17,54 +16,73 @@ pub struct Args {
     pub json: bool,
 }
 
+/// A refusal's text is a line or two, a trace line a few hundred bytes; more is not the agent.
+const MAX_REFUSAL: usize = 4096;
+const MAX_LINE: usize = 64 * 1024;
+
 pub fn run(args: Args) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(trace(args))
+}
+
+async fn trace(args: Args) -> Result<()> {
     let agent = args.agent;
-    let mut conn = TcpStream::connect_timeout(&agent, Duration::from_secs(3)).with_context(|| {
+    let connect = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(agent));
+    let conn = connect.await.map_err(anyhow::Error::from).and_then(|c| Ok(c?)).with_context(|| {
         format!(
             "no kha agent answers on {agent}: is `kha run` running with --metrics-addr {agent}? Otherwise pass its address with --agent"
         )
     })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
+    tokio::spawn(connection);
+    let uri = format!("/trace?{}", args.request.query());
+    let req = hyper::Request::get(uri).header(HOST, agent.to_string()).body(Empty::<Bytes>::new())?;
     // The agent sends a line at least when the trace ends; allow for its own slack.
-    conn.set_read_timeout(Some(args.request.duration + Duration::from_secs(15)))?;
-    write!(
-        conn,
-        "GET /trace?{} HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n",
-        args.request.query()
-    )?;
-    let mut reader = BufReader::new(conn);
-    let mut status = String::new();
-    reader.read_line(&mut status).with_context(|| format!("reading the answer of {agent}"))?;
-    let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header)? == 0 || header == "\r\n" {
-            break;
+    let patience = args.request.duration + Duration::from_secs(15);
+    let answer = tokio::time::timeout(patience, async {
+        let response =
+            sender.send_request(req).await.with_context(|| format!("reading the answer of {agent}"))?;
+        let (head, mut body) = response.into_parts();
+        if head.status != StatusCode::OK {
+            let text = http_body_util::Limited::new(body, MAX_REFUSAL).collect().await;
+            let text =
+                text.map(|t| String::from_utf8_lossy(&t.to_bytes()).trim().to_owned()).unwrap_or_default();
+            if head.status == StatusCode::NOT_FOUND {
+                bail!("the agent on {agent} has no /trace: it is an older kha; upgrade it");
+            }
+            bail!("the agent on {agent} refused the trace ({}): {text}", head.status);
         }
-    }
-    if code != 200 {
-        let mut body = String::new();
-        let _ = std::io::Read::read_to_string(&mut reader, &mut body);
-        if code == 404 {
-            bail!("the agent on {agent} has no /trace: it is an older kha; upgrade it");
+        let (mut pending, mut ended) = (Vec::new(), false);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.with_context(|| format!("reading the trace from {agent}"))?;
+            let Ok(data) = frame.into_data() else { continue };
+            pending.extend_from_slice(&data);
+            if pending.len() > MAX_LINE {
+                bail!("the agent on {agent} sent a trace line over {MAX_LINE} bytes: not a kha agent?");
+            }
+            while let Some(at) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=at).collect();
+                ended |= print(&line[..at], args.json)?;
+            }
         }
-        bail!("the agent on {agent} refused the trace ({}): {}", status.trim(), body.trim());
-    }
-    let mut ended = false;
-    let stdout = std::io::stdout();
-    for line in reader.lines() {
-        let line = line.with_context(|| format!("reading the trace from {agent}"))?;
-        let record: Record = serde_json::from_str(&line).with_context(|| format!("a trace line: {line}"))?;
-        ended |= matches!(record, Record::End { .. });
-        let mut out = stdout.lock();
-        if args.json {
-            writeln!(out, "{line}")?;
-        } else {
-            writeln!(out, "{}", record.text())?;
+        if !ended {
+            bail!("the trace from {agent} stopped without its last line (the agent went away?)");
         }
-        out.flush()?;
+        Ok(())
+    });
+    answer.await.with_context(|| format!("the trace from {agent} did not end within {patience:?}"))?
+}
+
+/// Prints one line of the agent's; whether it was the last.
+fn print(line: &[u8], json: bool) -> Result<bool> {
+    let line = std::str::from_utf8(line).context("a trace line that is not UTF-8")?;
+    let record: Record = serde_json::from_str(line).with_context(|| format!("a trace line: {line}"))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(out, "{}", record.text())?;
     }
-    if !ended {
-        bail!("the trace from {agent} stopped without its last line (the agent went away?)");
-    }
-    Ok(())
+    out.flush()?;
+    Ok(matches!(record, Record::End { .. }))
 }

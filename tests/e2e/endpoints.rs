@@ -2,7 +2,7 @@
 //! idle connections to the endpoints, and accept failing with EMFILE.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::{SocketAddr, TcpStream},
     thread,
     time::Duration,
@@ -10,26 +10,10 @@ use std::{
 
 use kha_lab::bed::Bed;
 
-use crate::harness::{self, NO_CHECKS, args, wait_for};
+use crate::harness::{self, NO_CHECKS, args, free_port, http_get, wait_for};
 
 /// kha-user's `serve::MAX_CONNECTIONS`.
 const MAX_CONNECTIONS: usize = 64;
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `GET path` on a new connection: (status code, body), or `None` without an answer in 3 s.
-pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
-}
 
 /// An agent with both endpoints on free local ports: (metrics port, health port).
 fn start(bed: &mut Bed, extra: &[&str]) -> (u16, u16) {

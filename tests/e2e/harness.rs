@@ -339,3 +339,31 @@ impl ConnectLoop {
         kha_lab::bed::parse_json_lines(&text).1
     }
 }
+
+/// A free port on 127.0.0.1 for an agent's endpoint.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET path` on 127.0.0.1:`port` through hyper's client: (status code, body), or `None`
+/// without a whole answer within 3 s.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper::body::Bytes;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    rt.block_on(async {
+        let get = async {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+            tokio::spawn(conn);
+            let req =
+                hyper::Request::get(path).header("host", "localhost").body(Empty::<Bytes>::new()).ok()?;
+            let response = sender.send_request(req).await.ok()?;
+            let code = response.status().as_u16();
+            let body = response.into_body().collect().await.ok()?.to_bytes();
+            Some((code, String::from_utf8_lossy(&body).into_owned()))
+        };
+        tokio::time::timeout(Duration::from_secs(3), get).await.ok().flatten()
+    })
+}

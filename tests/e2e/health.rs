@@ -7,7 +7,7 @@ use std::time::Duration;
 use kha_lab::{FailureMode, bed::Bed};
 use serde_json::Value;
 
-use crate::harness::{self, LiveClient, args, backends, https, start, wait_for};
+use crate::harness::{self, LiveClient, args, backends, free_port, http_get, https, start, wait_for};
 
 /// Fast probes so failures show within a second or two.
 pub fn probe_args(extra: &[&str]) -> Vec<String> {
@@ -234,22 +234,6 @@ fn every_master_down_then_recovery() {
     assert_eq!(run.failed(), 0, "{:?}", run.summary);
 }
 
-/// `GET path` on a local port: (status code, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn metrics_and_health_endpoints_report_the_real_state() {
     let Some(mut bed) = harness::bed(3) else { return };
@@ -257,12 +241,12 @@ fn metrics_and_health_endpoints_report_the_real_state() {
     let (m, h) = (format!("127.0.0.1:{metrics}"), format!("127.0.0.1:{health}"));
     start_checked(&mut bed, &["--metrics-addr", &m, "--health-addr", &h]);
     all_up(&bed);
-    assert_eq!(http_get(health, "/healthz").0, 200);
-    assert_eq!(http_get(health, "/readyz").0, 200);
+    assert_eq!(http_get(health, "/healthz").expect("an answer").0, 200);
+    assert_eq!(http_get(health, "/readyz").expect("an answer").0, 200);
     assert_eq!(https(&bed, "127.0.0.1:6443", 12).failed(), 0);
 
     let m1 = bed.lab.master("m1").unwrap().https_v4().to_string();
-    let (code, text) = http_get(metrics, "/metrics");
+    let (code, text) = http_get(metrics, "/metrics").expect("an answer");
     assert_eq!(code, 200);
     assert!(
         text.contains(&format!("kha_backend_up{{frontend=\"127.0.0.1:6443\",backend=\"{m1}\"}} 1")),
@@ -278,7 +262,7 @@ fn metrics_and_health_endpoints_report_the_real_state() {
 
     bed.lab.kill_master("m1").unwrap();
     wait_state(&bed, &m1, "down", false);
-    let (_, text) = http_get(metrics, "/metrics");
+    let (_, text) = http_get(metrics, "/metrics").expect("an answer");
     assert!(
         text.contains(&format!("kha_backend_up{{frontend=\"127.0.0.1:6443\",backend=\"{m1}\"}} 0")),
         "{text}"
@@ -290,10 +274,10 @@ fn metrics_and_health_endpoints_report_the_real_state() {
     }
     let m3 = bed.lab.master("m3").unwrap().https_v4().to_string();
     wait_state(&bed, &m3, "down", true);
-    let (code, body) = http_get(health, "/readyz");
+    let (code, body) = http_get(health, "/readyz").expect("an answer");
     assert_eq!(code, 503, "{body}");
-    assert_eq!(http_get(health, "/healthz").0, 200, "the agent itself is fine");
-    let (_, text) = http_get(metrics, "/metrics");
+    assert_eq!(http_get(health, "/healthz").expect("an answer").0, 200, "the agent itself is fine");
+    let (_, text) = http_get(metrics, "/metrics").expect("an answer");
     assert!(text.contains("kha_frontend_fallback{frontend=\"127.0.0.1:6443\"} 1"), "{text}");
 }
 
@@ -386,7 +370,7 @@ fn a_rotated_ca_file_is_picked_up_without_sighup_and_a_broken_one_is_ignored() {
     let log = bed.agent_log_text();
     let line = log.lines().find(|l| l.contains("cannot be used")).unwrap();
     assert!(line.contains(&ca_arg), "the log line names the file: {line}");
-    let (_, text) = http_get(metrics, "/metrics");
+    let (_, text) = http_get(metrics, "/metrics").expect("an answer");
     for series in [
         "kha_probe_tls_reloads_total{result=\"reloaded\"} 1",
         "kha_probe_tls_reloads_total{result=\"rejected\"} 1",

@@ -5,8 +5,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
-    endpoints::{free_port, http_get},
-    harness::{self, LiveClient, backends, start, wait_for},
+    harness::{self, LiveClient, backends, free_port, http_get, start, wait_for},
     health::{all_up, probe_args, wait_state},
 };
 

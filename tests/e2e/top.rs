@@ -12,8 +12,7 @@ use kha_lab::bed::{Bed, ChildCgroup};
 use serde_json::Value;
 
 use crate::{
-    endpoints::{free_port, http_get},
-    harness::{self, LiveClient, args, backends, start, wait_for},
+    harness::{self, LiveClient, args, backends, free_port, http_get, start, wait_for},
     health::{all_up, probe_args},
 };
 

@@ -14,10 +14,7 @@ use std::{
 use kha_lab::{bed::Bed, topology::IDENT_PORT};
 use serde_json::Value;
 
-use crate::{
-    endpoints::free_port,
-    harness::{self, ExtraNetns, args, connect, start, wait_for},
-};
+use crate::harness::{self, ExtraNetns, args, connect, free_port, start, wait_for};
 
 /// Refused: a frontend without backends.
 const EMPTY: &str = "127.0.0.1:7443";

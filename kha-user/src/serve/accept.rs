@@ -62,6 +62,33 @@ pub struct Slot {
 impl Slot {
     /// The request is in: from now on the connection is answered, not evicted.
     pub fn answering(&self) {
+        self.answer_handle().answering();
+    }
+
+    /// What marks the connection answering from inside the HTTP service, which cannot hold the
+    /// slot itself: the connection's task waits on [`Slot::until_evicted`] meanwhile.
+    pub fn answer_handle(&self) -> Answering {
+        Answering { id: self.id, waiting: self.waiting.clone() }
+    }
+
+    /// Resolves when a newer connection needs the slot; never once the connection is
+    /// answering (its eviction signal is then dropped, not sent).
+    pub async fn until_evicted(&mut self) {
+        if (&mut self.evicted).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Marks one connection answering: see [`Slot::answer_handle`].
+#[derive(Clone)]
+pub struct Answering {
+    id: u64,
+    waiting: Arc<Mutex<Waiting>>,
+}
+
+impl Answering {
+    pub fn answering(&self) {
         lock(&self.waiting).evict.remove(&self.id);
     }
 }
@@ -254,5 +281,25 @@ mod tests {
         assert!(slots.admit().await.is_none());
         drop(b);
         assert!(slots.admit().await.is_some(), "a slot given back is free again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_answering_is_never_told_it_was_evicted() {
+        let slots = Slots::new(1);
+        let mut a = slots.admit().await.expect("free slot");
+        a.answer_handle().answering();
+        // Nothing waits for its request: a newcomer is refused, and `a` hears nothing.
+        assert!(slots.admit().await.is_none());
+        let heard = tokio::time::timeout(Duration::from_secs(60), a.until_evicted()).await;
+        assert!(heard.is_err(), "an answering connection's eviction future stays pending");
+        drop(a);
+        let mut b = slots.admit().await.expect("a's slot is free");
+        let admit_c = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.admit().await.is_some() }
+        });
+        tokio::time::timeout(Duration::from_secs(1), b.until_evicted()).await.expect("b is evicted");
+        drop(b);
+        assert!(admit_c.await.unwrap(), "c takes b's slot");
     }
 }

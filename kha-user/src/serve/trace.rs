@@ -11,15 +11,24 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http_body_util::{BodyExt as _, StreamBody};
+use hyper::{
+    Response,
+    body::{Bytes, Frame},
+    header::{CONTENT_TYPE, HeaderValue},
+};
 use kha::{
     loader::{PinDir, Tracing},
     trace::{EndReason, MAX_LINES_PER_SEC, RateBound, Record, Request},
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    sync::Notify,
-};
+use tokio::sync::{Notify, mpsc};
+
+use super::Body;
+
+/// Lines waiting for a slow client; beyond them `write_line` waits, up to [`WRITE_TIMEOUT`].
+const LINES_BUFFERED: usize = 64;
+
+type Lines = mpsc::Sender<Bytes>;
 
 /// How often the ring buffer is read: at most this late, a line.
 const READ_EVERY: Duration = Duration::from_millis(50);
@@ -107,71 +116,64 @@ impl Drop for Busy {
     }
 }
 
-async fn refuse(mut stream: TcpStream, code: u16, reason: &str, body: String) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(format!("{head}{body}").as_bytes()).await?;
-    stream.shutdown().await
+fn refuse(code: u16, body: impl Into<String>) -> Response<Body> {
+    super::text(code, "text/plain", body.into())
 }
 
-pub async fn stream(
-    mut stream: TcpStream,
-    query: &str,
-    slot: TraceSlot,
-    pins: PinDir,
-) -> std::io::Result<()> {
-    if !stream.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
-        let body = "/trace answers clients on this node's loopback only: run `kha trace` on the node\n";
-        return refuse(stream, 403, "Forbidden", body.into()).await;
+/// The answer to `GET /trace?query`: a refusal, or a stream of lines fed by a task of its own
+/// that ends when the trace does.
+pub async fn respond(loopback: bool, query: &str, slot: TraceSlot, pins: PinDir) -> Response<Body> {
+    if !loopback {
+        return refuse(
+            403,
+            "/trace answers clients on this node's loopback only: run `kha trace` on the node\n",
+        );
     }
     let req = match Request::parse(query) {
         Ok(r) => r,
-        Err(e) => return refuse(stream, 400, "Bad Request", format!("{e}\n")).await,
+        Err(e) => return refuse(400, format!("{e}\n")),
     };
     let Some(busy) = slot.take() else {
         if slot.lock().stopping {
-            return refuse(stream, 503, "Service Unavailable", "the agent is stopping\n".into()).await;
+            return refuse(503, "the agent is stopping\n");
         }
-        let body = "a trace is already running; one at a time: wait for it to end\n".into();
-        return refuse(stream, 409, "Conflict", body).await;
+        return refuse(409, "a trace is already running; one at a time: wait for it to end\n");
     };
     // Loading runs the verifier (milliseconds): off the runtime's thread.
     let destinations = req.frontends.clone();
     let tracing = match tokio::task::spawn_blocking(move || Tracing::start(&pins, &destinations)).await {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            let body = format!("cannot start the trace: {}\n", kha::errors::chain(&e));
-            return refuse(stream, 500, "Internal Server Error", body).await;
-        }
-        Err(_) => return refuse(stream, 500, "Internal Server Error", "internal error\n".into()).await,
+        Ok(Err(e)) => return refuse(500, format!("cannot start the trace: {}\n", kha::errors::chain(&e))),
+        Err(_) => return refuse(500, "internal error\n"),
     };
     let programs: Vec<_> = tracing.prog_ids().into_iter().map(|(h, u, t)| (h.to_owned(), u, t)).collect();
     log::info!("trace: started for {:?} ({programs:?}: untraced -> traced program ids)", req.duration);
     if !slot.hold(tracing) {
-        return Ok(());
+        return refuse(503, "the agent is stopping\n");
     }
-    let start = Record::Start { duration_ms: req.duration.as_millis() as u64, programs };
-    stream
-        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
-        .await?;
-    let Streamed { reason, lines, dropped, filtered } = run(&mut stream, &req, &slot, start).await;
-    let lost = slot.lost();
-    drop(busy); // swaps back before the last line says so
-    log::info!(
-        "trace: ended ({reason:?}), {lines} lines, {dropped} dropped, {lost} lost, {filtered} filtered here; untraced programs back"
-    );
-    let end = Record::End { reason, lines, dropped, lost, filtered };
-    let _ = write_line(&mut stream, &end).await;
-    let _ = stream.shutdown().await;
-    Ok(())
+    let (tx, rx) = mpsc::channel(LINES_BUFFERED);
+    tokio::spawn(async move {
+        let start = Record::Start { duration_ms: req.duration.as_millis() as u64, programs };
+        let Streamed { reason, lines, dropped, filtered } = run(&tx, &req, &slot, start).await;
+        let lost = slot.lost();
+        drop(busy); // swaps back before the last line says so
+        log::info!(
+            "trace: ended ({reason:?}), {lines} lines, {dropped} dropped, {lost} lost, {filtered} filtered here; untraced programs back"
+        );
+        let _ = write_line(&tx, &Record::End { reason, lines, dropped, lost, filtered }).await;
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (Ok(Frame::data(line)), rx))
+    });
+    let mut r = Response::new(StreamBody::new(body).boxed_unsync());
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    r
 }
 
-async fn write_line(stream: &mut TcpStream, r: &Record) -> Result<(), ()> {
+async fn write_line(tx: &Lines, r: &Record) -> Result<(), ()> {
     let mut line = serde_json::to_vec(r).map_err(drop)?;
     line.push(b'\n');
-    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&line)).await {
+    match tokio::time::timeout(WRITE_TIMEOUT, tx.send(Bytes::from(line))).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
@@ -189,7 +191,7 @@ struct Streamed {
 }
 
 /// Streams until the trace ends.
-async fn run(stream: &mut TcpStream, req: &Request, slot: &TraceSlot, start: Record) -> Streamed {
+async fn run(tx: &Lines, req: &Request, slot: &TraceSlot, start: Record) -> Streamed {
     let began = Instant::now();
     let deadline = tokio::time::Instant::now() + req.duration;
     let mut rate = RateBound::new(MAX_LINES_PER_SEC, began);
@@ -200,21 +202,20 @@ async fn run(stream: &mut TcpStream, req: &Request, slot: &TraceSlot, start: Rec
         dropped: rate.dropped,
         filtered,
     };
-    if write_line(stream, &start).await.is_err() {
+    if write_line(tx, &start).await.is_err() {
         return end(EndReason::ClientGone, 0, &rate, 0);
     }
     let mut tick = tokio::time::interval(READ_EVERY);
     let stopping = slot.stopping.notified();
     tokio::pin!(stopping);
-    let mut probe = [0u8; 64];
     loop {
         let mut last = false;
         tokio::select! {
             _ = tick.tick() => {}
             () = tokio::time::sleep_until(deadline) => last = true,
             () = &mut stopping => return end(EndReason::AgentStopping, lines, &rate, filtered),
-            // The client sends nothing after its request: a read ends only when it goes.
-            _ = stream.read(&mut probe) => return end(EndReason::ClientGone, lines, &rate, filtered),
+            // hyper drops the body when the client's connection ends.
+            () = tx.closed() => return end(EndReason::ClientGone, lines, &rate, filtered),
         }
         let Some(events) = slot.drain() else {
             return end(EndReason::AgentStopping, lines, &rate, filtered);
@@ -228,7 +229,7 @@ async fn run(stream: &mut TcpStream, req: &Request, slot: &TraceSlot, start: Rec
                 continue;
             }
             let d = Record::Decision(kha::trace::Decision::from_event(e));
-            if write_line(stream, &d).await.is_err() {
+            if write_line(tx, &d).await.is_err() {
                 return end(EndReason::ClientGone, lines, &rate, filtered);
             }
             lines += 1;
