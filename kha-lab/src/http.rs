@@ -1,12 +1,14 @@
-//! A deliberately small HTTP/1.1 codec: enough for kube-apiserver's
-//! health/version endpoints and for a client that reads them.
+//! The lab clients' HTTP/1.1 response reader, and the response type the simulated master
+//! routes to (hyper serves it: `master`). Kept by hand, not hyper's client: the load clients
+//! time each phase of an exchange (write, first byte, last byte) on a stream they own,
+//! `tls_modes` reads a response head before its body arrives, and a bench client must cost
+//! the same against every contender it measures.
 //!
-//! Everything is bounded: the request/response head (default 16 KiB), the
-//! number of header fields, and bodies (default 64 KiB). Bodies are framed by
-//! `Content-Length` only; `Transfer-Encoding` is refused, since no lab peer
-//! needs it and half-supporting it invites request smuggling bugs. Parsing is
-//! pure (`parse_request_head`, `parse_response_head`) so it is tested without
-//! sockets; the async `read_*` functions only add buffering on top.
+//! Everything is bounded: the response head (default 16 KiB), the number of header fields,
+//! and bodies (default 64 KiB). Bodies are framed by `Content-Length` only;
+//! `Transfer-Encoding` is refused, since no lab peer needs it and half-supporting it invites
+//! smuggling bugs. Parsing is pure (`parse_response_head`) so it is tested without sockets;
+//! `read_response` only adds buffering on top.
 
 use std::io;
 
@@ -43,18 +45,6 @@ pub enum HeadError {
     Unsupported { what: &'static str },
 }
 
-impl HeadError {
-    /// The status a server answers this error with before closing.
-    pub fn status(&self) -> u16 {
-        match self {
-            HeadError::TooLarge { .. } | HeadError::TooManyFields => 431,
-            HeadError::Malformed { .. } => 400,
-            HeadError::BodyTooLarge { .. } => 413,
-            HeadError::Unsupported { .. } => 501,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("invalid HTTP message")]
@@ -63,41 +53,6 @@ pub enum ReadError {
     Io(#[from] io::Error),
     #[error("connection closed in the middle of a message")]
     UnexpectedEof,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    Http10,
-    Http11,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
-    pub target: String,
-    pub version: Version,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Request {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        find_header(&self.headers, name)
-    }
-
-    /// The target without its query string.
-    pub fn path(&self) -> &str {
-        self.target.split_once('?').map_or(&self.target, |(p, _)| p)
-    }
-
-    /// Whether the connection may serve another request after this one.
-    pub fn keep_alive(&self) -> bool {
-        let has = |token| connection_has(&self.headers, token);
-        match self.version {
-            Version::Http11 => !has("close"),
-            Version::Http10 => has("keep-alive") && !has("close"),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,61 +79,10 @@ impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         find_header(&self.headers, name)
     }
-
-    /// Serializes status line, headers, `Content-Length`, `Connection` and,
-    /// unless `include_body` is false (HEAD), the body.
-    pub fn encode(&self, keep_alive: bool, include_body: bool) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + self.body.len());
-        out.extend_from_slice(
-            format!("HTTP/1.1 {} {}\r\n", self.status, reason_phrase(self.status)).as_bytes(),
-        );
-        for (name, value) in &self.headers {
-            // Header values are ours, but a CR/LF in one would split the
-            // response; drop such a header rather than emit it.
-            if is_token(name) && !value.bytes().any(|b| b == b'\r' || b == b'\n') {
-                out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
-            }
-        }
-        out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
-        out.extend_from_slice(if keep_alive {
-            b"Connection: keep-alive\r\n"
-        } else {
-            b"Connection: close\r\n"
-        });
-        out.extend_from_slice(b"\r\n");
-        if include_body {
-            out.extend_from_slice(&self.body);
-        }
-        out
-    }
-}
-
-pub fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
 }
 
 fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-}
-
-fn connection_has(headers: &[(String, String)], token: &str) -> bool {
-    headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 fn is_token(s: &str) -> bool {
@@ -238,48 +142,6 @@ fn content_length(headers: &[(String, String)]) -> Result<Option<usize>, HeadErr
     Ok(length)
 }
 
-/// Parses a request head at the start of `buf`. `Ok(None)`: incomplete, read
-/// more. On success returns the request (without body), the head length and
-/// the body length still to read.
-pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usize, usize)>, HeadError> {
-    let Some(raw) = split_head(buf, limits.max_head)? else {
-        return Ok(None);
-    };
-    let mut parts = raw.start.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(HeadError::Malformed { what: "request line" });
-    };
-    if !is_token(method) {
-        return Err(HeadError::Malformed { what: "method" });
-    }
-    if !(target.starts_with('/') || target == "*")
-        || target.bytes().any(|b| b.is_ascii_control() || b == b' ')
-    {
-        return Err(HeadError::Malformed { what: "request target" });
-    }
-    let version = match version {
-        "HTTP/1.1" => Version::Http11,
-        "HTTP/1.0" => Version::Http10,
-        _ => {
-            return Err(HeadError::Malformed { what: "HTTP version" });
-        }
-    };
-    let body_len = content_length(&raw.headers)?.unwrap_or(0);
-    if body_len > limits.max_body {
-        return Err(HeadError::BodyTooLarge { length: body_len, limit: limits.max_body });
-    }
-    let request = Request {
-        method: method.to_owned(),
-        target: target.to_owned(),
-        version,
-        headers: raw.headers,
-        body: Vec::new(),
-    };
-    Ok(Some((request, raw.len, body_len)))
-}
-
 /// How a response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyLength {
@@ -288,7 +150,8 @@ pub enum BodyLength {
     UntilClose,
 }
 
-/// Parses a response head at the start of `buf` (see `parse_request_head`).
+/// Parses a response head at the start of `buf`. `Ok(None)`: incomplete, read more. On
+/// success returns the response (without body), the head length and how the body is framed.
 pub fn parse_response_head(
     buf: &[u8],
     limits: &Limits,
@@ -329,31 +192,6 @@ async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<
     let n = r.read(&mut chunk).await?;
     buf.extend_from_slice(&chunk[..n]);
     Ok(n)
-}
-
-/// Reads one request (head and body) from `r`. Bytes after it stay in `buf`
-/// for the next call, which is what makes pipelining and keep-alive work.
-/// `Ok(None)` is a clean close between requests.
-pub async fn read_request<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-    limits: &Limits,
-) -> Result<Option<Request>, ReadError> {
-    loop {
-        if let Some((mut request, head_len, body_len)) = parse_request_head(buf, limits)? {
-            while buf.len() < head_len + body_len {
-                if fill(r, buf).await? == 0 {
-                    return Err(ReadError::UnexpectedEof);
-                }
-            }
-            request.body = buf[head_len..head_len + body_len].to_vec();
-            buf.drain(..head_len + body_len);
-            return Ok(Some(request));
-        }
-        if fill(r, buf).await? == 0 {
-            return if buf.is_empty() { Ok(None) } else { Err(ReadError::UnexpectedEof) };
-        }
-    }
 }
 
 /// Reads one response (head and body) from `r`, leaving later bytes in `buf`.

@@ -15,10 +15,15 @@
 //! the frontend address it dialled. The identity port writes `<name>\n` on
 //! accept and closes; it ignores the failure mode.
 //!
-//! Bounds: request heads (16 KiB) and bodies (64 KiB), a TLS handshake
-//! deadline, an idle deadline for the next request on a kept-alive
-//! connection, a write deadline, and a connection cap per listener.
+//! HTTP is hyper's (HTTP/1.1, keep-alive, header names in Go's canonical case, as
+//! kube-apiserver writes them); what is ours is the failure modes and the bounds: request
+//! heads (16 KiB; hyper answers 431 beyond), request bodies never read (no endpoint takes
+//! one), a TLS handshake deadline, a deadline for the next request head on a kept-alive
+//! connection, and a connection cap per listener. A peer that stops reading a `/bulk` or
+//! `endless` answer holds its connection until it goes: hyper has no write deadline, and the
+//! cap bounds how many can.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -26,6 +31,13 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use futures::{Stream, StreamExt as _, stream};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -35,7 +47,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
-use crate::http::{self, Limits, ReadError, Request, Response};
+use crate::http::{Limits, Response};
 use crate::mode::FailureMode;
 
 pub const MASTER_HEADER: &str = "X-Kha-Lab-Master";
@@ -50,8 +62,9 @@ const BULK_CHUNK: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub handshake: Duration,
-    /// How long a connection may wait for (the rest of) its next request.
+    /// How long a connection may wait for (the rest of) its next request's head.
     pub idle: Duration,
+    /// The identity port's write.
     pub write: Duration,
     /// How long a hanging connection is held before it is dropped anyway.
     pub hang_max: Duration,
@@ -281,6 +294,14 @@ async fn hold<S: AsyncRead + Unpin>(stream: &mut S, max: Duration) {
     .await;
 }
 
+/// An answer's body: whole, or streamed (`/bulk`, `endless`).
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The service's error: the connection is dropped without an answer (`hang`).
+#[derive(Debug, thiserror::Error)]
+#[error("hung up without an answer")]
+struct HungUp;
+
 async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let _ = sock.set_nodelay(true);
     let t = shared.timeouts;
@@ -288,7 +309,7 @@ async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Sha
         hold(&mut sock, t.hang_max).await;
         return;
     }
-    let mut tls = match timeout(t.handshake, acceptor.accept(sock)).await {
+    let tls = match timeout(t.handshake, acceptor.accept(sock)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             debug!("{}: TLS handshake failed: {e}", shared.name);
@@ -296,113 +317,107 @@ async fn serve_https(mut sock: TcpStream, acceptor: TlsAcceptor, shared: Arc<Sha
         }
         Err(_) => return,
     };
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        let request = match timeout(t.idle, http::read_request(&mut tls, &mut buf, &shared.limits)).await {
-            Ok(Ok(Some(request))) => request,
-            Ok(Err(ReadError::Head(e))) => {
-                debug!("{}: bad request: {e}", shared.name);
-                let reason = match e.status() {
-                    413 => "RequestEntityTooLarge",
-                    431 => "RequestHeaderFieldsTooLarge",
-                    501 => "NotImplemented",
-                    _ => "BadRequest",
-                };
-                let resp = status_response(e.status(), reason, &e.to_string(), &shared.name);
-                let _ = timeout(t.write, tls.write_all(&resp.encode(false, true))).await;
-                break;
-            }
-            // Idle timeout, clean close, or I/O error: nothing to answer.
-            Err(_) | Ok(Ok(None)) | Ok(Err(_)) => break,
-        };
-        let mode = shared.mode();
-        if mode == FailureMode::Hang {
-            hold(&mut tls, t.hang_max).await;
-            return;
-        }
-        if mode == FailureMode::Endless {
-            let _ = timeout(t.hang_max, dribble(&mut tls, &shared.name)).await;
-            return;
-        }
-        let keep_alive = request.keep_alive();
-        if let Some(n) = bulk_bytes(&request) {
-            if !stream_bulk(&mut tls, n, keep_alive, &shared).await {
-                return;
-            }
-            if !keep_alive {
-                break;
-            }
-            continue;
-        }
-        let bytes = route(&request, mode, &shared.name).encode(keep_alive, request.method != "HEAD");
-        let written = timeout(t.write, async {
-            tls.write_all(&bytes).await?;
-            tls.flush().await
-        })
+    let max_head = shared.limits.max_head.max(HYPER_MIN_BUF);
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { answer(req, &shared).await }
+    });
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(t.idle)
+        .max_buf_size(max_head)
+        .title_case_headers(true)
+        .serve_connection(TokioIo::new(tls), service)
         .await;
-        if !matches!(written, Ok(Ok(()))) {
-            return;
-        }
-        if !keep_alive {
-            break;
-        }
+    if let Err(e) = served {
+        debug!("connection ended: {e}");
     }
-    let _ = timeout(t.write, tls.shutdown()).await;
 }
 
-/// A 200 whose body never ends: one byte every 200 ms until the peer goes away.
-async fn dribble<S: tokio::io::AsyncWrite + Unpin>(tls: &mut S, name: &str) {
-    let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n{MASTER_HEADER}: {name}\r\nContent-Length: {MAX_BULK_BYTES}\r\n\r\n"
-    );
-    if tls.write_all(head.as_bytes()).await.is_err() {
-        return;
-    }
-    loop {
-        if tls.write_all(b"k").await.is_err() || tls.flush().await.is_err() {
-            return;
+/// hyper's smallest read buffer, which bounds the request head.
+const HYPER_MIN_BUF: usize = 8192;
+
+/// The answer to one request, in the mode the master is in when it arrives.
+async fn answer(req: hyper::Request<Incoming>, shared: &Shared) -> Result<hyper::Response<Body>, HungUp> {
+    match shared.mode() {
+        FailureMode::Hang => {
+            // hyper still reads meanwhile: a peer that goes ends the connection.
+            tokio::time::sleep(shared.timeouts.hang_max).await;
+            return Err(HungUp);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        FailureMode::Endless => return Ok(endless(&shared.name)),
+        FailureMode::Normal | FailureMode::Readyz500 => {}
     }
+    let target = req.uri().to_string();
+    if let Some(n) = bulk_bytes(req.method().as_str(), &target) {
+        return Ok(bulk(n, &shared.name));
+    }
+    Ok(into_hyper(route(req.method().as_str(), &target, shared.mode(), &shared.name)))
+}
+
+fn into_hyper(r: Response) -> hyper::Response<Body> {
+    let mut builder = hyper::Response::builder().status(r.status);
+    for (name, value) in &r.headers {
+        builder = builder.header(name, value);
+    }
+    builder.body(Full::new(Bytes::from(r.body)).boxed_unsync()).unwrap_or_else(|e| {
+        let mut r = hyper::Response::new(Full::new(Bytes::from(format!("{e}\n"))).boxed_unsync());
+        *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    })
+}
+
+/// A 200 of `length` bytes streamed from `pieces`.
+fn streamed<S>(name: &str, content_type: &'static str, length: u64, pieces: S) -> hyper::Response<Body>
+where
+    S: Stream<Item = Bytes> + Send + 'static,
+{
+    let mut r = hyper::Response::new(StreamBody::new(pieces.map(|b| Ok(Frame::data(b)))).boxed_unsync());
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    h.insert("cache-control", HeaderValue::from_static("no-cache, private"));
+    if let Ok(v) = HeaderValue::from_str(name) {
+        h.insert(MASTER_HEADER, v);
+    }
+    r
+}
+
+/// A 200 whose body never ends: one byte every 200 ms until the peer goes away (or
+/// [`MAX_BULK_BYTES`] of them, which no test waits for).
+fn endless(name: &str) -> hyper::Response<Body> {
+    let ticks = stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((Bytes::from_static(b"k"), ()))
+    });
+    // The first byte at once, as a stuck stream that started well.
+    let first = stream::once(async { Bytes::from_static(b"k") });
+    streamed(name, "text/plain", MAX_BULK_BYTES, first.chain(ticks))
 }
 
 /// `N` of a valid `GET /bulk?bytes=N`; anything else is left to [`route`].
-fn bulk_bytes(request: &Request) -> Option<u64> {
-    if request.method != "GET" || request.path() != "/bulk" {
+fn bulk_bytes(method: &str, target: &str) -> Option<u64> {
+    if method != "GET" || path(target) != "/bulk" {
         return None;
     }
-    let (_, query) = request.target.split_once('?')?;
+    let (_, query) = target.split_once('?')?;
     let n: u64 = query.split('&').find_map(|kv| kv.strip_prefix("bytes="))?.parse().ok()?;
     (n <= MAX_BULK_BYTES).then_some(n)
 }
 
-/// Streams a `/bulk` answer of `n` bytes; false when the connection must be dropped.
-async fn stream_bulk<S: tokio::io::AsyncWrite + Unpin>(
-    tls: &mut S,
-    n: u64,
-    keep_alive: bool,
-    shared: &Shared,
-) -> bool {
+/// A `/bulk` answer of `n` bytes, streamed in [`BULK_CHUNK`] pieces of one static buffer.
+fn bulk(n: u64, name: &str) -> hyper::Response<Body> {
     static CHUNK: [u8; BULK_CHUNK] = [b'k'; BULK_CHUNK];
-    let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nCache-Control: no-cache, private\r\n\
-         {MASTER_HEADER}: {}\r\nContent-Length: {n}\r\nConnection: {}\r\n\r\n",
-        shared.name,
-        if keep_alive { "keep-alive" } else { "close" },
-    );
-    let t = shared.timeouts.write;
-    if !matches!(timeout(t, tls.write_all(head.as_bytes())).await, Ok(Ok(()))) {
-        return false;
-    }
-    let mut left = n;
-    while left > 0 {
+    let pieces = stream::unfold(n, |left| async move {
         let len = left.min(BULK_CHUNK as u64) as usize;
-        if !matches!(timeout(t, tls.write_all(&CHUNK[..len])).await, Ok(Ok(()))) {
-            return false;
-        }
-        left -= len as u64;
-    }
-    matches!(timeout(t, tls.flush()).await, Ok(Ok(())))
+        (len > 0).then(|| (Bytes::from_static(&CHUNK[..len]), left - len as u64))
+    });
+    streamed(name, "application/octet-stream", n, pieces)
+}
+
+/// The target without its query string.
+fn path(target: &str) -> &str {
+    target.split_once('?').map_or(target, |(p, _)| p)
 }
 
 async fn serve_ident(mut sock: TcpStream, shared: Arc<Shared>) {
@@ -414,13 +429,13 @@ async fn serve_ident(mut sock: TcpStream, shared: Arc<Shared>) {
     .await;
 }
 
-/// The answer kube-apiserver would give `request` in `mode`.
-pub fn route(request: &Request, mode: FailureMode, name: &str) -> Response {
-    let response = if request.method == "OPTIONS" && request.target == "*" {
+/// The answer kube-apiserver would give `method target` in `mode`.
+pub fn route(method: &str, target: &str, mode: FailureMode, name: &str) -> Response {
+    let response = if method == "OPTIONS" && target == "*" {
         // Go's HTTP server answers this itself, before any apiserver handler (kha's liveness
         // request): so does the simulated one, in every mode that answers at all.
         Response::new(200, "text/plain; charset=utf-8", "")
-    } else if request.method != "GET" && request.method != "HEAD" {
+    } else if method != "GET" && method != "HEAD" {
         status_response(
             405,
             "MethodNotAllowed",
@@ -428,13 +443,13 @@ pub fn route(request: &Request, mode: FailureMode, name: &str) -> Response {
             name,
         )
     } else {
-        match request.path() {
+        match path(target) {
             "/readyz" if mode == FailureMode::Readyz500 => {
                 Response::new(500, "text/plain; charset=utf-8", READYZ_FAILED_BODY)
             }
             "/readyz" | "/livez" | "/healthz" => Response::new(200, "text/plain; charset=utf-8", "ok"),
             "/version" => Response::new(200, "application/json", version_body()),
-            // A valid `/bulk?bytes=N` is streamed by `serve_https` before it gets here.
+            // A valid `/bulk?bytes=N` is streamed by `answer` before it gets here.
             "/bulk" => status_response(
                 400,
                 "BadRequest",

@@ -179,9 +179,11 @@ async fn bad_requests_get_an_error_status_and_the_master_survives() {
     let m = start_master(pki.master("m1").unwrap()).await;
     let addr = m.https_addrs()[0];
     let tls: Arc<rustls::ClientConfig> = tls::client_config_from_ca_pem(pki.ca_cert_pem.as_bytes()).unwrap();
+    // hyper answers what it cannot parse; a chunked POST it parses, and the master refuses
+    // the method as kube-apiserver would.
     let cases: [(&[u8], &str); 3] = [
         (b"GARBAGE\r\n\r\n", "400"),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "501"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n", "405"),
         (&[b'A'; 20 * 1024], "431"),
     ];
     for (input, status) in cases {
@@ -203,6 +205,54 @@ async fn bad_requests_get_an_error_status_and_the_master_survives() {
     let mut sink = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), raw.read_to_end(&mut sink)).await.expect("closed");
     assert!(raw_get(&pki.ca_cert_pem, addr, "/readyz").await.ends_with("ok"));
+}
+
+#[tokio::test]
+async fn bulk_streams_exactly_the_bytes_asked_for_and_refuses_too_many() {
+    let pki = Pki::generate(&[identity()]).expect("pki");
+    let m = start_master(pki.master("m1").unwrap()).await;
+    let addr = m.https_addrs()[0];
+    // Three pieces and a bit: the last one short.
+    let n = 3 * 64 * 1024 + 5;
+    let resp = raw_get(&pki.ca_cert_pem, addr, &format!("/bulk?bytes={n}")).await;
+    let (head, body) = resp.split_once("\r\n\r\n").expect("head/body");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains(&format!("Content-Length: {n}")) && head.contains("X-Kha-Lab-Master: m1"), "{head}");
+    assert_eq!(body.len(), n);
+    assert!(body.bytes().all(|b| b == b'k'));
+    let too_many = raw_get(&pki.ca_cert_pem, addr, &format!("/bulk?bytes={}", master::MAX_BULK_BYTES + 1)).await;
+    assert!(too_many.starts_with("HTTP/1.1 400 ") && too_many.contains("BadRequest"), "{too_many}");
+}
+
+#[tokio::test]
+async fn endless_mode_dribbles_a_body_that_never_ends() {
+    let pki = Pki::generate(&[identity()]).expect("pki");
+    let m = start_master(pki.master("m1").unwrap()).await;
+    let addr = m.https_addrs()[0];
+    m.set_mode(FailureMode::Endless);
+    let tls = tls::client_config_from_ca_pem(pki.ca_cert_pem.as_bytes()).unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    // 1.1 s: the first byte at once, then one every 200 ms (bounds loose enough for a busy
+    // machine: more than one byte, far fewer than a stream that is not dribbling).
+    let _ = tokio::time::timeout(Duration::from_millis(1100), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains(&format!("Content-Length: {}", master::MAX_BULK_BYTES)), "{head}");
+    assert!((2..64).contains(&body.len()) && body.bytes().all(|b| b == b'k'), "{body:?}");
 }
 
 #[tokio::test]
