@@ -72,7 +72,8 @@ fn malformed_responses_are_errors_not_panics() {
 
 #[tokio::test]
 async fn reader_handles_kept_alive_responses_and_eof() {
-    let wire = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+    let wire =
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
     let mut src = &wire[..];
     let mut buf = Vec::new();
     let first = read_response(&mut src, &mut buf, &limits()).await.unwrap();

@@ -183,7 +183,10 @@ async fn bad_requests_get_an_error_status_and_the_master_survives() {
     // the method as kube-apiserver would.
     let cases: [(&[u8], &str); 3] = [
         (b"GARBAGE\r\n\r\n", "400"),
-        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n", "405"),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+            "405",
+        ),
         (&[b'A'; 20 * 1024], "431"),
     ];
     for (input, status) in cases {
@@ -217,10 +220,14 @@ async fn bulk_streams_exactly_the_bytes_asked_for_and_refuses_too_many() {
     let resp = raw_get(&pki.ca_cert_pem, addr, &format!("/bulk?bytes={n}")).await;
     let (head, body) = resp.split_once("\r\n\r\n").expect("head/body");
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert!(head.contains(&format!("Content-Length: {n}")) && head.contains("X-Kha-Lab-Master: m1"), "{head}");
+    assert!(
+        head.contains(&format!("Content-Length: {n}")) && head.contains("X-Kha-Lab-Master: m1"),
+        "{head}"
+    );
     assert_eq!(body.len(), n);
     assert!(body.bytes().all(|b| b == b'k'));
-    let too_many = raw_get(&pki.ca_cert_pem, addr, &format!("/bulk?bytes={}", master::MAX_BULK_BYTES + 1)).await;
+    let too_many =
+        raw_get(&pki.ca_cert_pem, addr, &format!("/bulk?bytes={}", master::MAX_BULK_BYTES + 1)).await;
     assert!(too_many.starts_with("HTTP/1.1 400 ") && too_many.contains("BadRequest"), "{too_many}");
 }
 

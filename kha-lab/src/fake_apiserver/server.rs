@@ -5,10 +5,13 @@
 //!
 //! Not a general API server: one resource, label selectors of `k=v` terms, no field
 //! selectors, no pagination (one page), no bookmarks; `/readyz` and `/livez` answer `ok` (so
-//! kha's probes can vouch for it as a master); everything else gets 404.
+//! kha's probes can vouch for it as a master); everything else gets 404. HTTP is hyper's;
+//! a watch cut by a failure or a stop ends its connection without the last chunk, as a dying
+//! apiserver's would.
 
 use std::{
     collections::BTreeMap,
+    convert::Infallible,
     io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -17,13 +20,22 @@ use std::{
     time::Duration,
 };
 
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::{
+    Request, Response,
+    body::{Bytes, Frame, Incoming},
+    header::{CONNECTION, CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
+    io::{AsyncRead, AsyncWrite},
     net::TcpListener,
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 pub const SLICES_PATH: &str = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices";
@@ -253,7 +265,7 @@ async fn serve(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, share
                 let (acceptor, shared) = (acceptor.clone(), shared.clone());
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(tcp).await {
-                        let _ = connection(tls, shared).await;
+                        connection(tls, shared).await;
                     }
                 });
             }
@@ -277,40 +289,7 @@ fn matches(selector: Option<&str>, object: &Value) -> bool {
 
 fn query(target: &str) -> (String, BTreeMap<String, String>) {
     let (path, q) = target.split_once('?').unwrap_or((target, ""));
-    let params = q
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect();
-    (path.to_string(), params)
-}
-
-/// Percent-decoding (and `+` as space) of a query component.
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex =
-                    std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(v) => out.push(v),
-                    None => out.extend_from_slice(&b[i..i + 3]),
-                }
-                i += 3;
-                continue;
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    (path.to_string(), form_urlencoded::parse(q.as_bytes()).into_owned().collect())
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Value {
@@ -318,158 +297,137 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
-async fn respond<S: AsyncWrite + Unpin>(
-    s: &mut S,
-    code: u16,
-    body: &Value,
-    close: bool,
-) -> std::io::Result<()> {
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn json_response(code: u16, body: &Value, close: bool) -> Response<Body> {
     let body = serde_json::to_vec(body).expect("json");
-    let text = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Internal Server Error",
-    };
-    let conn = if close { "close" } else { "keep-alive" };
-    let head = format!(
-        "HTTP/1.1 {code} {text}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(&body).await?;
-    s.flush().await
+    whole(code, "application/json", body, close)
 }
 
-async fn connection<S>(stream: S, shared: Arc<Shared>) -> std::io::Result<()>
-where
-    S: tokio::io::AsyncRead + AsyncWrite + Unpin,
-{
-    let mut s = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        if s.read_line(&mut line).await? == 0 {
-            return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let (method, target) =
-            (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-        let mut content_length = 0usize;
-        loop {
-            let mut h = String::new();
-            if s.read_line(&mut h).await? == 0 {
-                return Ok(());
-            }
-            if h == "\r\n" || h == "\n" {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                content_length = v.trim().parse().unwrap_or(0);
-            }
-        }
-        if content_length > 0 {
-            let mut body = vec![0; content_length.min(1 << 20)];
-            s.read_exact(&mut body).await?;
-        }
-        let failing = {
-            let mut st = shared.lock();
-            st.requests.push(format!("{method} {target}"));
-            st.failing
-        };
-        if failing {
-            return respond(&mut s, 500, &status(500, "InternalError", "fake apiserver failing"), true).await;
-        }
-        let (path, params) = query(&target);
-        if path == "/readyz" || path == "/livez" {
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok";
-            s.write_all(head.as_bytes()).await?;
-            s.flush().await?;
-            continue;
-        }
-        if path != SLICES_PATH {
-            respond(
-                &mut s,
-                404,
-                &status(404, "NotFound", "the fake apiserver serves EndpointSlices only"),
-                false,
-            )
-            .await?;
-            continue;
-        }
-        if method != "GET" {
-            respond(&mut s, 405, &status(405, "MethodNotAllowed", "read only"), false).await?;
-            continue;
-        }
-        let selector = params.get("labelSelector").map(String::as_str);
-        if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
-            let from = params.get("resourceVersion").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            let timeout = params.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(1800);
-            if watch_stream(&mut s, &shared, selector, from, Duration::from_secs(timeout)).await? {
-                continue;
-            }
-            return Ok(());
-        }
-        let (items, rv) = {
-            let st = shared.lock();
-            let items: Vec<Value> = st.slices.values().filter(|o| matches(selector, o)).cloned().collect();
-            (items, st.rv)
-        };
-        let list = json!({"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
-                          "metadata": {"resourceVersion": rv.to_string()}, "items": items});
-        respond(&mut s, 200, &list, false).await?;
+fn whole(code: u16, content_type: &'static str, body: Vec<u8>, close: bool) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
+    *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if close {
+        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    r
 }
 
-/// Chunked JSON watch events after resource version `from` (`0`: every current object as
-/// ADDED first), then live ones until the timeout (a clean end: `true`, the connection stays
-/// open for the next request) or a failure or stop (`false`: cut).
-async fn watch_stream<S: AsyncWrite + Unpin>(
-    s: &mut S,
+async fn connection<S>(stream: S, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(answer(&req, &shared)) }
+    });
+    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+}
+
+fn answer(req: &Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
+    let target = req.uri().path_and_query().map_or_else(|| req.uri().to_string(), |p| p.to_string());
+    let failing = {
+        let mut st = shared.lock();
+        st.requests.push(format!("{} {target}", req.method()));
+        st.failing
+    };
+    if failing {
+        return json_response(500, &status(500, "InternalError", "fake apiserver failing"), true);
+    }
+    let (path, params) = query(&target);
+    if path == "/readyz" || path == "/livez" {
+        return whole(200, "text/plain", b"ok".to_vec(), false);
+    }
+    if path != SLICES_PATH {
+        let body = status(404, "NotFound", "the fake apiserver serves EndpointSlices only");
+        return json_response(404, &body, false);
+    }
+    if req.method() != hyper::Method::GET {
+        return json_response(405, &status(405, "MethodNotAllowed", "read only"), false);
+    }
+    let selector = params.get("labelSelector").cloned();
+    if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let from = params.get("resourceVersion").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let timeout = params.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(1800);
+        return watch_response(shared.clone(), selector, from, Duration::from_secs(timeout));
+    }
+    let (items, rv) = {
+        let st = shared.lock();
+        let items: Vec<Value> =
+            st.slices.values().filter(|o| matches(selector.as_deref(), o)).cloned().collect();
+        (items, st.rv)
+    };
+    let list = json!({"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+                      "metadata": {"resourceVersion": rv.to_string()}, "items": items});
+    json_response(200, &list, false)
+}
+
+/// A watch answer: its events come from a task of their own, through a channel of a few.
+fn watch_response(
+    shared: Arc<Shared>,
+    selector: Option<String>,
+    from: u64,
+    timeout: Duration,
+) -> Response<Body> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move { watch_events(&tx, &shared, selector.as_deref(), from, timeout).await });
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event: std::io::Result<Bytes>| (event.map(Frame::data), rx))
+    });
+    let mut r = Response::new(StreamBody::new(events).boxed_unsync());
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// JSON watch events after resource version `from` (`0`: every current object as ADDED
+/// first), then live ones until the timeout (a clean end of the body: the connection stays
+/// open for the next request) or a failure or stop (an error: hyper cuts the connection).
+async fn watch_events(
+    tx: &mpsc::Sender<std::io::Result<Bytes>>,
     shared: &Shared,
     selector: Option<&str>,
     mut from: u64,
     timeout: Duration,
-) -> std::io::Result<bool> {
+) {
     let mut changed = shared.changed.subscribe();
-    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-        .await?;
     let mut pending: Vec<Value> = Vec::new();
     if from == 0 {
         let st = shared.lock();
         pending.extend(st.slices.values().map(|o| json!({"type": "ADDED", "object": o})));
         from = st.rv;
     }
+    let cut = || Err(std::io::Error::other("the fake apiserver cut the watch"));
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        {
+        let down = {
             let st = shared.lock();
-            if st.failing || st.stopped {
-                return Ok(false);
-            }
             for (_, kind, object) in st.events.iter().skip_while(|(rv, ..)| *rv <= from) {
                 if matches(selector, object) {
                     pending.push(json!({"type": kind, "object": object}));
                 }
             }
             from = st.rv;
+            st.failing || st.stopped
+        };
+        if down {
+            let _ = tx.send(cut()).await;
+            return;
         }
         for event in pending.drain(..) {
             let mut line = serde_json::to_vec(&event).expect("json");
             line.push(b'\n');
-            s.write_all(format!("{:x}\r\n", line.len()).as_bytes()).await?;
-            s.write_all(&line).await?;
-            s.write_all(b"\r\n").await?;
-        }
-        s.flush().await?;
-        tokio::select! {
-            r = changed.changed() => if r.is_err() { return Ok(false) },
-            _ = tokio::time::sleep_until(deadline) => {
-                s.write_all(b"0\r\n\r\n").await?;
-                s.flush().await?;
-                return Ok(true);
+            if tx.send(Ok(Bytes::from(line))).await.is_err() {
+                return;
             }
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() {
+                let _ = tx.send(cut()).await;
+                return;
+            },
+            () = tokio::time::sleep_until(deadline) => return,
+            () = tx.closed() => return,
         }
     }
 }
