@@ -8,10 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kha_common::{
-    BACKEND_ARRAY_LEN, BPF_F_NO_PREALLOC, Backend, PassiveHealth, BackendStats, CLIENTS_CAPACITY,
-    CONNS_CAPACITY, ClientKey, ClientStats, Conn, DatapathConfig, LAYOUT_SLOTS, MAX_BACKENDS,
-    MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS, MapLayout, ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN,
-    ServiceKey, ServiceValue,
+    BACKEND_ARRAY_LEN, BPF_F_NO_PREALLOC, Backend, BackendStats, CLIENTS_CAPACITY, CONNS_CAPACITY, ClientKey,
+    ClientStats, Conn, DatapathConfig, LAYOUT_SLOTS, MAX_BACKENDS, MAX_BACKENDS_PER_FRONTEND, MAX_FRONTENDS,
+    MapLayout, PassiveHealth, ProbeKey, ProbeStatus, SERVICES_CAPACITY, STATS_LEN, ServiceKey, ServiceValue,
 };
 
 /// Entries are allocated as the agent writes them (`BPF_F_NO_PREALLOC`, as kha-common's

@@ -49,12 +49,7 @@ fn summary_counts_masters_statuses_and_errors() {
         detail: None,
     };
     s.add(&base);
-    s.add(&RequestRecord {
-        ok: false,
-        status: Some(500),
-        error: Some("status:500".into()),
-        ..base.clone()
-    });
+    s.add(&RequestRecord { ok: false, status: Some(500), error: Some("status:500".into()), ..base.clone() });
     s.add(&RequestRecord {
         ok: false,
         status: None,

@@ -222,8 +222,9 @@ mod tests {
 
     fn verify(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
         let verifier = tls::server_verifier(ca_pem.as_bytes()).expect("verifier");
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>().expect("parse cert");
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("parse cert");
         let name = ServerName::try_from(name.to_owned()).expect("server name");
         verifier.verify_server_cert(&certs[0], &[], &name, &[], UnixTime::now()).map(|_| ())
     }

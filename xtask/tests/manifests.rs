@@ -100,7 +100,6 @@ fn assert_kha_flags_exist(flags: &BTreeMap<String, String>, file: &str) {
     }
 }
 
-
 /// The addresses the agent serves /healthz, /readyz and /metrics on, as every file sets them.
 fn endpoints(flags: &BTreeMap<String, String>, file: &str) -> (SocketAddr, SocketAddr) {
     let addr = |flag: &str| -> SocketAddr {

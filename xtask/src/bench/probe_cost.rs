@@ -296,7 +296,8 @@ fn markdown(r: &Report) -> String {
         "Per apiserver, every node probing every apiserver (steady state, no restart):\n\n| prober | hung master out after | its sockets moved after | nodes | requests/s | TLS handshakes/s | CPU (cores) |\n|---|---|---|---|---|---|---|"
     );
     for (p, (label, loads)) in r.probers.iter().zip(&r.model) {
-        let moved = if p.move_hung_s.is_finite() { format!("{:.1} s", p.move_hung_s) } else { "never".into() };
+        let moved =
+            if p.move_hung_s.is_finite() { format!("{:.1} s", p.move_hung_s) } else { "never".into() };
         for l in loads {
             let _ = writeln!(
                 m,

@@ -29,9 +29,19 @@ fn back(o: &Outcome) -> Option<f64> {
 
 const GOALS: [Goal; 9] = [
     Goal { failure: Failure::Hung, what: "no new connection to it after", bound_s: 1.5, figure: left },
-    Goal { failure: Failure::Hung, what: "long-lived connection moved after", bound_s: 3.0, figure: replaced },
+    Goal {
+        failure: Failure::Hung,
+        what: "long-lived connection moved after",
+        bound_s: 3.0,
+        figure: replaced,
+    },
     Goal { failure: Failure::Blackholed, what: "no new connection to it after", bound_s: 1.5, figure: left },
-    Goal { failure: Failure::Blackholed, what: "long-lived connection moved after", bound_s: 2.0, figure: replaced },
+    Goal {
+        failure: Failure::Blackholed,
+        what: "long-lived connection moved after",
+        bound_s: 2.0,
+        figure: replaced,
+    },
     Goal { failure: Failure::NotReady, what: "no new connection to it after", bound_s: 1.5, figure: left },
     Goal { failure: Failure::Killed, what: "back in use after the undo", bound_s: 0.5, figure: back },
     Goal { failure: Failure::Hung, what: "back in use after the undo", bound_s: 0.5, figure: back },
@@ -46,8 +56,12 @@ pub fn table(r: &FailoverReport) -> String {
          | failure | goal | bound | kha | met |\n|---|---|---|---|---|\n",
     );
     for g in GOALS.iter().filter(|g| r.failures.contains(&g.failure)) {
-        let figures: Vec<Option<f64>> =
-            r.outcomes.iter().filter(|o| o.contender == "kha" && o.failure == g.failure).map(g.figure).collect();
+        let figures: Vec<Option<f64>> = r
+            .outcomes
+            .iter()
+            .filter(|o| o.contender == "kha" && o.failure == g.failure)
+            .map(g.figure)
+            .collect();
         if figures.is_empty() {
             continue;
         }

@@ -47,7 +47,8 @@ pub(super) fn kha_settings(kha: &Path) -> Result<BTreeMap<String, String>> {
         );
     }
     if help.contains("--readiness-interval-ms") {
-        let v = help_default(&help, "--readiness-interval-ms").map_or("the probe interval".into(), |v| format!("{v} ms"));
+        let v = help_default(&help, "--readiness-interval-ms")
+            .map_or("the probe interval".into(), |v| format!("{v} ms"));
         s.insert("kha readiness interval".into(), v);
     }
     Ok(s)
