@@ -162,7 +162,7 @@ async fn respond(
     if path == "/trace" {
         streaming.store(true, Ordering::Relaxed);
         let query = req.uri().query().unwrap_or("");
-        return trace::respond(loopback, query, ep.trace.clone(), ep.pins.clone()).await;
+        return trace::respond(loopback, query, ep.trace.clone(), ep.pins.clone(), ep.shared.clone()).await;
     }
     let (code, content_type, body) = tokio::task::spawn_blocking(move || route(&path, &ep))
         .await

@@ -8,10 +8,12 @@ use std::{
 };
 
 use kha_common::{
-    POLICY_NAMES, TRACE_ALL_SUSPECT, TRACE_CHOSEN_SUSPECT, TRACE_INCONSISTENT, TRACE_NO_BACKEND,
-    TRACE_OUTCOMES, TRACE_REWRITTEN, TRACE_SKIPPED_SUSPECT, TraceEvent, socket_addr,
+    POLICY_NAMES, PROBE_STATE_NAMES, TRACE_ALL_SUSPECT, TRACE_CHOSEN_SUSPECT, TRACE_INCONSISTENT,
+    TRACE_NO_BACKEND, TRACE_OUTCOMES, TRACE_REWRITTEN, TRACE_SKIPPED_SUSPECT, TraceEvent, socket_addr,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::observe::PairState;
 
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 pub const MAX_DURATION: Duration = Duration::from_secs(300);
@@ -143,6 +145,21 @@ pub struct Decision {
     /// The chosen backend was marked suspect / a suspect one was passed over / all were.
     #[serde(default)]
     pub suspect: Vec<String>,
+    /// The frontend's backends as the agent saw them when it sent the line (not when the
+    /// kernel decided: up to a read interval and a map sync earlier), for decisions made by
+    /// a frontend (rewritten or refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
+}
+
+/// One backend of the traced frontend and the agent's view of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub backend: SocketAddr,
+    /// `PROBE_STATE_NAMES`: up, down, draining, suspect, ...
+    pub state: String,
+    /// In the set new connections are sent to (healthy, or by the all-down fallback).
+    pub serving: bool,
 }
 
 impl Decision {
@@ -168,7 +185,25 @@ impl Decision {
             backend_id: chosen.then_some(e.backend_id),
             active: chosen.then_some(e.active),
             suspect: flags.iter().filter(|(f, _)| e.flags & f != 0).map(|(_, n)| (*n).to_owned()).collect(),
+            candidates: Vec::new(),
         }
+    }
+
+    /// Adds the frontend's backends from the agent's `pairs`; nothing for a connect no
+    /// frontend decided (not a frontend, another network namespace).
+    pub fn with_candidates(mut self, pairs: &[PairState]) -> Self {
+        if self.policy.is_some() {
+            self.candidates = pairs
+                .iter()
+                .filter(|p| p.frontend == self.frontend)
+                .map(|p| Candidate {
+                    backend: p.backend,
+                    state: PROBE_STATE_NAMES[p.state.code() as usize].to_owned(),
+                    serving: p.serving,
+                })
+                .collect();
+        }
+        self
     }
 
     /// One line for people: `curl[4242] cg 1234 connect4 127.0.0.1:6443 -> 192.0.2.1:6443 ...`.
@@ -188,6 +223,14 @@ impl Decision {
         }
         if !self.suspect.is_empty() {
             s.push_str(&format!(", suspect: {}", self.suspect.join("+")));
+        }
+        if !self.candidates.is_empty() {
+            let c: Vec<String> = self
+                .candidates
+                .iter()
+                .map(|c| format!("{} {}{}", c.backend, c.state, if c.serving { "" } else { " (not served)" }))
+                .collect();
+            s.push_str(&format!("; candidates: {}", c.join(", ")));
         }
         s
     }

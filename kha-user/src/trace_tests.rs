@@ -61,6 +61,54 @@ fn left_alone_has_no_policy_or_backend_and_a_refusal_has_a_policy() {
 }
 
 #[test]
+fn candidates_are_the_traced_frontends_backends_as_the_agent_sees_them() {
+    use crate::{health::State, observe::PairState};
+    let pair = |frontend: &str, backend: &str, state, serving| PairState {
+        frontend: frontend.parse().unwrap(),
+        backend: backend.parse().unwrap(),
+        state,
+        serving,
+    };
+    let pairs = [
+        pair("127.0.0.1:6443", "192.0.2.11:6443", State::Up, true),
+        pair("127.0.0.1:6443", "192.0.2.12:6443", State::Suspect, false),
+        pair("127.0.0.1:7000", "192.0.2.13:6443", State::Up, true),
+        pair("127.0.0.1:6443", "192.0.2.14:6443", State::Down, true),
+    ];
+    let mut e = event(TRACE_REWRITTEN);
+    e.count = 3;
+    e.backend_addr_be = v4([192, 0, 2, 11]);
+    e.backend_port_be = 6443u16.to_be();
+    let d = Decision::from_event(&e).with_candidates(&pairs);
+    let seen: Vec<_> =
+        d.candidates.iter().map(|c| (c.backend.to_string(), c.state.as_str(), c.serving)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("192.0.2.11:6443".to_owned(), "up", true),
+            ("192.0.2.12:6443".to_owned(), "suspect", false),
+            ("192.0.2.14:6443".to_owned(), "down", true),
+        ],
+        "the other frontend's backend is not a candidate"
+    );
+    assert!(
+        d.text().ends_with(
+            "; candidates: 192.0.2.11:6443 up, 192.0.2.12:6443 suspect (not served), 192.0.2.14:6443 down"
+        ),
+        "{}",
+        d.text()
+    );
+    // A refusal has its candidates too (why there was nothing to choose); a connect no
+    // frontend decided has none.
+    assert_eq!(Decision::from_event(&event(TRACE_NO_BACKEND)).with_candidates(&pairs).candidates.len(), 3);
+    for outcome in [TRACE_NOT_A_FRONTEND, TRACE_FOREIGN_NETNS] {
+        assert!(Decision::from_event(&event(outcome)).with_candidates(&pairs).candidates.is_empty());
+    }
+    let line = serde_json::to_string(&Record::Decision(d.clone())).unwrap();
+    assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), Record::Decision(d));
+}
+
+#[test]
 fn records_round_trip_through_their_json_lines() {
     let records = [
         Record::Start { duration_ms: 10_000, programs: vec![("connect4".into(), 10, 20)] },

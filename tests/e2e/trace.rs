@@ -142,6 +142,9 @@ fn a_trace_shows_each_decision_and_leaves_the_untraced_programs_behind() {
     assert_eq!(rewritten["backends"], 1, "{rewritten}");
     assert_eq!(rewritten["cgroup_id"], cgroup_id, "{rewritten}");
     assert!(rewritten["pid"].as_u64().unwrap() > 1, "{rewritten}");
+    // The agent's view of the frontend's backends (health checks off here: unchecked, served).
+    let candidates = serde_json::json!([{"backend": m1, "state": "unchecked", "serving": true}]);
+    assert_eq!(rewritten["candidates"], candidates, "{rewritten}");
     let refused = trace.until(|v| ours(v) && v["outcome"] != "rewritten");
     assert_eq!(
         (&refused["outcome"], &refused["frontend"]),
@@ -149,13 +152,14 @@ fn a_trace_shows_each_decision_and_leaves_the_untraced_programs_behind() {
         "{refused}"
     );
     assert!(refused["backend"].is_null(), "{refused}");
+    assert!(refused["candidates"].is_null(), "a frontend without backends has no candidates: {refused}");
     let alone = trace.until(ours);
     assert_eq!(
         (&alone["outcome"], &alone["frontend"]),
         (&"not-a-frontend".into(), &m1.as_str().into()),
         "{alone}"
     );
-    assert!(alone["policy"].is_null(), "{alone}");
+    assert!(alone["policy"].is_null() && alone["candidates"].is_null(), "{alone}");
     let foreign = trace.until(ours);
     assert_eq!(
         (&foreign["outcome"], &foreign["frontend"]),

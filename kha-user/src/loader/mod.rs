@@ -416,19 +416,17 @@ impl Loaded {
 /// bpf_link multi-attach itself, beside other programs, so the mode is aya's default.
 fn create_link(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> Result<FdLink, io::Error> {
     let mode = CgroupAttachMode::default();
+    // aya's cgroup program types share `attach` and `take_link` by name, not by a trait.
+    macro_rules! attached {
+        ($p:expr) => {{
+            let id = $p.attach(cgroup, mode).map_err(io_error)?;
+            $p.take_link(id).map_err(io_error)?.try_into()
+        }};
+    }
     let link: Result<FdLink, LinkError> = match program(ebpf, hook).map_err(io::Error::other)? {
-        Program::CgroupSockAddr(p) => {
-            let id = p.attach(cgroup, mode).map_err(io_error)?;
-            p.take_link(id).map_err(io_error)?.try_into()
-        }
-        Program::SockOps(p) => {
-            let id = p.attach(cgroup, mode).map_err(io_error)?;
-            p.take_link(id).map_err(io_error)?.try_into()
-        }
-        Program::CgroupSock(p) => {
-            let id = p.attach(cgroup, mode).map_err(io_error)?;
-            p.take_link(id).map_err(io_error)?.try_into()
-        }
+        Program::CgroupSockAddr(p) => attached!(p),
+        Program::SockOps(p) => attached!(p),
+        Program::CgroupSock(p) => attached!(p),
         other => {
             return Err(io::Error::other(format!(
                 "{}: unexpected program type {:?}",

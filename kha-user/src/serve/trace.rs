@@ -25,6 +25,9 @@ use tokio::sync::{Notify, mpsc};
 
 use super::Body;
 
+/// What the agent loop publishes: the candidates' state on each line.
+type Agent = Arc<Mutex<super::Shared>>;
+
 /// Lines waiting for a slow client; beyond them `write_line` waits, up to [`WRITE_TIMEOUT`].
 const LINES_BUFFERED: usize = 64;
 
@@ -122,7 +125,13 @@ fn refuse(code: u16, body: impl Into<String>) -> Response<Body> {
 
 /// The answer to `GET /trace?query`: a refusal, or a stream of lines fed by a task of its own
 /// that ends when the trace does.
-pub async fn respond(loopback: bool, query: &str, slot: TraceSlot, pins: PinDir) -> Response<Body> {
+pub async fn respond(
+    loopback: bool,
+    query: &str,
+    slot: TraceSlot,
+    pins: PinDir,
+    agent: Agent,
+) -> Response<Body> {
     if !loopback {
         return refuse(
             403,
@@ -154,7 +163,7 @@ pub async fn respond(loopback: bool, query: &str, slot: TraceSlot, pins: PinDir)
     let (tx, rx) = mpsc::channel(LINES_BUFFERED);
     tokio::spawn(async move {
         let start = Record::Start { duration_ms: req.duration.as_millis() as u64, programs };
-        let Streamed { reason, lines, dropped, filtered } = run(&tx, &req, &slot, start).await;
+        let Streamed { reason, lines, dropped, filtered } = run(&tx, &req, &slot, &agent, start).await;
         let lost = slot.lost();
         drop(busy); // swaps back before the last line says so
         log::info!(
@@ -191,7 +200,7 @@ struct Streamed {
 }
 
 /// Streams until the trace ends.
-async fn run(tx: &Lines, req: &Request, slot: &TraceSlot, start: Record) -> Streamed {
+async fn run(tx: &Lines, req: &Request, slot: &TraceSlot, agent: &Agent, start: Record) -> Streamed {
     let began = Instant::now();
     let deadline = tokio::time::Instant::now() + req.duration;
     let mut rate = RateBound::new(MAX_LINES_PER_SEC, began);
@@ -220,6 +229,11 @@ async fn run(tx: &Lines, req: &Request, slot: &TraceSlot, start: Record) -> Stre
         let Some(events) = slot.drain() else {
             return end(EndReason::AgentStopping, lines, &rate, filtered);
         };
+        let pairs = if events.is_empty() {
+            Vec::new()
+        } else {
+            agent.lock().unwrap_or_else(|p| p.into_inner()).agent.pairs.clone()
+        };
         for e in &events {
             if !req.wants(e) {
                 filtered += 1;
@@ -228,7 +242,7 @@ async fn run(tx: &Lines, req: &Request, slot: &TraceSlot, start: Record) -> Stre
             if !rate.admit(Instant::now()) {
                 continue;
             }
-            let d = Record::Decision(kha::trace::Decision::from_event(e));
+            let d = Record::Decision(kha::trace::Decision::from_event(e).with_candidates(&pairs));
             if write_line(tx, &d).await.is_err() {
                 return end(EndReason::ClientGone, lines, &rate, filtered);
             }

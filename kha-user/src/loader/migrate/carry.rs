@@ -219,7 +219,7 @@ pub(super) fn copy_conns(
 pub(super) fn conns_readable(path: &Path) -> Result<bool, LoaderError> {
     let i = info(path)?;
     let sizes = [size_of::<Conn>() as u32, size_of::<ConnV1>() as u32];
-    Ok(i.key_size == 8 && sizes.contains(&i.value_size))
+    Ok(i.key_size() == 8 && sizes.contains(&i.value_size()))
 }
 
 /// A conn map's entries as read, each a `(cookie, Conn)` or the error reading it.
@@ -231,8 +231,8 @@ type ConnEntries = Vec<Result<(u64, Conn), MapError>>;
 /// caller skips keys seen again.
 fn old_conns(path: &Path) -> Result<ConnEntries, LoaderError> {
     let i = info(path)?;
-    let bound = 2 * i.max_entries as usize;
-    if i.value_size == size_of::<ConnV1>() as u32 {
+    let bound = 2 * i.max_entries() as usize;
+    if i.value_size() == size_of::<ConnV1>() as u32 {
         let old: HashMap<_, u64, ConnV1> =
             HashMap::try_from(open(path)?).map_err(map_err(path, "not a hash"))?;
         return Ok(old.iter().take(bound).map(|e| e.map(|(k, c)| (k, Conn::from(c)))).collect());

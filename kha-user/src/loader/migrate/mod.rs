@@ -47,29 +47,9 @@ fn open(path: &Path) -> Result<Map, LoaderError> {
     Map::from_map_data(data).map_err(map_err(path, "cannot open pinned map"))
 }
 
-/// The parts of a pinned map's `bpf_map_info` the layout check and the carry need.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct MapInfo {
-    pub id: u32,
-    /// `bpf_map_type`; `u32::MAX` for a type this aya does not know (it matches no layout).
-    pub map_type: u32,
-    pub key_size: u32,
-    pub value_size: u32,
-    pub max_entries: u32,
-    pub map_flags: u32,
-}
-
-fn info(path: &Path) -> Result<MapInfo, LoaderError> {
-    let i = aya::maps::MapInfo::from_pin(path)
-        .map_err(|e| LoaderError::MapInfo { path: path.to_owned(), source: Box::new(e) })?;
-    Ok(MapInfo {
-        id: i.id(),
-        map_type: i.map_type().map_or(u32::MAX, |t| t as u32),
-        key_size: i.key_size(),
-        value_size: i.value_size(),
-        max_entries: i.max_entries(),
-        map_flags: i.map_flags(),
-    })
+fn info(path: &Path) -> Result<aya::maps::MapInfo, LoaderError> {
+    aya::maps::MapInfo::from_pin(path)
+        .map_err(|e| LoaderError::MapInfo { path: path.to_owned(), source: Box::new(e) })
 }
 
 /// The `KHA_LAYOUT` entries under `dir`, if the record is there in the layout this build
@@ -80,7 +60,7 @@ fn read_record(dir: &Path) -> Result<Vec<MapLayout>, LoaderError> {
         return Ok(vec![]);
     }
     let i = info(&path)?;
-    if (i.key_size, i.value_size) != (4, size_of::<MapLayout>() as u32) {
+    if (i.key_size(), i.value_size()) != (4, size_of::<MapLayout>() as u32) {
         log::warn!("{}: a layout record this kha cannot read; the maps count as unrecorded", path.display());
         return Ok(vec![]);
     }
@@ -106,12 +86,13 @@ pub(super) fn pinned_state(
             let i = info(&path)?;
             let version = record.iter().find(|l| l.name() == w.spec.name).map(|l| l.version);
             let p = Pinned {
-                map_type: i.map_type,
-                key_size: i.key_size,
-                value_size: i.value_size,
-                max_entries: i.max_entries,
+                // A type this aya does not know matches no layout.
+                map_type: i.map_type().map_or(u32::MAX, |t| t as u32),
+                key_size: i.key_size(),
+                value_size: i.value_size(),
+                max_entries: i.max_entries(),
                 // As aya compares them: the access modes describe the descriptor, not the map.
-                map_flags: i.map_flags & !(BPF_F_RDONLY | BPF_F_WRONLY),
+                map_flags: i.map_flags() & !(BPF_F_RDONLY | BPF_F_WRONLY),
                 version,
             };
             Ok((Some(p), *w))
@@ -136,8 +117,9 @@ pub(super) fn write_record(dir: &Path, plan: &[(Wanted, Action)]) -> Result<(), 
 /// one (only the agent reads it).
 pub(super) fn drop_foreign_record(dir: &Path) -> Result<(), LoaderError> {
     let path = dir.join(MAP_LAYOUT);
-    if path.exists() && (info(&path)?.key_size, info(&path)?.value_size) != (4, size_of::<MapLayout>() as u32)
-    {
+    let readable =
+        |i: aya::maps::MapInfo| (i.key_size(), i.value_size()) == (4, size_of::<MapLayout>() as u32);
+    if path.exists() && !readable(info(&path)?) {
         fs::remove_file(&path).map_err(setup_err(&path, "cannot remove pin"))?;
     }
     Ok(())
