@@ -250,11 +250,9 @@ pub enum EndReason {
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Record {
     /// First: the program ids swapped (per connect hook: untraced, traced).
-    Start {
-        duration_ms: u64,
-        programs: Vec<(String, u32, u32)>,
-    },
-    Decision(Decision),
+    Start { duration_ms: u64, programs: Vec<(String, u32, u32)> },
+    /// Boxed: a decision with its candidates is many times the other records.
+    Decision(Box<Decision>),
     /// Last: the untraced programs are back. `dropped` by the rate bound, `lost` by the
     /// kernel (its ring buffer full), `filtered` by the agent: records of other destinations,
     /// which the kernel's own filter leaves out for up to `TRACE_FILTER_MAX` frontends.

@@ -104,15 +104,15 @@ fn candidates_are_the_traced_frontends_backends_as_the_agent_sees_them() {
     for outcome in [TRACE_NOT_A_FRONTEND, TRACE_FOREIGN_NETNS] {
         assert!(Decision::from_event(&event(outcome)).with_candidates(&pairs).candidates.is_empty());
     }
-    let line = serde_json::to_string(&Record::Decision(d.clone())).unwrap();
-    assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), Record::Decision(d));
+    let line = serde_json::to_string(&Record::Decision(Box::new(d.clone()))).unwrap();
+    assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), Record::Decision(Box::new(d)));
 }
 
 #[test]
 fn records_round_trip_through_their_json_lines() {
     let records = [
         Record::Start { duration_ms: 10_000, programs: vec![("connect4".into(), 10, 20)] },
-        Record::Decision(Decision::from_event(&event(TRACE_REWRITTEN))),
+        Record::Decision(Box::new(Decision::from_event(&event(TRACE_REWRITTEN)))),
         Record::End { reason: EndReason::ClientGone, lines: 3, dropped: 1, lost: 2, filtered: 4 },
     ];
     for r in records {

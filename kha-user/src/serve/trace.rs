@@ -242,7 +242,7 @@ async fn run(tx: &Lines, req: &Request, slot: &TraceSlot, agent: &Agent, start: 
             if !rate.admit(Instant::now()) {
                 continue;
             }
-            let d = Record::Decision(kha::trace::Decision::from_event(e).with_candidates(&pairs));
+            let d = Record::Decision(Box::new(kha::trace::Decision::from_event(e).with_candidates(&pairs)));
             if write_line(tx, &d).await.is_err() {
                 return end(EndReason::ClientGone, lines, &rate, filtered);
             }
