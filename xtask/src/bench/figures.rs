@@ -165,6 +165,15 @@ pub fn catalog() -> Vec<Figure> {
         Kind::ConnectLatency,
         &vec![DIRECT.to_owned(), KHA.to_owned()],
     );
+    fig(
+        "connect_in_cgroup_p50".into(),
+        "latency",
+        "TCP connect() p50, both from kha's cgroup, back to back (direct: a hook miss to a master's own address; kha: a frontend, rewritten)".into(),
+        "µs",
+        Lower,
+        Kind::ConnectLatency,
+        &vec![DIRECT.to_owned(), KHA.to_owned()],
+    );
     for p in ["p50", "p99"] {
         fig(
             format!("first_byte_{p}"),
