@@ -68,12 +68,17 @@ async fn version_is_json_and_names_the_master() {
     assert_eq!(v["platform"], "linux/amd64");
 }
 
-/// One request with `Connection: close`, returning everything the server sent.
-async fn raw_get(ca_pem: &str, addr: SocketAddr, path: &str) -> String {
+/// A TLS connection to the master that trusts `ca_pem`.
+async fn tls_connect(ca_pem: &str, addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tls = tls::client_config_from_ca_pem(ca_pem.as_bytes()).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");
+    tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake")
+}
+
+/// One request with `Connection: close`, returning everything the server sent.
+async fn raw_get(ca_pem: &str, addr: SocketAddr, path: &str) -> String {
+    let mut s = tls_connect(ca_pem, addr).await;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
@@ -151,10 +156,7 @@ async fn hang_mode_holds_requests_on_open_connections() {
     let pki = Pki::generate(&[identity()]).expect("pki");
     let m = start_master(pki.master("m1").unwrap()).await;
     let addr = m.https_addrs()[0];
-    let tls = tls::client_config_from_ca_pem(pki.ca_cert_pem.as_bytes()).unwrap();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");
+    let mut s = tls_connect(&pki.ca_cert_pem, addr).await;
     m.set_mode(FailureMode::Hang);
     s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut buf = [0u8; 64];
@@ -237,10 +239,7 @@ async fn endless_mode_dribbles_a_body_that_never_ends() {
     let m = start_master(pki.master("m1").unwrap()).await;
     let addr = m.https_addrs()[0];
     m.set_mode(FailureMode::Endless);
-    let tls = tls::client_config_from_ca_pem(pki.ca_cert_pem.as_bytes()).unwrap();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");
+    let mut s = tls_connect(&pki.ca_cert_pem, addr).await;
     s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut got = Vec::new();
     // 1.1 s: the first byte at once, then one every 200 ms (bounds loose enough for a busy
