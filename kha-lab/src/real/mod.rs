@@ -69,6 +69,15 @@ pub enum RealError {
     UnknownMaster(String),
 }
 
+/// How long a terminating apiserver may take after its shutdown delay. Once it stops
+/// listening it waits for its open connections in `http.Server.Shutdown`, up to its request
+/// timeout (`--request-timeout`, 60 s): a connection that still carries a watch keeps it
+/// alive that long. Behind nginx or haproxy every watch stays on it (they never move a
+/// connection), so it exits at that deadline; behind kha alone its connections are moved
+/// (the refused reconnect marks it down at once) and it exits in about a second. 15 s of
+/// margin beyond the deadline, for the rest of its shutdown on a busy machine.
+pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(60 + 15);
+
 #[derive(Debug, Clone)]
 pub struct RealOptions {
     pub anonymous_auth: bool,
@@ -238,11 +247,11 @@ impl RealControlPlane {
     }
 
     /// SIGTERM, the graceful termination a kubelet or systemd gives it; returns when the
-    /// process has exited (bounded by its shutdown delay plus a minute to drain).
+    /// process has exited, bounded by its shutdown delay and [`SHUTDOWN_DRAIN_MAX`].
     pub fn terminate_apiserver(&mut self, name: &str) -> Result<Duration, RealError> {
         let log = self.apiserver_log(name);
         let m = self.member_mut(name)?;
-        let bound = m.shutdown_delay + Duration::from_secs(60);
+        let bound = m.shutdown_delay + SHUTDOWN_DRAIN_MAX;
         let Some(mut child) = m.apiserver.take() else { return Ok(Duration::ZERO) };
         let started = Instant::now();
         // SAFETY: our own child's pid (a second SIGTERM after `sigterm_apiserver` is harmless).

@@ -74,8 +74,8 @@ pub(super) fn rolling_restarts(w: &mut World, settle: Duration) -> Result<Vec<Ro
 fn restart_all(w: &mut World, delay: u64, next: Duration, settle: Duration) -> Result<Vec<Rolling>> {
     w.settle(settle)?;
     let cs = contenders();
-    // Bounded: three restarts with the delay, a minute each to drain and start.
-    let bound = Duration::from_secs(3 * (delay + 60));
+    // Bounded: three restarts, each its delay, its drain and half a minute to start.
+    let bound = 3 * (Duration::from_secs(delay + 30) + kha_lab::real::SHUTDOWN_DRAIN_MAX);
     let count = bound.as_millis() as u64 / LOOP_INTERVAL_MS;
     let mut loops = Vec::new();
     for c in &cs {
@@ -92,9 +92,16 @@ fn restart_all(w: &mut World, delay: u64, next: Duration, settle: Duration) -> R
         let real = w.real_mut()?;
         // An apiserver that does not finish its graceful termination is killed (the error
         // drops it) and reported: it is what the cluster's clients got.
-        if let Err(e) = real.cp.terminate_apiserver(m) {
-            eprintln!("xtask: bench failover: {m}: {}", e.to_string().lines().next().unwrap_or_default());
-            hung.push(m.clone());
+        // How long it took says who kept it: its watches behind a proxy hold it until its
+        // request timeout (`SHUTDOWN_DRAIN_MAX`).
+        match real.cp.terminate_apiserver(m) {
+            Ok(took) => {
+                eprintln!("xtask: bench failover: {m}: exited {:.1} s after SIGTERM", took.as_secs_f64())
+            }
+            Err(e) => {
+                eprintln!("xtask: bench failover: {m}: {}", e.to_string().lines().next().unwrap_or_default());
+                hung.push(m.clone());
+            }
         }
         real.cp.start_apiserver(m, next)?;
     }
