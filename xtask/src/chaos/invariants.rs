@@ -189,9 +189,20 @@ impl Run<'_> {
                     ));
                     continue;
                 }
+                // A fault of its own master that had begun by then (killed right after a
+                // pause: its kernel ends the socket) explains it before the pause can.
+                let own = self.spans.iter().any(|s| {
+                    let win = window(&self.w, s.fault);
+                    s.master.is_some()
+                        && s.master == master
+                        && win.is_some_and(|win| {
+                            during(s, Duration::from_millis(win + self.w.drain_ms) + margin)
+                        })
+                });
                 let paused = self.spans.iter().find(|s| {
                     s.fault == Fault::Pause && s.master == master && master.is_some() && during(s, margin * 2)
                 });
+                let paused = paused.filter(|_| !own);
                 if let Some(s) = paused {
                     out.push(self.v(
                         PAUSE,
@@ -204,14 +215,6 @@ impl Run<'_> {
                     ));
                     continue;
                 }
-                let own = self.spans.iter().any(|s| {
-                    let win = window(&self.w, s.fault);
-                    s.master.is_some()
-                        && s.master == master
-                        && win.is_some_and(|win| {
-                            during(s, Duration::from_millis(win + self.w.drain_ms) + margin)
-                        })
-                });
                 // After an all-down the first master proven up takes the sockets of those
                 // still `down` (docs/health.md, deferred terminations), although their masters
                 // may be back already: by design, so a note, not a violation.

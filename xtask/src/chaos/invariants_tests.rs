@@ -116,6 +116,12 @@ fn long_lived_resets_are_judged_by_what_their_master_went_through() {
     assert_eq!(check(t0, &[], &pause_m2, &[], &[on_m1(2600)]), [UNEXPLAINED]);
     let kill = [span(t0, Fault::Kill, Some(0), 1000, 4000)];
     assert!(check(t0, &[], &kill, &[], &[on_m1(1100)]).is_empty());
+    // Killed 0.9 s after a pause ended (chaos seed 1796692785547427): the kill ends the
+    // socket, not the pause; before the kill began the pause still would be to blame.
+    let pause_then_kill =
+        [span(t0, Fault::Pause, Some(0), 1000, 2100), span(t0, Fault::Kill, Some(0), 3000, 5800)];
+    assert!(check(t0, &[], &pause_then_kill, &[], &[on_m1(3200)]).is_empty());
+    assert_eq!(check(t0, &[], &pause_then_kill, &[], &[on_m1(2300)]), [PAUSE]);
 }
 
 #[test]
